@@ -1,0 +1,92 @@
+"""The data model every CT source hands to the dataset writer.
+
+A source (synthetic, LIDC-IDRI, ...) produces, per subject, the annotations alone (cheap: used to
+plan the split and the negative sampling) and, on demand, the CT volume. Arrays are indexed
+``(row, column, slice)`` with slices in ascending z, the order pylidc uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["Nodule", "CaseAnnotations", "CaseVolume", "CaseSource"]
+
+
+@dataclass
+class Nodule:
+    """One nodule: the masks of the experts who drew it, in a common bounding box.
+
+    Args:
+        masks: ``(n_experts, rows, cols, slices)`` bool, one mask per expert, box-local.
+        origin: ``(row, col, slice)`` of the box's first voxel in the volume.
+        diameter_mm: the nodule's diameter (mean over experts).
+    """
+
+    masks: np.ndarray
+    origin: tuple[int, int, int]
+    diameter_mm: float
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.masks.shape[0])
+
+    def box(self) -> tuple[slice, slice, slice]:
+        """The box as index slices into the volume."""
+        return tuple(slice(o, o + n) for o, n in zip(self.origin, self.masks.shape[1:]))  # type: ignore[return-value]
+
+
+@dataclass
+class CaseAnnotations:
+    """What is known about one subject's scan without reading its images.
+
+    Args:
+        subject: the subject (patient) id; splits never put one subject in two sets.
+        shape: ``(rows, cols, slices)`` of the volume.
+        spacing: ``(row, col, slice)`` spacing in mm.
+        nodules: nodules of at least 3 mm, each with its expert masks.
+        marked_slices: ``(slices,)`` bool, True where any expert marked anything (nodules of any
+            size, also those left out of ``nodules``): such slices are never negatives.
+    """
+
+    subject: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    nodules: list[Nodule] = field(default_factory=list)
+    marked_slices: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.marked_slices is None:
+            self.marked_slices = np.zeros(self.shape[2], dtype=bool)
+
+
+@dataclass
+class CaseVolume:
+    """A subject's CT volume with its annotations.
+
+    Args:
+        annotations: as returned by the source's ``annotations``.
+        hu: ``(rows, cols, slices)`` CT values in Hounsfield units.
+        lung_mask: ``(rows, cols, slices)`` bool, or None for the writer to segment the lungs.
+    """
+
+    annotations: CaseAnnotations
+    hu: np.ndarray
+    lung_mask: np.ndarray | None = None
+
+
+class CaseSource(Protocol):
+    """What the dataset writer needs from a source of CT cases."""
+
+    name: str
+
+    def subjects(self) -> list[str]:
+        """The subject ids, in a stable order."""
+
+    def annotations(self, subject: str) -> CaseAnnotations:
+        """The subject's annotations, without reading images."""
+
+    def load(self, subject: str) -> CaseVolume:
+        """The subject's volume; raises an error naming the subject and the problem on bad data."""
