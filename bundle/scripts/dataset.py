@@ -1,0 +1,409 @@
+"""The prepared dataset: one writer that turns any CT source into 2-D NIfTI slices, labels and a datalist.
+
+Layout under ``out_dir``::
+
+    images/<subject>_<slice>.nii.gz   int16 HU, (rows, cols), pixel spacing in the header
+    labels/<subject>_<slice>.nii.gz   uint8, 1 = nodule (STAPLE of the experts), empty for negatives
+    lungs/<subject>_<slice>.nii.gz    uint8 lung mask of the slice (for keeping candidates inside the lungs)
+    datalist.json                     {"training": [...], "validation": [...], "test": [...]}
+    dataset_summary.json              counts per split and class, pixel totals, source, seed, failures
+
+Preparation runs in three steps: *plan* (annotations only: slice classes, the subject split and the negative
+draw), *write* (one subject at a time, in worker processes), *index* (datalist and summary). Every file is written
+under a temporary name and renamed, and a subject counts as done only once its record is in ``.state/``, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from .cases import CaseAnnotations, CaseSource, CaseVolume
+from .labels import consensus_mask, slice_classes
+from .lung_mask import segment_lungs
+
+__all__ = ["SPLITS", "SlicePlan", "split_subjects", "plan_dataset", "crop_window", "prepare_dataset", "write_nifti"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("training", "validation", "test")
+STATE_DIR = ".state"
+AIR_HU = -1000
+
+
+@dataclass
+class SlicePlan:
+    """The slices one subject contributes, decided before any image is read."""
+
+    subject: str
+    split: str
+    positives: list[int]
+    negatives: list[int]
+
+
+def write_nifti(array: np.ndarray, spacing: Iterable[float], path: Path) -> None:
+    """Write a 2-D slice as NIfTI with its pixel spacing, atomically (temporary name, then rename)."""
+    affine = np.diag([*[float(s) for s in spacing], 1.0, 1.0])
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    tmp = path.with_name(f".tmp-{path.name}")
+    nib.save(image, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(data: Any, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=4))
+    os.replace(tmp, path)
+
+
+def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ...] = (4, 1, 1)) -> dict[str, str]:
+    """Assign subjects to training/validation/test in ``ratios``, stratified on their share of nodule slices.
+
+    Subjects are ranked by share and dealt out in blocks of ``sum(ratios)``; each block is assigned by a seeded
+    shuffle of the split pattern, so every split sees the same spread of shares. Each split gets at least one
+    subject when there are at least three.
+    """
+    if len(share) < len(SPLITS):
+        raise ValueError(f"at least {len(SPLITS)} subjects are needed for a {len(SPLITS)}-way split, got {len(share)}")
+    rng = np.random.default_rng(seed)
+    pattern = [split for split, n in zip(SPLITS, ratios) for _ in range(n)]
+    ranked = sorted(share, key=lambda s: (-share[s], s))
+    assignment: dict[str, str] = {}
+    for start in range(0, len(ranked), len(pattern)):
+        block = ranked[start : start + len(pattern)]
+        order = rng.permutation(len(pattern))
+        for subject, index in zip(block, order):
+            assignment[subject] = pattern[index]
+    for split in SPLITS:  # small cohorts: make sure no split is empty
+        if split not in assignment.values():
+            counts = {s: list(assignment.values()).count(s) for s in SPLITS}
+            donor = max(counts, key=lambda s: counts[s])
+            moved = next(s for s in reversed(ranked) if assignment[s] == donor)
+            assignment[moved] = split
+    return assignment
+
+
+def plan_dataset(
+    annotations: list[CaseAnnotations],
+    negative_ratio: float = 1.0,
+    negative_margin: int = 2,
+    seed: int = 0,
+    min_experts: int = 2,
+) -> list[SlicePlan]:
+    """Decide, from annotations alone, which slices each subject contributes and to which split.
+
+    Negatives are drawn at random, per split, from the slices without nodule of that split's subjects, to number
+    ``negative_ratio`` times the split's positives.
+    """
+    classes = {a.subject: slice_classes(a, min_experts=min_experts, margin=negative_margin) for a in annotations}
+    share = {s: float(c.positive.mean()) if c.positive.size else 0.0 for s, c in classes.items()}
+    assignment = split_subjects(share, seed)
+    rng = np.random.default_rng([seed, 1])
+    plans = {
+        s: SlicePlan(s, assignment[s], np.flatnonzero(c.positive).tolist(), []) for s, c in sorted(classes.items())
+    }
+    for split in SPLITS:
+        subjects = [s for s in sorted(plans) if plans[s].split == split]
+        pool = [(s, int(i)) for s in subjects for i in np.flatnonzero(classes[s].negative)]
+        wanted = int(round(negative_ratio * sum(len(plans[s].positives) for s in subjects)))
+        for index in sorted(rng.choice(len(pool), size=min(wanted, len(pool)), replace=False).tolist()):
+            subject, slice_index = pool[index]
+            plans[subject].negatives.append(slice_index)
+    return [plans[s] for s in sorted(plans)]
+
+
+def crop_window(lung_mask: np.ndarray, size: int, keep: list[tuple[slice, slice]] = ()) -> tuple[int, int]:
+    """Top-left corner of the ``size`` x ``size`` crop centred on the lung mask, shifted to contain ``keep`` boxes.
+
+    The corner may be negative or run past the image: the crop is then padded with air.
+
+    Raises:
+        ValueError: when the boxes in ``keep`` do not fit in one crop.
+    """
+    rows, cols = lung_mask.shape[:2]
+    footprint = lung_mask.any(axis=2) if lung_mask.ndim == 3 else lung_mask
+    if footprint.any():
+        r = np.flatnonzero(footprint.any(axis=1))
+        c = np.flatnonzero(footprint.any(axis=0))
+        centre = ((r[0] + r[-1] + 1) / 2, (c[0] + c[-1] + 1) / 2)
+    else:
+        centre = (rows / 2, cols / 2)
+    corner = [int(round(centre[0] - size / 2)), int(round(centre[1] - size / 2))]
+    for axis in range(2):
+        if not keep:
+            break
+        low = min(box[axis].start for box in keep)
+        high = max(box[axis].stop for box in keep)
+        if high - low > size:
+            raise ValueError(f"the nodules span {high - low} pixels along axis {axis}, more than the crop size {size}")
+        corner[axis] = min(max(corner[axis], high - size), low)
+    return corner[0], corner[1]
+
+
+def _crop(array: np.ndarray, corner: tuple[int, int], size: int, fill: float) -> np.ndarray:
+    """``array[corner : corner + size]`` along the first two axes, padded with ``fill`` outside the image."""
+    out = np.full((size, size) + array.shape[2:], fill, dtype=array.dtype)
+    src = [slice(max(c, 0), min(c + size, n)) for c, n in zip(corner, array.shape[:2])]
+    dst = [slice(s.start - c, s.stop - c) for s, c in zip(src, corner)]
+    out[dst[0], dst[1]] = array[src[0], src[1]]
+    return out
+
+
+def _check_volume(case: CaseVolume) -> None:
+    a = case.annotations
+    where = f"subject {a.subject}"
+    if case.hu.ndim != 3 or tuple(case.hu.shape) != tuple(a.shape):
+        raise ValueError(f"{where}: volume shape {case.hu.shape} does not match the annotations' shape {a.shape}")
+    if not np.isfinite(case.hu).all():
+        raise ValueError(f"{where}: the volume has {int(np.sum(~np.isfinite(case.hu)))} NaN or infinite values")
+    spacing = np.asarray(a.spacing if a.spacing is not None else [], dtype=float)
+    if spacing.size != 3 or not np.isfinite(spacing).all() or (spacing <= 0).any():
+        raise ValueError(f"{where}: missing or invalid voxel spacing {a.spacing}")
+    if case.lung_mask is not None and case.lung_mask.shape != case.hu.shape:
+        raise ValueError(f"{where}: lung mask shape {case.lung_mask.shape} differs from the volume's {case.hu.shape}")
+
+
+def _stem(subject: str, slice_index: int) -> str:
+    return f"{subject}_{slice_index:04d}"
+
+
+def _write_subject(case: CaseVolume, plan: SlicePlan, out_dir: Path, size: int, min_experts: int) -> list[dict]:
+    """Crop, label and write one subject's planned slices; return their datalist items."""
+    _check_volume(case)
+    a = case.annotations
+    lungs = case.lung_mask if case.lung_mask is not None else segment_lungs(case.hu, a.spacing)
+    classes = slice_classes(a, min_experts=min_experts)
+    boxes = [n.box()[:2] for n in a.nodules]
+    try:
+        corner = crop_window(lungs, size, boxes)
+    except ValueError as error:
+        raise ValueError(f"subject {a.subject}: {error}") from None
+    labelled = {i for s in plan.positives for i in classes.nodules[s]}
+    truth = {i: consensus_mask(a.nodules[i]) for i in sorted(labelled)}
+    items = []
+    for slice_index in sorted(plan.positives + plan.negatives):
+        positive = slice_index in plan.positives
+        members = classes.nodules[slice_index] if positive else []
+        label = np.zeros(a.shape[:2], dtype=bool)
+        for index in members:
+            box = a.nodules[index].box()
+            local = slice_index - box[2].start
+            label[box[0], box[1]] |= truth[index][..., local]
+        if positive and not label.any():
+            raise ValueError(f"subject {a.subject}: slice {slice_index} is with nodule but its STAPLE mask is empty")
+        stem = _stem(a.subject, slice_index)
+        hu = np.clip(np.rint(case.hu[..., slice_index]), -32768, 32767).astype(np.int16)
+        write_nifti(_crop(hu, corner, size, AIR_HU), a.spacing[:2], out_dir / "images" / f"{stem}.nii.gz")
+        write_nifti(
+            _crop(label.astype(np.uint8), corner, size, 0), a.spacing[:2], out_dir / "labels" / f"{stem}.nii.gz"
+        )
+        lung = _crop(lungs[..., slice_index].astype(np.uint8), corner, size, 0)
+        write_nifti(lung, a.spacing[:2], out_dir / "lungs" / f"{stem}.nii.gz")
+        items.append(
+            {
+                "image": f"images/{stem}.nii.gz",
+                "label": f"labels/{stem}.nii.gz",
+                "lung": f"lungs/{stem}.nii.gz",
+                "class": int(positive),
+                "subject": a.subject,
+                "slice": int(slice_index),
+                "nodules": len(members),
+                "diameters_mm": [round(float(a.nodules[i].diameter_mm), 2) for i in members],
+                "label_pixels": int(label.sum()),
+                "crop_origin": [int(corner[0]), int(corner[1])],
+                "spacing_mm": [float(a.spacing[0]), float(a.spacing[1])],
+            }
+        )
+    return items
+
+
+def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, size: int, min_experts: int) -> dict:
+    """Worker: load and write one subject; its record lands in ``.state/`` only when every slice is written."""
+    record_path = out_dir / STATE_DIR / f"{plan.subject}.json"
+    try:
+        items = _write_subject(source.load(plan.subject), plan, out_dir, size, min_experts)
+    except Exception as error:  # a bad scan is reported by subject and skipped; the caller decides to raise
+        for folder in ("images", "labels", "lungs"):
+            for path in (out_dir / folder).glob(f"{plan.subject}_*.nii.gz"):
+                path.unlink()
+        message = str(error) if plan.subject in str(error) else f"subject {plan.subject}: {error}"
+        return {"subject": plan.subject, "error": f"{type(error).__name__}: {message}"}
+    record = {"subject": plan.subject, "split": plan.split, "items": items}
+    _write_json(record, record_path)
+    return record
+
+
+def _check_output(out_dir: Path, settings: dict) -> bool:
+    """Validate ``out_dir``; return True when it holds an earlier run of the same settings to resume."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
+    settings_path = out_dir / STATE_DIR / "settings.json"
+    if settings_path.exists():
+        earlier = json.loads(settings_path.read_text())
+        if earlier != settings:
+            changed = sorted(k for k in settings if earlier.get(k) != settings[k])
+            raise ValueError(f"output {out_dir} holds a dataset prepared with other settings ({', '.join(changed)})")
+        return True
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output {out_dir} is not empty and holds no dataset to resume")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to output {out_dir}: {error.strerror or error}") from None
+    return False
+
+
+def prepare_dataset(
+    source: CaseSource,
+    out_dir: str | os.PathLike,
+    size: int = 384,
+    negative_ratio: float = 1.0,
+    negative_margin: int = 2,
+    seed: int = 0,
+    workers: int = 1,
+    on_error: str = "raise",
+    min_experts: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Prepare ``source`` into ``out_dir`` in the dataset format above; resume an interrupted run.
+
+    Args:
+        source: the CT cases (see ``scripts.cases.CaseSource``).
+        out_dir: output folder, new, empty, or holding an interrupted run with the same settings.
+        size: side of the square crop centred on the lungs, in pixels.
+        negative_ratio: slices without nodule drawn per slice with nodule, in each split.
+        negative_margin: slices kept clear around any expert mark before a slice counts as without nodule.
+        seed: seeds the split and the negative draw.
+        workers: processes writing subjects in parallel.
+        on_error: ``"raise"`` stops at the first bad subject and removes what this run wrote;
+            ``"skip"`` reports it in the summary and goes on.
+        min_experts: experts whose masks must overlap for a slice to count as with nodule.
+        progress: show progress bars.
+
+    Returns:
+        the dataset summary, also written to ``dataset_summary.json``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if size < 32:
+        raise ValueError(f"crop size {size} is too small (minimum 32)")
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    subjects = source.subjects()
+    if not subjects:
+        raise ValueError(f"source {source.name!r} has no subjects")
+    settings = {
+        "source": source.name,
+        "subjects": subjects,
+        "size": size,
+        "negative_ratio": negative_ratio,
+        "negative_margin": negative_margin,
+        "seed": seed,
+        "min_experts": min_experts,
+    }
+    resuming = _check_output(out_dir, settings)
+    try:
+        return _prepare(source, out_dir, settings, resuming, workers, on_error, progress)
+    except BaseException:
+        if on_error == "raise" and created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _prepare(
+    source: CaseSource, out_dir: Path, settings: dict, resuming: bool, workers: int, on_error: str, progress: bool
+) -> dict:
+    state = out_dir / STATE_DIR
+    for folder in ("images", "labels", "lungs", STATE_DIR):
+        (out_dir / folder).mkdir(exist_ok=True)
+    for stale in out_dir.glob("*/.tmp-*"):  # left by an interrupted run
+        stale.unlink()
+    if not resuming:
+        _write_json(settings, state / "settings.json")
+    subjects = settings["subjects"]
+    annotations = [
+        source.annotations(s) for s in tqdm(subjects, desc="plan", disable=not progress, unit="subject", leave=False)
+    ]
+    plans = plan_dataset(
+        annotations,
+        negative_ratio=settings["negative_ratio"],
+        negative_margin=settings["negative_margin"],
+        seed=settings["seed"],
+        min_experts=settings["min_experts"],
+    )
+    records = {}
+    for plan in plans:
+        path = state / f"{plan.subject}.json"
+        if path.exists():
+            records[plan.subject] = json.loads(path.read_text())
+    todo = [p for p in plans if p.subject not in records]
+    failures = {}
+    bar = tqdm(
+        total=len(plans), initial=len(records), desc=f"prepare {source.name}", unit="subject", disable=not progress
+    )
+    work = partial(
+        _prepare_subject, source, out_dir=out_dir, size=settings["size"], min_experts=settings["min_experts"]
+    )
+    with bar:
+        for record in _results(work, todo, workers):
+            bar.update()
+            if "error" in record:
+                logger.error(record["error"])
+                if on_error == "raise":
+                    raise RuntimeError(record["error"])
+                failures[record["subject"]] = record["error"]
+            else:
+                records[record["subject"]] = record
+    return _write_index(out_dir, plans, records, failures, settings)
+
+
+def _results(fn: Any, todo: list[SlicePlan], workers: int) -> Iterator[dict]:
+    """``fn(plan)`` for each plan, in worker processes when ``workers > 1``, yielding results as they complete."""
+    if workers <= 1:
+        yield from map(fn, todo)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for job in as_completed([pool.submit(fn, plan) for plan in todo]):
+            yield job.result()
+
+
+def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures: dict, settings: dict) -> dict:
+    datalist: dict[str, list] = {split: [] for split in SPLITS}
+    for plan in plans:
+        if plan.subject in records:
+            datalist[plan.split].extend(records[plan.subject]["items"])
+    summary: dict[str, Any] = {
+        "source": settings["source"],
+        "seed": settings["seed"],
+        "size": settings["size"],
+        "negative_ratio": settings["negative_ratio"],
+        "negative_margin": settings["negative_margin"],
+        "subjects": {s: sorted(p.subject for p in plans if p.split == s and p.subject in records) for s in SPLITS},
+        "slices": {
+            s: {"with_nodule": sum(i["class"] for i in items), "without_nodule": sum(1 - i["class"] for i in items)}
+            for s, items in datalist.items()
+        },
+        "two_nodule_slices": sum(i["nodules"] >= 2 for items in datalist.values() for i in items),
+        "nodule_pixels": {s: sum(i["label_pixels"] for i in items) for s, items in datalist.items()},
+        "failed": failures,
+    }
+    summary["nodule_pixels_total"] = sum(summary["nodule_pixels"].values())
+    _write_json(datalist, out_dir / "datalist.json")
+    _write_json(summary, out_dir / "dataset_summary.json")
+    return summary

@@ -1,0 +1,194 @@
+"""The prepared dataset format, the slice rules, STAPLE, the subject split and bad input."""
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import load_decathlon_datalist
+from monai.transforms import LoadImaged
+from scripts.cases import CaseAnnotations, CaseVolume, Nodule
+from scripts.dataset import SPLITS, crop_window, plan_dataset, prepare_dataset, split_subjects
+from scripts.labels import slice_classes, staple
+
+SHAPE = (80, 80, 12)
+SPACING = (0.8, 0.8, 2.5)
+
+
+def _ball(shape, centre, radius):
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+class ToySource:
+    """Subjects with a box of 'lung' and one nodule drawn by up to four experts; one subject has none."""
+
+    name = "toy"
+
+    def __init__(self, n: int = 6, nan_subject: str | None = None, spacing=SPACING):
+        self.n, self.nan_subject, self.spacing = n, nan_subject, spacing
+
+    def subjects(self):
+        return [f"T{i}" for i in range(self.n)]
+
+    def annotations(self, subject):
+        i = int(subject[1:])
+        if i == self.n - 1:
+            return CaseAnnotations(subject, SHAPE, self.spacing)
+        masks = np.zeros((3, 12, 12, 6), dtype=bool)
+        for e in range(3):  # slightly different experts; expert 2 also marks one slice alone
+            masks[e] = _ball((12, 12, 6), (6 + 0.3 * e, 6, 2.5), 4 + 0.2 * e)
+        masks[2, ..., 5] = _ball((12, 12), (6, 6), 2)
+        masks[:2, ..., 5] = False
+        return CaseAnnotations(subject, SHAPE, self.spacing, [Nodule(masks, (30 + i, 35, 3), 6.4)])
+
+    def load(self, subject):
+        hu = np.full(SHAPE, -850.0, dtype=np.float32)
+        hu[:10], hu[-10:] = 40.0, 40.0
+        a = self.annotations(subject)
+        for n in a.nodules:
+            hu[n.box()][n.masks.sum(0) >= 2] = 30.0
+        if subject == self.nan_subject:
+            hu[5, 5, 5] = np.nan
+        lungs = np.zeros(SHAPE, dtype=bool)
+        lungs[10:-10, 10:-10] = True
+        return CaseVolume(a, hu, lungs)
+
+
+def test_slice_rules_on_hand_made_masks():
+    masks = np.zeros((2, 4, 4, 4), dtype=bool)
+    masks[0, 1:3, 1:3, 0:2] = True  # expert 0 on local slices 0-1
+    masks[1, 1:3, 1:3, 1:3] = True  # expert 1 on local slices 1-2: they overlap on slice 1 only
+    a = CaseAnnotations("P", (4, 4, 8), SPACING, [Nodule(masks, (0, 0, 2), 4.0)])
+    c = slice_classes(a)
+    assert np.flatnonzero(c.positive).tolist() == [3]  # two experts overlap -> with nodule
+    assert not c.positive[2] and not c.negative[2]  # one expert -> neither
+    assert not c.positive[4] and not c.negative[4]
+    assert np.flatnonzero(c.negative).tolist() == [0, 1, 5, 6, 7]
+    assert c.nodules[3] == [0]
+    margin = slice_classes(a, margin=1)
+    assert np.flatnonzero(margin.negative).tolist() == [0, 6, 7]
+    marks = CaseAnnotations("P", (4, 4, 8), SPACING, [], marked_slices=np.eye(8, dtype=bool)[6])
+    assert not slice_classes(marks).negative[6]
+
+
+def test_staple_on_known_case():
+    masks = np.zeros((4, 10, 10), dtype=bool)
+    masks[:, 2:6, 2:6] = True  # all four agree
+    masks[0, 6:8, 2:6] = True  # one expert alone: out
+    masks[1:3, 2:6, 6:8] = True  # two of four: STAPLE with equal-quality experts keeps it
+    masks[3, 0, 0] = True
+    result = staple(masks)
+    assert result[2:6, 2:6].all()
+    assert not result[6:8].any()
+    assert result[2:6, 6:8].all()
+    assert not result[0, 0]
+    assert np.array_equal(staple(masks[:1]), masks[0])
+    with pytest.raises(ValueError, match="n_experts"):
+        staple(np.zeros((0, 3, 3), dtype=bool))
+
+
+def test_split_has_no_leak_and_is_stratified():
+    rng = np.random.default_rng(3)
+    share = {f"S{i:03d}": float(rng.uniform(0, 0.3)) if i % 3 else 0.0 for i in range(120)}
+    split = split_subjects(share, seed=1)
+    assert set(split) == set(share)
+    counts = {s: sum(v == s for v in split.values()) for s in SPLITS}
+    assert counts == {"training": 80, "validation": 20, "test": 20}
+    means = {s: np.mean([share[k] for k, v in split.items() if v == s]) for s in SPLITS}
+    assert max(means.values()) - min(means.values()) < 0.02
+    assert split_subjects(share, seed=1) == split and split_subjects(share, seed=2) != split
+    small = split_subjects({"a": 0.1, "b": 0.2, "c": 0.0}, seed=0)
+    assert sorted(small.values()) == sorted(SPLITS)
+    with pytest.raises(ValueError, match="at least 3 subjects"):
+        split_subjects({"a": 0.1, "b": 0.2})
+
+
+def test_negatives_equal_positives_per_split():
+    source = ToySource(12)
+    plans = plan_dataset([source.annotations(s) for s in source.subjects()], negative_margin=0, seed=0)
+    for split in SPLITS:
+        chosen = [p for p in plans if p.split == split]
+        assert sum(len(p.negatives) for p in chosen) == sum(len(p.positives) for p in chosen)
+    for p in plans:
+        assert not set(p.negatives) & set(p.positives)
+
+
+def test_crop_window_contains_nodules():
+    lungs = np.zeros((100, 100), dtype=bool)
+    lungs[10:50, 10:50] = True
+    assert crop_window(lungs, 40) == (10, 10)
+    assert crop_window(lungs, 40, [(slice(60, 70), slice(20, 25))]) == (30, 10)
+    with pytest.raises(ValueError, match="more than the crop size"):
+        crop_window(lungs, 40, [(slice(0, 10), slice(0, 5)), (slice(60, 70), slice(0, 5))])
+
+
+def test_round_trip_through_monai(tmp_path):
+    out = tmp_path / "ds"
+    summary = prepare_dataset(ToySource(6), out, size=64, seed=0, progress=False)
+    assert summary["failed"] == {}
+    subjects = [set(summary["subjects"][s]) for s in SPLITS]
+    assert all(subjects) and not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
+    loader = LoadImaged(keys=["image", "label"], image_only=False)
+    n_pos = 0
+    for split in SPLITS:
+        items = load_decathlon_datalist(out / "datalist.json", data_list_key=split, base_dir=out)
+        for item in items:
+            assert Path(item["image"]).is_file() and item["class"] in (0, 1)
+            data = loader(item)
+            assert tuple(data["image"].shape) == (64, 64) and tuple(data["label"].shape) == (64, 64)
+            assert np.allclose(data["image"].meta["pixdim"][1:3], SPACING[:2])
+            assert nib.load(item["image"]).get_data_dtype() == np.int16
+            assert nib.load(item["label"]).get_data_dtype() == np.uint8
+            label = np.asarray(data["label"])
+            assert bool(label.any()) == bool(item["class"]) == (item["nodules"] > 0)
+            n_pos += item["class"]
+    # per subject with a nodule: local slices 0-4 have >= 2 experts overlapping, slice 5 has one expert only
+    assert n_pos == 5 * 5
+    assert summary["slices"]["training"]["with_nodule"] + summary["slices"]["test"]["with_nodule"] <= n_pos
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert all(i["slice"] != 8 for items in datalist.values() for i in items if i["subject"] != "T5")
+
+
+def test_same_seed_same_bytes_and_resume(tmp_path):
+    prepare_dataset(ToySource(6), tmp_path / "a", size=64, seed=4, progress=False)
+    prepare_dataset(ToySource(6), tmp_path / "b", size=64, seed=4, progress=False)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.nii.gz"))
+    assert files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.nii.gz"))
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    # resume: a finished subject is not rewritten, a removed record is redone
+    record = next((tmp_path / "a" / ".state").glob("T0.json"))
+    image = tmp_path / "a" / json.loads(record.read_text())["items"][0]["image"]
+    record.unlink()
+    kept = next(p for p in (tmp_path / "a" / "images").glob("T1_*"))
+    os.utime(kept, (1, 1))
+    os.utime(image, (1, 1))
+    prepare_dataset(ToySource(6), tmp_path / "a", size=64, seed=4, progress=False)
+    assert kept.stat().st_mtime == 1 and image.stat().st_mtime > 1
+    with pytest.raises(ValueError, match="other settings"):
+        prepare_dataset(ToySource(6), tmp_path / "a", size=64, seed=5, progress=False)
+
+
+def test_bad_input_is_reported_and_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="T2.*NaN"):
+        prepare_dataset(ToySource(6, nan_subject="T2"), tmp_path / "nan", size=64, progress=False)
+    assert not (tmp_path / "nan").exists()
+    with pytest.raises(RuntimeError, match="T0.*spacing"):
+        prepare_dataset(ToySource(6, spacing=None), tmp_path / "nospacing", size=64, progress=False)
+    assert not (tmp_path / "nospacing").exists()
+    summary = prepare_dataset(
+        ToySource(6, nan_subject="T2"), tmp_path / "skip", size=64, on_error="skip", progress=False
+    )
+    assert list(summary["failed"]) == ["T2"] and "NaN" in summary["failed"]["T2"]
+    assert not list((tmp_path / "skip" / "images").glob("T2_*"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot write to output"):
+        prepare_dataset(ToySource(6), blocker / "ds", size=64, progress=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare_dataset(ToySource(6), tmp_path / "full", size=64, progress=False)
