@@ -192,3 +192,13 @@ def test_bad_input_is_reported_and_leaves_nothing(tmp_path):
     (tmp_path / "full" / "x.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         prepare_dataset(ToySource(6), tmp_path / "full", size=64, progress=False)
+
+
+def test_contact_sheet(tmp_path):
+    from scripts.contact_sheet import contact_sheet
+
+    prepare_dataset(ToySource(6), tmp_path / "ds", size=64, progress=False)
+    png = Path(contact_sheet(str(tmp_path / "ds"), n=4))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="no prepared dataset"):
+        contact_sheet(str(tmp_path / "missing"))
