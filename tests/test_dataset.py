@@ -202,3 +202,34 @@ def test_contact_sheet(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="no prepared dataset"):
         contact_sheet(str(tmp_path / "missing"))
+
+
+def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):
+    import errno
+
+    import scripts.dataset as dataset
+
+    calls = {"n": 0}
+    real_save = nib.save
+
+    def save_then_fail(image, path):
+        calls["n"] += 1
+        if calls["n"] == 7:  # part-way through a subject: write half a file, then the disk is full
+            Path(path).write_bytes(b"\x1f\x8b partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(image, path)
+
+    monkeypatch.setattr(dataset.nib, "save", save_then_fail)
+    with pytest.raises(RuntimeError, match="No space left"):
+        prepare_dataset(ToySource(6), tmp_path / "full_disk", size=64, progress=False)
+    assert not (tmp_path / "full_disk").exists()
+    calls["n"] = 0
+    summary = prepare_dataset(ToySource(6), tmp_path / "skip", size=64, on_error="skip", progress=False)
+    ((failed, error),) = summary["failed"].items()
+    assert "No space left" in error
+    assert not list((tmp_path / "skip").rglob(".tmp-*"))
+    assert (
+        not list((tmp_path / "skip").rglob(f"{failed}_*"))
+        and not (tmp_path / "skip" / ".state" / f"{failed}.json").exists()
+    )
+    assert len(summary["subjects"]["training"] + summary["subjects"]["validation"] + summary["subjects"]["test"]) == 5

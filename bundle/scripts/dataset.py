@@ -60,8 +60,11 @@ def write_nifti(array: np.ndarray, spacing: Iterable[float], path: Path) -> None
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
     tmp = path.with_name(f".tmp-{path.name}")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_json(data: Any, path: Path) -> None:
