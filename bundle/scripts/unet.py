@@ -1,0 +1,101 @@
+"""Per-slice outputs of the fully supervised U-Net baseline, in the format every method's predictions share.
+
+``<output_dir>/masks/<stem>.nii.gz``: uint8 mask with the source image's shape, affine and header;
+``<output_dir>/records/<stem>.json``: ``{"probability": max sigmoid output on the slice, "pixels": mask size}``.
+The stem is the image file name without ``.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Hashable, Mapping
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Transform
+
+__all__ = ["write_atomically", "write_slice_prediction", "SaveSlicePredictiond"]
+
+
+def _stem(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path`` (same suffixes, so writers pick the same format),
+    then rename it to ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_slice_prediction(
+    mask: np.ndarray | torch.Tensor,
+    source_image: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    probability: float | None = None,
+) -> Path:
+    """Write one slice's mask (and record, when ``probability`` is given) with the geometry of ``source_image``.
+
+    Args:
+        mask: ``(rows, cols)`` or ``(1, rows, cols)``; non-zero = nodule.
+        source_image: the slice's image file, whose shape, affine and header the mask takes.
+        output_dir: the prediction folder (``masks/`` and ``records/`` are made inside).
+        probability: the slice's nodule probability for ``records/<stem>.json``.
+
+    Returns:
+        the mask's path.
+    """
+    source = nib.load(str(source_image))
+    arr = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.shape != source.shape:
+        raise ValueError(f"{source_image}: the mask's shape {arr.shape} differs from the image's {source.shape}.")
+    arr = (arr > 0).astype(np.uint8)
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    stem, output_dir = _stem(source_image), Path(output_dir)
+    path = output_dir / "masks" / f"{stem}.nii.gz"
+    image = nib.Nifti1Image(arr, source.affine, header)
+    image.header.set_slope_inter(1.0, 0.0)  # a mask, whatever scaling the CT had
+    write_atomically(path, lambda tmp: nib.save(image, tmp))
+    if probability is not None:
+        record = json.dumps({"probability": float(probability), "pixels": int(arr.sum())}, indent=4)
+        write_atomically(output_dir / "records" / f"{stem}.json", lambda tmp: Path(tmp).write_text(record))
+    return path
+
+
+class SaveSlicePredictiond(Transform):
+    """Post-processing that writes :func:`write_slice_prediction` for one decollated item.
+
+    Args:
+        output_dir: the prediction folder.
+        mask_key: the thresholded prediction.
+        prob_key: the probability map whose maximum is the record's probability; None writes no record.
+        source_key: the loaded image, whose ``meta["filename_or_obj"]`` names the source file.
+    """
+
+    def __init__(
+        self, output_dir: str | os.PathLike, mask_key: str = "pred", prob_key: str | None = "prob", source_key="image"
+    ) -> None:
+        self.output_dir, self.mask_key, self.prob_key, self.source_key = output_dir, mask_key, prob_key, source_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Mapping[Hashable, torch.Tensor]:
+        source = data[self.source_key].meta["filename_or_obj"]
+        prob = None if self.prob_key is None else float(data[self.prob_key].max())
+        write_slice_prediction(data[self.mask_key], source, self.output_dir, prob)
+        return data
