@@ -1,0 +1,125 @@
+"""Benchmark: per-slice latency of the weakly supervised segmentation, split by stage, and R-NAM cost.
+
+On a 384 x 384 chest-like phantom (bench_icm's) with a GAPClassifier (width configurable, random weights:
+timings do not depend on the weights), measures: one network forward (logits + NAM), scope, ICM,
+candidate extraction; R-NAM screening of the same candidates full-image one by one, full-image batched and
+cropped batched, in forwards per candidate; the post-processing share of one forward; and the largest
+difference between cropped and full-image scores. Prints a table and writes bench/results/segmentation.json.
+
+    python bench/bench_segmentation.py [--width 1.0] [--size 384] [--candidates 4] [--threads 1]
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_icm import phantom  # noqa: E402
+from scripts.candidates import Candidate, extract_candidates  # noqa: E402
+from scripts.icm import icm_segmentation  # noqa: E402
+from scripts.lung_mask import segment_lungs  # noqa: E402
+from scripts.networks import GAPClassifier  # noqa: E402
+from scripts.rnam import crop_window, logits_and_nam, rnam_scores  # noqa: E402
+from scripts.scope import screening_scope  # noqa: E402
+
+
+def timed(fn, repeats):
+    best, out = math.inf, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--candidates", type=int, default=4, help="candidates screened by R-NAM")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "segmentation.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size, k = args.size, args.candidates
+    hu, _ = phantom(size)
+    spacing = (0.75 * 384 / size,) * 2
+    x = torch.as_tensor(np.clip((hu + 1000) / 1400, 0, 1), dtype=torch.float32)[None, None]
+    net = GAPClassifier(gap_levels=1, width=args.width).eval()
+
+    with torch.no_grad():
+        t_forward, (_, nam) = timed(lambda: logits_and_nam(net, x), args.repeats)
+    # a scope like a nodule's NAM blob (random weights give no meaningful NAM): a 24-px disk in the left lung
+    yy, xx = np.mgrid[:size, :size]
+    r0, c0 = int(0.4 * size), int(0.3 * size)
+    nam_np = nam[0, 0].numpy().astype(np.float64) + 10 * np.exp(-((yy - r0) ** 2 + (xx - c0) ** 2) / (2 * 10.0**2))
+    t_scope, scope = timed(lambda: screening_scope(nam_np), args.repeats)
+    t_lungs, lungs = timed(lambda: segment_lungs(hu, spacing), args.repeats)
+    t_icm, (labels, means) = timed(lambda: icm_segmentation(hu, lungs), args.repeats)
+    t_cand, found = timed(lambda: extract_candidates(labels, means, scope, lungs, spacing, min_area_mm2=1.0), 3)
+    # R-NAM cost depends on the number of candidates, not their shape: pad to k with small squares in the scope
+    rows, cols = np.nonzero(scope)
+    while len(found) < k:
+        m = np.zeros((size, size), bool)
+        j = len(found)
+        m[rows.min() + 2 * j : rows.min() + 2 * j + 3, cols.min() + 3 : cols.min() + 6] = True
+        found.append(Candidate(m, 9.0, (0, 0, 0, 0)))
+    masks = np.stack([c.mask for c in found[:k]])
+    image, ref = x[0], nam[0, 0].numpy()
+    t_one, s_one = timed(
+        lambda: rnam_scores(net, image, ref, scope, masks, 0.1, crop=False, batch_size=1), args.repeats
+    )
+    t_batch, s_full = timed(lambda: rnam_scores(net, image, ref, scope, masks, 0.1, crop=False), args.repeats)
+    t_crop, s_crop = timed(lambda: rnam_scores(net, image, ref, scope, masks, 0.1, crop=True), args.repeats)
+    window = crop_window(
+        (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1), (size, size), net.nam_stride, net.nam_context_radius
+    )
+    crop_shape = [s.stop - s.start for s in window] if window else [size, size]
+    post = t_scope + t_icm + t_cand
+    result = {
+        "size": size,
+        "width": args.width,
+        "threads": args.threads,
+        "candidates": k,
+        "scope_box_px": [int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)],
+        "nam_context_radius": net.nam_context_radius,
+        "crop_shape": crop_shape,
+        "forward_s": t_forward,
+        "scope_s": t_scope,
+        "lung_mask_s": t_lungs,
+        "icm_s": t_icm,
+        "candidates_s": t_cand,
+        "rnam_full_one_by_one_s": t_one,
+        "rnam_full_batched_s": t_batch,
+        "rnam_cropped_batched_s": t_crop,
+        "batched_speedup": t_one / t_batch,
+        "forwards_per_candidate_full_one_by_one": t_one / (k * t_forward),
+        "forwards_per_candidate_full_batched": t_batch / (k * t_forward),
+        "forwards_per_candidate_cropped": t_crop / (k * t_forward),
+        "cropped_cost_vs_full_batched": t_crop / t_batch,
+        "crop_area_fraction": crop_shape[0] * crop_shape[1] / size**2,
+        "postprocessing_share_of_forward": post / t_forward,
+        "max_rel_diff_cropped_vs_full": float(np.max(np.abs(s_crop - s_full) / np.abs(s_full).max())),
+        "max_rel_diff_batched_vs_one_by_one": float(np.max(np.abs(s_full - s_one) / np.abs(s_one).max())),
+    }
+    print(f"size {size}, width {args.width}, {args.threads} thread(s), {k} candidates, crop {crop_shape}")
+    for key, value in result.items():
+        if key.endswith("_s"):
+            print(f"  {key:<42} {1e3 * value:10.1f} ms")
+        elif isinstance(value, float):
+            print(f"  {key:<42} {value:10.4g}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

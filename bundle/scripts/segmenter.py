@@ -1,0 +1,274 @@
+"""The weakly supervised segmenter: classifier NAM -> scope -> ICM candidates -> R-NAM choice, as a MONAI inferer.
+
+``WeaklySupervisedSegmenter(mode=...)(inputs, network)`` takes a batch of windowed slices ``(B, C, H, W)`` and
+the 1-GAP (or any GAP) classifier, and returns the masks ``(B, 1, H, W)``; the per-slice details
+(probability, scopes, candidates with areas and R-NAM scores, choice, NAM) are kept in ``last_results``.
+Modes (paper section 2.2):
+
+- ``"coarse"``: the union of the candidates in the scope C.
+- ``"fine"``: the candidate chosen by R-NAM.
+- ``"multi_gap"``: the classifier gives the probability and C1; the NAM of ``multi_gap_network`` (a 2- or 3-GAP
+  model) refines C to its most prominent blob inside C1 if it has one; R-NAM with the classifier within C1.
+- ``"two_nodule"``: the two most prominent blobs, each screened by R-NAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from scripts.candidates import Candidate, extract_candidates, parenchyma_value
+from scripts.icm import icm_segmentation
+from scripts.rnam import logits_and_nam, rnam_scores
+from scripts.scope import bounding_box, refine_scope, top_scopes
+
+__all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
+
+MODES = ("coarse", "fine", "multi_gap", "two_nodule")
+
+
+@dataclass
+class SliceResult:
+    """Everything the segmenter found on one slice.
+
+    Args:
+        probability: the classifier's nodule probability.
+        positive: whether the slice was called "nodule" (and so segmented).
+        status: ``"negative"``, ``"no_scope"`` (flat or non-finite NAM), ``"no_candidates"`` or ``"segmented"``.
+        mask: ``(H, W)`` uint8 final mask.
+        nam: ``(H, W)`` float32 raw NAM of the classifier.
+        spacing: ``(row, col)`` pixel spacing in mm.
+        scopes: the scope(s) C that candidates were taken from (bool masks).
+        base_scope: C1 in multi_gap mode (where R-NAMs are compared), else None.
+        refined: multi_gap mode: whether the multi-GAP NAM narrowed C1.
+        candidates: all candidates, over all scopes.
+        chosen: indices into ``candidates`` of the segmented ones.
+    """
+
+    probability: float
+    positive: bool
+    status: str
+    mask: np.ndarray
+    nam: np.ndarray
+    spacing: tuple[float, float]
+    scopes: list[np.ndarray] = field(default_factory=list)
+    base_scope: np.ndarray | None = None
+    refined: bool = False
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready summary (boxes are ``[row_start, col_start, row_stop, col_stop]``, stops exclusive)."""
+
+        def box(mask: np.ndarray | None) -> list[int] | None:
+            found = None if mask is None else bounding_box(mask)
+            return None if found is None else list(found)
+
+        return {
+            "probability": float(self.probability),
+            "positive": bool(self.positive),
+            "status": self.status,
+            "spacing_mm": [float(s) for s in self.spacing],
+            "scope_boxes": [box(s) for s in self.scopes],
+            "base_scope_box": box(self.base_scope),
+            "scope_refined": bool(self.refined),
+            "candidates": [c.to_record() for c in self.candidates],
+            "chosen": [int(i) for i in self.chosen],
+            "mask_area_mm2": float(self.mask.sum() * self.spacing[0] * self.spacing[1]),
+        }
+
+
+class WeaklySupervisedSegmenter(Inferer):
+    """Segment nodules on CT slices from a GAP classifier's NAM (see the module docstring for the modes).
+
+    Args:
+        mode: ``"coarse"``, ``"fine"``, ``"multi_gap"`` or ``"two_nodule"``.
+        threshold: slices with a nodule probability below it get an empty mask.
+        intensity_range: the HU window ``(a_min, a_max)`` that mapped HU to the network input [0, 1].
+        lung_mask_fn: ``f(hu (H, W), spacing) -> bool (H, W)`` giving the lungs (e.g.
+            ``scripts.lung_mask.segment_lungs``); None: no lung restriction unless a ``lung_mask`` is passed.
+        multi_gap_network: the 2- or 3-GAP model for ``"multi_gap"``.
+        scope_sigma, scope_threshold, scope_min_distance: scope parameters (``scripts.scope.nam_basins``).
+        multi_gap_min_peak: least normalised peak of a multi-GAP blob to replace C1.
+        phases, beta, max_sweeps: ICM parameters (``scripts.icm.icm_segmentation``).
+        dense_hu: phases with a mean above it (HU) make candidates.
+        min_area_mm2: smaller candidates are dropped.
+        n_nodules: scopes segmented in ``"two_nodule"`` mode.
+        crop: compute R-NAMs on the exact stride-aligned crop around the scope (False: full image).
+        batch_size: masked copies per forward in R-NAM (None: all at once).
+        spacing: ``(row, col)`` mm used when the inputs carry no affine and none is passed.
+    """
+
+    def __init__(
+        self,
+        mode: str = "fine",
+        threshold: float = 0.5,
+        intensity_range: Sequence[float] = (-1000.0, 400.0),
+        lung_mask_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray] | None = None,
+        multi_gap_network: torch.nn.Module | None = None,
+        scope_sigma: float = 1.0,
+        scope_threshold: float = 0.2,
+        scope_min_distance: int = 8,
+        multi_gap_min_peak: float = 0.5,
+        phases: int = 4,
+        beta: float = 0.7,
+        max_sweeps: int = 15,
+        dense_hu: float = -600.0,
+        min_area_mm2: float = 7.0,
+        n_nodules: int = 2,
+        crop: bool = True,
+        batch_size: int | None = None,
+        spacing: Sequence[float] = (1.0, 1.0),
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "multi_gap" and multi_gap_network is None:
+            raise ValueError("mode 'multi_gap' needs a multi_gap_network (the 2- or 3-GAP classifier)")
+        if len(intensity_range) != 2 or intensity_range[1] <= intensity_range[0]:
+            raise ValueError(f"intensity_range must be (a_min, a_max) with a_min < a_max, got {intensity_range}")
+        self.mode = mode
+        self.threshold = float(threshold)
+        self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
+        self.lung_mask_fn = lung_mask_fn
+        self.multi_gap_network = multi_gap_network
+        self.scope_args = {"sigma": scope_sigma, "threshold": scope_threshold, "min_distance": scope_min_distance}
+        self.multi_gap_min_peak = multi_gap_min_peak
+        self.icm_args = {"phases": phases, "beta": beta, "max_sweeps": max_sweeps}
+        self.dense_hu = float(dense_hu)
+        self.min_area_mm2 = float(min_area_mm2)
+        self.n_nodules = int(n_nodules)
+        self.crop = crop
+        self.batch_size = batch_size
+        self.spacing = (float(spacing[0]), float(spacing[1]))
+        self.last_results: list[SliceResult] = []
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Masks ``(B, 1, H, W)`` of windowed slices ``inputs`` ``(B, C, H, W)``; details in ``last_results``.
+
+        Keyword args (optional): ``lung_mask`` ``(B, [1,] H, W)``; ``spacing`` ``(row, col)`` mm for all slices
+        (else taken from the inputs' affine when they are a MetaTensor, else the constructor's ``spacing``).
+        """
+        self._check_inputs(inputs)
+        network = getattr(network, "module", network)  # DistributedDataParallel wraps the classifier
+        with torch.no_grad():
+            logits, nams = logits_and_nam(network, inputs)
+            probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            multi_nams = None
+            if self.mode == "multi_gap" and (probs >= self.threshold).any():
+                multi_nams = logits_and_nam(self.multi_gap_network, inputs)[1][:, 0].float().cpu().numpy()
+        nams = nams[:, 0].float().cpu().numpy()
+        lung_masks = kwargs.get("lung_mask")
+        results = []
+        for b in range(inputs.shape[0]):
+            lungs = None if lung_masks is None else np.asarray(torch.as_tensor(lung_masks[b]).cpu()).astype(bool)
+            lungs = lungs.reshape(inputs.shape[2:]) if lungs is not None else None
+            results.append(
+                self.segment(
+                    inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b],
+                    network,
+                    float(probs[b]),
+                    nams[b],
+                    self._spacing(inputs, b, kwargs.get("spacing")),
+                    lung_mask=lungs,
+                    multi_nam=None if multi_nams is None else multi_nams[b],
+                )
+            )
+        self.last_results = results
+        masks = torch.as_tensor(np.stack([r.mask for r in results])[:, None], device=inputs.device)
+        pred = torch.zeros_like(inputs[:, :1])  # keeps a MetaTensor's meta (affine, file name)
+        pred.copy_(masks)
+        return pred
+
+    def segment(
+        self,
+        image: torch.Tensor,
+        network: Callable,
+        probability: float,
+        nam: np.ndarray,
+        spacing: Sequence[float],
+        lung_mask: np.ndarray | None = None,
+        multi_nam: np.ndarray | None = None,
+    ) -> SliceResult:
+        """Segment one slice ``image`` ``(C, H, W)`` given the classifier's probability and raw NAM."""
+        spacing = (float(spacing[0]), float(spacing[1]))
+        shape = tuple(image.shape[1:])
+        empty = np.zeros(shape, np.uint8)
+        result = SliceResult(
+            probability, probability >= self.threshold, "negative", empty, nam.astype(np.float32), spacing
+        )
+        if not result.positive:
+            return result
+        scopes = top_scopes(nam, self.n_nodules if self.mode == "two_nodule" else 1, **self.scope_args)
+        if not scopes:
+            result.status = "no_scope"
+            return result
+        if self.mode == "multi_gap":
+            result.base_scope = scopes[0]
+            scope, result.refined = refine_scope(
+                multi_nam, scopes[0], min_peak=self.multi_gap_min_peak, **self.scope_args
+            )
+            scopes = [scope]
+        result.scopes = scopes
+
+        lo, hi = self.intensity_range
+        hu = lo + image[0].float().cpu().numpy().astype(np.float64) * (hi - lo)
+        if lung_mask is None and self.lung_mask_fn is not None:
+            lung_mask = np.asarray(self.lung_mask_fn(hu, spacing), bool)
+        if lung_mask is not None and lung_mask.shape != shape:
+            raise ValueError(f"lung mask shape {lung_mask.shape} differs from the slice shape {shape}")
+        labels, means = icm_segmentation(hu, lung_mask, **self.icm_args)
+        for scope in scopes:
+            found = extract_candidates(labels, means, scope, lung_mask, spacing, self.dense_hu, self.min_area_mm2)
+            if not found:
+                continue
+            first = len(result.candidates)
+            result.candidates += found
+            if self.mode == "coarse":
+                result.chosen += list(range(first, first + len(found)))
+                continue
+            region = result.base_scope if self.mode == "multi_gap" else scope
+            fill = (parenchyma_value(labels, means, lung_mask, self.dense_hu) - lo) / (hi - lo)
+            scores = rnam_scores(
+                network,
+                image,
+                nam,
+                region,
+                np.stack([c.mask for c in found]),
+                float(np.clip(fill, 0.0, 1.0)),
+                crop=self.crop,
+                batch_size=self.batch_size,
+            )
+            for candidate, score in zip(found, scores):
+                candidate.score = float(score)
+            result.chosen.append(first + int(np.argmax(scores)))
+        if not result.chosen:
+            result.status = "no_candidates"
+            return result
+        result.status = "segmented"
+        result.mask = np.any([result.candidates[i].mask for i in result.chosen], axis=0).astype(np.uint8)
+        return result
+
+    def _check_inputs(self, inputs: torch.Tensor) -> None:
+        name = ""
+        if isinstance(inputs, MetaTensor):
+            name = f" ({inputs.meta.get('filename_or_obj', '')})" if "filename_or_obj" in inputs.meta else ""
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+            shape = tuple(getattr(inputs, "shape", ()))
+            raise ValueError(f"expected a batch of 2-D slices (B, C, H, W), got shape {shape}{name}")
+        if not torch.isfinite(inputs).all():
+            raise ValueError(f"the input slices hold NaN or infinite values{name}")
+
+    def _spacing(self, inputs: torch.Tensor, index: int, spacing: Sequence[float] | None) -> tuple[float, float]:
+        if spacing is not None:
+            return float(spacing[0]), float(spacing[1])
+        if isinstance(inputs, MetaTensor) and "affine" in inputs.meta:
+            affine = inputs.affine
+            affine = affine[index] if affine.ndim == 3 else affine
+            norms = torch.linalg.norm(affine[:-1, :2].double(), dim=0)
+            return float(norms[0]), float(norms[1])
+        return self.spacing

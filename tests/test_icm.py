@@ -1,0 +1,123 @@
+"""ICM multi-phase segmentation and candidate extraction."""
+
+import numpy as np
+import pytest
+from scripts.candidates import dense_phases, extract_candidates, parenchyma_value
+from scripts.icm import icm_segmentation
+from scripts.lung_mask import segment_lungs
+
+MEANS = np.array([-850.0, -500.0, -100.0, 40.0])
+
+
+def phantom(noise: float = 60.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Four phases of equal share (stripes) plus two blocks, with Gaussian noise: (image, true phase 0..3)."""
+    truth = np.zeros((96, 96), int)
+    truth[:, 24:48], truth[:, 48:72], truth[:, 72:] = 1, 2, 3
+    truth[40:56, 4:20], truth[8:20, 28:44] = 2, 3
+    image = MEANS[truth] + np.random.default_rng(seed).normal(0, noise, truth.shape)
+    return image, truth
+
+
+def test_recovers_known_phases():
+    image, truth = phantom()
+    labels, means = icm_segmentation(image, phases=4, beta=0.7)
+    assert labels.shape == image.shape and labels.dtype == np.int32
+    assert set(np.unique(labels)) == {1, 2, 3, 4}
+    assert (labels - 1 == truth).mean() > 0.99
+    np.testing.assert_allclose(means, MEANS, atol=10)
+
+
+def test_beta_removes_speckle():
+    image, truth = phantom(noise=90.0)
+    errors = [int((icm_segmentation(image, beta=b)[0] - 1 != truth).sum()) for b in (0.0, 0.3, 0.7)]
+    assert errors[0] > 2 * errors[1] > 0 or errors[1] == 0
+    assert errors[2] <= errors[1] < errors[0]
+    assert errors[2] < 0.01 * truth.size
+
+
+def test_deterministic_and_mask():
+    image, _ = phantom(seed=3)
+    mask = np.zeros(image.shape, bool)
+    mask[10:80, 5:90] = True
+    a, ma = icm_segmentation(image, mask)
+    b, mb = icm_segmentation(image.copy(), mask.copy())
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ma, mb)
+    assert (a[~mask] == 0).all() and (a[mask] > 0).all()
+
+
+def test_nan_outside_mask_is_ignored_inside_is_an_error():
+    image, _ = phantom()
+    mask = np.ones(image.shape, bool)
+    mask[0] = False
+    image[0, 0] = np.nan
+    labels, _ = icm_segmentation(image, mask)
+    assert labels[0, 0] == 0
+    image[5, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        icm_segmentation(image, mask)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"image": np.zeros((4, 4, 4))}, "2-D"), ({"phases": 1}, "phases"), ({"mask": np.ones((3, 3), bool)}, "mask")],
+)
+def test_bad_input(kwargs, match):
+    args = {"image": np.zeros((8, 8))} | kwargs
+    with pytest.raises(ValueError, match=match):
+        icm_segmentation(**args)
+
+
+def test_constant_and_empty_mask():
+    labels, means = icm_segmentation(np.full((16, 16), -850.0))
+    assert (labels > 0).all() and np.nanmax(means) == -850.0
+    labels, means = icm_segmentation(np.zeros((8, 8)), np.zeros((8, 8), bool))
+    assert (labels == 0).all() and np.isnan(means).all()
+
+
+def test_candidates_area_spacing_and_scope():
+    labels = np.ones((40, 40), np.int32)
+    labels[5:9, 5:9] = 4  # 16 px
+    labels[20:22, 20:22] = 3  # 4 px
+    labels[30:35, 30:35] = 2  # not dense
+    means = np.array([-850.0, -700.0, -300.0, 20.0])
+    np.testing.assert_array_equal(dense_phases(means), [3, 4])
+    scope = np.ones((40, 40), bool)
+    found = extract_candidates(labels, means, scope, spacing=(0.7, 0.7), min_area_mm2=7.0)
+    assert len(found) == 1 and found[0].bbox == (5, 5, 9, 9)
+    assert found[0].area_mm2 == pytest.approx(16 * 0.49)
+    found = extract_candidates(labels, means, scope, spacing=(1.5, 1.5), min_area_mm2=7.0)
+    assert sorted(c.area_mm2 for c in found) == pytest.approx([9.0, 36.0])
+    scope[:, 15:] = False
+    assert len(extract_candidates(labels, means, scope, spacing=(1.5, 1.5))) == 1
+    # diagonal neighbours join one 8-connected candidate
+    labels[10, 10] = labels[11, 11] = 4
+    assert len(extract_candidates(labels, means, np.ones((40, 40), bool), min_area_mm2=1)) == 3
+    assert parenchyma_value(labels, means) == -850.0
+
+
+def test_lung_mask_keeps_juxtapleural_nodule_and_drops_chest_wall():
+    """With the lead's lung mask, a nodule touching the pleura is a candidate; the chest wall is not."""
+    yy, xx = np.mgrid[:128, :128]
+    body = ((yy - 64) / 58) ** 2 + ((xx - 64) / 60) ** 2 < 1
+    lungs_true = (((yy - 64) / 40) ** 2 + ((xx - 40) / 18) ** 2 < 1) | (
+        ((yy - 64) / 40) ** 2 + ((xx - 88) / 18) ** 2 < 1
+    )
+    nodule = (yy - 64) ** 2 + (xx - 27) ** 2 < 25  # on the lateral pleura of the left lung (its edge at x = 22)
+    hu = np.where(body, 40.0, -1000.0)
+    hu[lungs_true] = -850.0
+    hu[nodule] = 30.0
+    hu += np.random.default_rng(0).normal(0, 20, hu.shape)
+    spacing = (0.8, 0.8)
+    lungs = segment_lungs(hu, spacing)
+    labels, means = icm_segmentation(hu, lungs)
+    scope = np.zeros(hu.shape, bool)
+    scope[40:90, 5:50] = True  # reaches into the chest wall
+    found = extract_candidates(labels, means, scope, lungs, spacing)
+    assert len(found) == 1
+    assert (found[0].mask & nodule).sum() > 0.8 * nodule.sum()
+    wall = body & ~lungs_true & ~nodule
+    assert (found[0].mask & wall).sum() < 0.1 * found[0].mask.sum()
+    # without the lung mask the chest wall in the scope becomes a (large) candidate
+    labels, means = icm_segmentation(hu)
+    assert any((c.mask & wall).sum() > 100 for c in extract_candidates(labels, means, scope, None, spacing))

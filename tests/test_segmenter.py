@@ -1,0 +1,278 @@
+"""The segmenter as a MONAI inferer, and configs/inference.json end to end on tiny slices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, run
+from monai.data import MetaTensor
+from scripts.networks import GAPClassifier
+from scripts.segmenter import WeaklySupervisedSegmenter
+from test_rnam import RegionNet
+
+SIZE = 64
+SPACING = 1.6
+
+
+class ScopedNet(RegionNet):
+    """RegionNet plus a fixed smooth bump: the bump shapes the scope, the weighted region decides R-NAM."""
+
+    def __init__(self, weight: torch.Tensor, bump: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.register_buffer("bump", bump)
+
+    def forward_with_nam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, nam = super().forward_with_nam(x)
+        return logits, nam + self.bump
+
+
+def scoped_net(region: tuple[int, int], bumps: list[tuple[int, int, float, float]]) -> ScopedNet:
+    """NAM depends on the input only around ``region``; bumps ``(row, col, sigma, height)`` make the blobs."""
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    weight = torch.full((1, 1, SIZE, SIZE), 0.05)
+    r, c = region
+    weight[..., r - 5 : r + 6, c - 5 : c + 6] = 1.0
+    bump = sum(h * torch.exp(-((yy - br) ** 2 + (xx - bc) ** 2) / (2 * s**2)) for br, bc, s, h in bumps)
+    return ScopedNet(weight, bump[None, None].float()).eval()
+
+
+def slice_with_blobs(*centres: tuple[int, int]) -> torch.Tensor:
+    """A windowed slice (0.1 ~ -860 HU) with 5x5 bright blobs (0.75 ~ +50 HU) at the centres."""
+    x = 0.1 + 0.01 * torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    for r, c in centres:
+        x[..., r - 2 : r + 3, c - 2 : c + 3] = 0.75
+    return x
+
+
+def test_fine_coarse_two_nodule_on_a_known_nam():
+    blobs = [(20, 20), (26, 28), (46, 46)]
+    x = slice_with_blobs(*blobs)
+    seg = WeaklySupervisedSegmenter("fine", spacing=(0.7, 0.7))
+    out = seg(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))
+    result = seg.last_results[0]
+    assert out.shape == (1, 1, SIZE, SIZE) and result.status == "segmented"
+    assert len(result.candidates) >= 2 and len(result.chosen) == 1
+    chosen = result.candidates[result.chosen[0]]
+    assert chosen.mask[26, 28] and (out[0, 0].numpy() == chosen.mask).all()
+    assert chosen.score == max(c.score for c in result.candidates)
+    assert chosen.area_mm2 == pytest.approx(25 * 0.49)
+    record = json.loads(json.dumps(result.to_record()))
+    assert record["chosen"] == result.chosen and record["candidates"][0]["rnam_score"] is not None
+
+    coarse = WeaklySupervisedSegmenter("coarse")
+    mask = coarse(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy().astype(bool)
+    union = np.any([c.mask for c in coarse.last_results[0].candidates], axis=0)
+    assert (mask == union).all() and mask.sum() > chosen.mask.sum()
+
+    two = WeaklySupervisedSegmenter("two_nodule")
+    mask = two(x, scoped_net((20, 20), [(20, 20, 8, 2.0), (46, 46, 6, 1.5)]))[0, 0].numpy()
+    result = two.last_results[0]
+    assert len(result.scopes) == 2 and len(result.chosen) == 2
+    assert mask[20, 20] and mask[46, 46] and not mask[26, 28]
+
+
+def test_multi_gap_refines_scope_and_screens_with_the_classifier():
+    x = slice_with_blobs((20, 20), (26, 28))
+    multi = scoped_net((20, 20), [(20, 20, 3, 2.0)])
+    seg = WeaklySupervisedSegmenter("multi_gap", multi_gap_network=multi)
+    mask = seg(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy()
+    result = seg.last_results[0]
+    assert result.refined and result.base_scope[20, 20] and result.base_scope[26, 28]
+    assert result.scopes[0][20, 20] and not result.scopes[0][26, 28]
+    assert result.status == "segmented" and mask[20, 20] and not mask[26, 28]
+    assert result.candidates[0].score > 0
+    with pytest.raises(ValueError, match="multi_gap_network"):
+        WeaklySupervisedSegmenter("multi_gap")
+
+
+def test_negative_flat_and_bad_inputs():
+    torch.manual_seed(0)
+    net = GAPClassifier(width=1 / 16, head_channels=256).eval()
+    x = slice_with_blobs((30, 30)).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        net.fc.bias[1] = -20.0
+    seg = WeaklySupervisedSegmenter("fine")
+    out = seg(x, net)
+    assert out.shape == (2, 1, SIZE, SIZE) and not out.any()
+    assert [r.status for r in seg.last_results] == ["negative", "negative"]
+    assert seg.last_results[0].probability < 0.5
+
+    with torch.no_grad():  # a positive slice with a flat NAM: no scope, empty mask, no exception
+        net.fc.bias[1] = 20.0
+        net.fc.weight.zero_()
+    out = seg(x[:1], net)
+    assert not out.any() and seg.last_results[0].status == "no_scope"
+
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        seg(x[0], net)
+    bad = x.clone()
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        seg(bad, net)
+    with pytest.raises(ValueError, match="mode"):
+        WeaklySupervisedSegmenter("best")
+
+
+def test_spacing_and_meta_from_metatensor():
+    x = MetaTensor(slice_with_blobs((26, 28)), affine=torch.diag(torch.tensor([0.5, 0.8, 1.0, 1.0])))
+    seg = WeaklySupervisedSegmenter("fine", min_area_mm2=1.0)
+    out = seg(x, scoped_net((26, 28), [(26, 28, 8, 2.0)]))
+    assert isinstance(out, MetaTensor) and torch.allclose(out.affine, x.affine.double())
+    assert seg.last_results[0].spacing == pytest.approx((0.5, 0.8))
+    assert seg.last_results[0].candidates[seg.last_results[0].chosen[0]].area_mm2 == pytest.approx(25 * 0.4)
+
+
+def phantom_slice(rng: np.random.Generator, nodule: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny chest-like slice in HU (body, two lungs, maybe a nodule) and its label."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    hu = np.where(((yy - 32) / 29) ** 2 + ((xx - 32) / 30) ** 2 < 1, 40.0, -1000.0)
+    for c in (20, 44):
+        hu[((yy - 32) / 20) ** 2 + ((xx - c) / 9) ** 2 < 1] = -850.0
+    label = np.zeros((SIZE, SIZE), np.uint8)
+    if nodule:
+        label[(yy - 28) ** 2 + (xx - 20) ** 2 < 9] = 1
+        hu[label == 1] = 20.0
+    return (hu + rng.normal(0, 20, hu.shape)).astype(np.int16), label
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A prepared dataset of 4 phantom slices and 1-GAP / 2-GAP checkpoints."""
+    root = tmp_path_factory.mktemp("seg")
+    rng = np.random.default_rng(0)
+    items = []
+    affine = np.diag([SPACING, SPACING, 1.0, 1.0])
+    for i in range(4):
+        hu, label = phantom_slice(rng, nodule=i % 2 == 0)
+        for folder, array in (("images", hu), ("labels", label)):
+            (root / folder).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(array, affine), root / folder / f"S{i}_{10 + i}.nii.gz")
+        items.append(
+            {
+                "image": f"images/S{i}_{10 + i}.nii.gz",
+                "label": f"labels/S{i}_{10 + i}.nii.gz",
+                "class": int(label.any()),
+                "subject": f"S{i}",
+                "slice": 10 + i,
+                "nodules": int(label.any()),
+                "diameters_mm": [],
+            }
+        )
+    (root / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": items}))
+    torch.manual_seed(0)
+    for levels, name in ((1, "model.pt"), (2, "model_2gap.pt")):
+        net = GAPClassifier(gap_levels=levels, width=1 / 16)
+        with torch.no_grad():
+            net.fc.bias[1] = 3.0  # most slices positive: the whole pipeline runs
+        torch.save(net.state_dict(), root / name)
+    return root
+
+
+def overrides(root: Path, out: Path, **extra) -> dict:
+    return {
+        "dataset_dir": str(root),
+        "ckpt_path": str(root / "model.pt"),
+        "multi_gap_ckpt_path": str(root / "model_2gap.pt"),
+        "output_dir": str(out),
+        "width": 1 / 16,
+        "image_size": SIZE,
+        "min_area_mm2": 3.0,
+        "device": "cpu",
+        **extra,
+    }
+
+
+def check_outputs(root: Path, out: Path, stems: list[str], panels: bool = True) -> list[dict]:
+    records = []
+    for stem in stems:
+        src = nib.load(root / "images" / f"{stem}.nii.gz")
+        mask, nam = nib.load(out / "masks" / f"{stem}.nii.gz"), nib.load(out / "nams" / f"{stem}.nii.gz")
+        assert mask.shape == src.shape == nam.shape
+        np.testing.assert_allclose(mask.affine, src.affine)
+        assert mask.get_data_dtype() == np.uint8 and nam.get_data_dtype() == np.float32
+        record = json.loads((out / "records" / f"{stem}.json").read_text())
+        assert {"probability", "scope_boxes", "candidates", "chosen", "status"} <= record.keys()
+        if record["status"] != "segmented":
+            assert not np.asarray(mask.dataobj).any()
+        records.append(record)
+    if panels:
+        assert sorted(p.stem for p in (out / "panels").glob("*.png")) == sorted(stems)
+    assert not list(out.rglob(".*partial*"))
+    return records
+
+
+STEMS = [f"S{i}_{10 + i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "two_nodule"])
+def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode):
+    out = tmp_path / mode
+    run(
+        "run",
+        config_file=str(bundle_root / "configs" / "inference.json"),
+        bundle_root=str(bundle_root),
+        **overrides(tiny_bundle, out, mode=mode),
+    )
+    records = check_outputs(tiny_bundle, out, STEMS)
+    assert any(r["status"] != "negative" for r in records)
+
+
+def test_config_padding_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_root):
+    """image_size larger than the slices (pad, then invert), every slice negative, slices from a folder."""
+    out = tmp_path / "neg"
+    run(
+        "run",
+        config_file=str(bundle_root / "configs" / "inference.json"),
+        bundle_root=str(bundle_root),
+        **overrides(tiny_bundle, out, image_size=80, threshold=1.01, input_dir=str(tiny_bundle / "images")),
+    )
+    records = check_outputs(tiny_bundle, out, STEMS, panels=False)
+    assert all(r["status"] == "negative" for r in records)
+
+
+def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
+    out = tmp_path / "cli"
+    args = [f"--{k}={v}" for k, v in overrides(tiny_bundle, out, max_panels=1).items()]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json"]
+    cmd += ["--bundle_root", "bundle", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=bundle_root.parent, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_outputs(tiny_bundle, out, STEMS, panels=False)
+    assert len(list((out / "panels").glob("*.png"))) == 1
+
+
+def test_monai_label_style_inference(tiny_bundle, bundle_root):
+    """What MONAI Label's BundleInferTask uses: network_def, preprocessing, inferer, postprocessing; result JSON."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), "width": 1 / 16, "image_size": SIZE, "use_lung_mask": False})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(tiny_bundle / "model.pt", weights_only=True))
+    network.eval()
+    data = parser.get_parsed_content("preprocessing")({"image": str(tiny_bundle / "images" / "S0_10.nii.gz")})
+    with torch.no_grad():
+        pred = parser.get_parsed_content("inferer")(data["image"][None], network)
+    data["pred"] = pred[0]
+    data = parser.get_parsed_content("postprocessing")(data)
+    assert data["pred"].shape == (1, SIZE, SIZE)
+    assert 0.0 <= data["result"]["probability"] <= 1.0
+    json.dumps(data["result"])
+
+
+def test_missing_inputs_give_clear_errors(tmp_path):
+    from scripts.prediction_writer import make_datalist
+
+    with pytest.raises(FileNotFoundError, match="datalist"):
+        make_datalist(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="input_dir"):
+        make_datalist(input_dir=str(tmp_path / "nowhere"))
+    (tmp_path / "datalist.json").write_text(json.dumps({"test": []}))
+    with pytest.raises(ValueError, match="validation"):
+        make_datalist(str(tmp_path), split="validation")
