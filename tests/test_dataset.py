@@ -102,8 +102,7 @@ def test_split_has_no_leak_and_is_stratified():
     assert split_subjects(share, seed=1) == split and split_subjects(share, seed=2) != split
     small = split_subjects({"a": 0.1, "b": 0.2, "c": 0.0}, seed=0)
     assert sorted(small.values()) == sorted(SPLITS)
-    with pytest.raises(ValueError, match="at least 3 subjects"):
-        split_subjects({"a": 0.1, "b": 0.2})
+    assert set(split_subjects({"a": 0.1, "b": 0.2}).values()) <= set(SPLITS)
 
 
 def test_negatives_equal_positives_per_split():

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .cases import CaseAnnotations, CaseSource, CaseVolume
-from .labels import consensus_mask, slice_classes
+from .labels import consensus_mask, slice_classes, slice_label
 from .lung_mask import segment_lungs
 
 __all__ = ["SPLITS", "SlicePlan", "split_subjects", "plan_dataset", "crop_window", "prepare_dataset", "write_nifti"]
@@ -78,10 +78,10 @@ def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ..
 
     Subjects are ranked by share and dealt out in blocks of ``sum(ratios)``; each block is assigned by a seeded
     shuffle of the split pattern, so every split sees the same spread of shares. Each split gets at least one
-    subject when there are at least three.
+    subject when there are at least three; with fewer, some splits stay empty.
     """
     if len(share) < len(SPLITS):
-        raise ValueError(f"at least {len(SPLITS)} subjects are needed for a {len(SPLITS)}-way split, got {len(share)}")
+        logger.warning(f"{len(share)} subjects cannot fill {len(SPLITS)} splits: some splits will be empty")
     rng = np.random.default_rng(seed)
     pattern = [split for split, n in zip(SPLITS, ratios) for _ in range(n)]
     ranked = sorted(share, key=lambda s: (-share[s], s))
@@ -92,7 +92,7 @@ def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ..
         for subject, index in zip(block, order):
             assignment[subject] = pattern[index]
     for split in SPLITS:  # small cohorts: make sure no split is empty
-        if split not in assignment.values():
+        if split not in assignment.values() and len(share) >= len(SPLITS):
             counts = {s: list(assignment.values()).count(s) for s in SPLITS}
             donor = max(counts, key=lambda s: counts[s])
             moved = next(s for s in reversed(ranked) if assignment[s] == donor)
@@ -189,25 +189,18 @@ def _write_subject(case: CaseVolume, plan: SlicePlan, out_dir: Path, size: int, 
     _check_volume(case)
     a = case.annotations
     lungs = case.lung_mask if case.lung_mask is not None else segment_lungs(case.hu, a.spacing)
-    classes = slice_classes(a, min_experts=min_experts)
+    consensus = [consensus_mask(n) for n in a.nodules]
+    classes = slice_classes(a, min_experts=min_experts, consensus=consensus)
     boxes = [n.box()[:2] for n in a.nodules]
     try:
         corner = crop_window(lungs, size, boxes)
     except ValueError as error:
         raise ValueError(f"subject {a.subject}: {error}") from None
-    labelled = {i for s in plan.positives for i in classes.nodules[s]}
-    truth = {i: consensus_mask(a.nodules[i]) for i in sorted(labelled)}
     items = []
     for slice_index in sorted(plan.positives + plan.negatives):
         positive = slice_index in plan.positives
         members = classes.nodules[slice_index] if positive else []
-        label = np.zeros(a.shape[:2], dtype=bool)
-        for index in members:
-            box = a.nodules[index].box()
-            local = slice_index - box[2].start
-            label[box[0], box[1]] |= truth[index][..., local]
-        if positive and not label.any():
-            raise ValueError(f"subject {a.subject}: slice {slice_index} is with nodule but its STAPLE mask is empty")
+        label = slice_label(a, classes, consensus, slice_index) if positive else np.zeros(a.shape[:2], dtype=bool)
         stem = _stem(a.subject, slice_index)
         hu = np.clip(np.rint(case.hu[..., slice_index]), -32768, 32767).astype(np.int16)
         write_nifti(_crop(hu, corner, size, AIR_HU), a.spacing[:2], out_dir / "images" / f"{stem}.nii.gz")
@@ -234,6 +227,11 @@ def _write_subject(case: CaseVolume, plan: SlicePlan, out_dir: Path, size: int, 
     return items
 
 
+def _failure_message(subject: str, error: Exception) -> str:
+    message = str(error) if subject in str(error) else f"subject {subject}: {error}"
+    return f"{type(error).__name__}: {message}"
+
+
 def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, size: int, min_experts: int) -> dict:
     """Worker: load and write one subject; its record lands in ``.state/`` only when every slice is written."""
     record_path = out_dir / STATE_DIR / f"{plan.subject}.json"
@@ -243,8 +241,7 @@ def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, size
         for folder in ("images", "labels", "lungs"):
             for path in (out_dir / folder).glob(f"{plan.subject}_*.nii.gz"):
                 path.unlink()
-        message = str(error) if plan.subject in str(error) else f"subject {plan.subject}: {error}"
-        return {"subject": plan.subject, "error": f"{type(error).__name__}: {message}"}
+        return {"subject": plan.subject, "error": _failure_message(plan.subject, error)}
     record = {"subject": plan.subject, "split": plan.split, "items": items}
     _write_json(record, record_path)
     return record
@@ -339,10 +336,18 @@ def _prepare(
         stale.unlink()
     if not resuming:
         _write_json(settings, state / "settings.json")
-    subjects = settings["subjects"]
-    annotations = [
-        source.annotations(s) for s in tqdm(subjects, desc="plan", disable=not progress, unit="subject", leave=False)
-    ]
+    failures = {}
+    annotations = []
+    for subject in tqdm(settings["subjects"], desc="plan", disable=not progress, unit="subject", leave=False):
+        try:
+            annotations.append(source.annotations(subject))
+        except Exception as error:  # e.g. a scan whose annotation file is missing: reported like a failed load
+            if on_error == "raise":
+                raise
+            failures[subject] = _failure_message(subject, error)
+            logger.error(failures[subject])
+    if not annotations:
+        raise ValueError(f"no subject of source {source.name!r} could be planned: {failures}")
     plans = plan_dataset(
         annotations,
         negative_ratio=settings["negative_ratio"],
@@ -356,7 +361,6 @@ def _prepare(
         if path.exists():
             records[plan.subject] = json.loads(path.read_text())
     todo = [p for p in plans if p.subject not in records]
-    failures = {}
     bar = tqdm(
         total=len(plans), initial=len(records), desc=f"prepare {source.name}", unit="subject", disable=not progress
     )
