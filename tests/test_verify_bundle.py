@@ -1,0 +1,195 @@
+"""The Model Zoo checks (scripts.verify_bundle): the bundle passes them, and each fails on a broken copy."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scripts.verify_bundle import CHECKS, main, standin_dataset, verify_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "schemas" / "meta_schema_20240725.json"
+# Small network and images keep the network checks fast on two CPU cores.
+SMALL = {"width": 0.0625, "image_size": 64}
+
+
+@pytest.fixture
+def bundle_copy(bundle_root: Path, tmp_path: Path) -> Path:
+    """A copy of the bundle without weights, outputs or caches: the tests break it, never the original."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_root, copy, ignore=shutil.ignore_patterns("*.pt", "*.ts", "eval", "logs", "__pycache__"))
+    return copy
+
+
+def run(root: Path, *checks: str, **kwargs) -> dict:
+    results = verify_bundle(root, schema=SCHEMA, override=SMALL, checks=checks, **kwargs)
+    assert [r.name for r in results] == list(checks)
+    return {r.name: r for r in results}
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=4))
+
+
+def test_repo_bundle_passes_every_check(bundle_root):
+    results = verify_bundle(bundle_root, schema=SCHEMA, override=SMALL)
+    assert [r.name for r in results] == list(CHECKS)
+    failed = {r.name: r.message for r in results if not r.passed}
+    assert not failed, failed
+    export = next(r for r in results if r.name == "export")
+    if not (bundle_root / "models" / "model.pt").is_file():
+        assert "randomly initialised" in export.message
+
+
+def test_metadata_missing_required_key_fails(bundle_copy):
+    assert run(bundle_copy, "metadata")["metadata"].passed
+    edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.pop("network_data_format"))
+    result = run(bundle_copy, "metadata")["metadata"]
+    assert not result.passed
+    assert "network_data_format" in result.message and "required" in result.message
+
+
+def test_missing_schema_is_named(bundle_copy, tmp_path):
+    result = verify_bundle(bundle_copy, schema=tmp_path / "nope.json", checks=["metadata"])[0]
+    assert not result.passed and "nope.json" in result.message
+
+
+def test_json_indented_by_2_fails(bundle_copy):
+    assert run(bundle_copy, "json_format")["json_format"].passed
+    path = bundle_copy / "configs" / "inference.json"
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=2))
+    result = run(bundle_copy, "json_format")["json_format"]
+    assert not result.passed
+    assert "configs/inference.json (line 2)" in result.message
+
+
+def test_wrong_output_channel_count_fails(bundle_copy):
+    assert run(bundle_copy, "net_in_out")["net_in_out"].passed
+    edit_json(
+        bundle_copy / "configs" / "metadata.json",
+        lambda m: m["network_data_format"]["outputs"]["pred"].update(num_channels=3),
+    )
+    result = run(bundle_copy, "net_in_out")["net_in_out"]
+    assert not result.passed
+    assert "output channel number `2` doesn't match: `3`" in result.message
+
+
+def test_config_missing_required_property_fails(bundle_copy):
+    def drop_train_inferer(config):
+        inferer = config["train"].pop("inferer")
+        config["train"]["trainer"]["inferer"] = inferer  # still a working trainer, but no train#inferer property
+
+    edit_json(bundle_copy / "configs" / "train.json", drop_train_inferer)
+    result = run(bundle_copy, "train_properties")["train_properties"]
+    assert not result.passed
+    assert "configs/train.json" in result.message and "train_inferer" in result.message
+
+
+def test_infer_properties_fail_without_dataset(bundle_copy):
+    edit_json(bundle_copy / "configs" / "inference.json", lambda c: c.pop("dataset"))
+    result = run(bundle_copy, "infer_properties")["infer_properties"]
+    assert not result.passed
+    assert "configs/inference.json" in result.message and "dataset" in result.message
+
+
+def test_export_of_a_trained_checkpoint_and_of_a_mismatched_one(bundle_copy, tmp_path):
+    from scripts.networks import GAPClassifier
+
+    ckpt = bundle_copy / "models" / "model.pt"
+    torch.manual_seed(1)
+    torch.save(GAPClassifier(width=SMALL["width"]).state_dict(), ckpt)
+    result = run(bundle_copy, "export")["export"]
+    assert result.passed and str(ckpt) in result.message and "random" not in result.message
+    torch.save(GAPClassifier(width=0.125).state_dict(), ckpt)  # another width: the shapes do not fit
+    result = run(bundle_copy, "export")["export"]
+    assert not result.passed and "size mismatch" in result.message
+
+
+def test_code_style_flags_the_bad_file(bundle_copy):
+    scripts = bundle_copy / "scripts"
+    for path in scripts.glob("*.py"):
+        if path.name not in ("__init__.py", "verify_bundle.py", "dataset.py"):
+            path.unlink()
+    assert run(bundle_copy, "code_style")["code_style"].passed
+    (scripts / "ugly.py").write_text("import sys,os\nx = {'a':1}\n")
+    result = run(bundle_copy, "code_style")["code_style"]
+    assert not result.passed
+    assert "black: would reformat" in result.message and "ugly.py" in result.message
+    assert "isort" in result.message and "flake8" in result.message and "E231" in result.message
+
+
+def test_layout_needs_files_and_readme_sections(bundle_copy):
+    docs = bundle_copy / "docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "data_license.txt").write_text("LIDC-IDRI: CC BY 3.0\n")
+    sections = ["Authors", "Tags", "Model Description", "Data", "Performance", "System Configuration"]
+    (docs / "README.md").write_text("# Title\n" + "".join(f"## **{s}**\ntext\n" for s in sections))
+    assert run(bundle_copy, "layout")["layout"].passed
+    (docs / "README.md").write_text("# Title\n" + "".join(f"## **{s}**\ntext\n" for s in sections[:-1]))
+    result = run(bundle_copy, "layout")["layout"]
+    assert not result.passed and "System Configuration" in result.message
+    (bundle_copy / "LICENSE").unlink()
+    result = run(bundle_copy, "layout")["layout"]
+    assert not result.passed and "LICENSE" in result.message
+
+
+def test_large_files_must_be_listed(bundle_copy):
+    assert run(bundle_copy, "large_files")["large_files"].passed
+    big = bundle_copy / "models" / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(26 * 1024**2)  # sparse: 26 MB apparent size, no disk used
+    result = run(bundle_copy, "large_files")["large_files"]
+    assert not result.passed and "models/big.pt" in result.message and "not listed" in result.message
+    listing = bundle_copy / "large_files.yml"
+    listing.write_text(listing.read_text() + '  - path: "models/big.pt"\n    url: "https://example.org/big.pt"\n')
+    assert run(bundle_copy, "large_files")["large_files"].passed
+
+
+def test_large_files_entry_needs_url(bundle_copy):
+    (bundle_copy / "large_files.yml").write_text('large_files:\n  - path: "models/model.pt"\n')
+    result = run(bundle_copy, "large_files")["large_files"]
+    assert not result.passed and "entry 0 needs 'path' and 'url'" in result.message
+
+
+def test_version_needs_changelog_entry(bundle_copy):
+    assert run(bundle_copy, "version")["version"].passed
+    edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.update(version="0.2.0"))
+    result = run(bundle_copy, "version")["version"]
+    assert not result.passed and "no entry for the current version 0.2.0" in result.message
+    edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.update(version="0.2"))
+    assert "not semantic" in run(bundle_copy, "version")["version"].message
+
+
+def test_standin_dataset_layout(tmp_path):
+    root = standin_dataset(tmp_path / "d", size=32)
+    datalist = json.loads((root / "datalist.json").read_text())
+    assert {k: len(v) for k, v in datalist.items()} == {"training": 2, "validation": 2, "test": 2}
+    for item in datalist["training"]:
+        for key in ("image", "label", "lung"):
+            assert (root / item[key]).is_file()
+    assert [i["class"] for i in datalist["test"]] == [1, 0]
+
+
+def test_cli_reports_and_exits_nonzero(bundle_copy, capsys):
+    args = ["--bundle_root", str(bundle_copy), "--schema", str(SCHEMA), "--checks", "version", "json_format"]
+    assert main(args) == 0
+    edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.update(version="9.9.9"))
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  version" in out and "PASS  json_format" in out and "1 of 2 checks passed" in out
+    with pytest.raises(ValueError, match="not of the form id=value"):
+        main(args + ["--override", "width"])
+    with pytest.raises(FileNotFoundError, match="not a bundle"):
+        verify_bundle(bundle_copy / "configs")
+
+
+def test_module_entry_point_runs_in_the_bundle(bundle_copy):
+    cmd = [sys.executable, "-m", "scripts.verify_bundle", "--schema", str(SCHEMA), "--checks", "metadata", "version"]
+    done = subprocess.run(cmd, cwd=bundle_copy, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of 2 checks passed" in done.stdout
