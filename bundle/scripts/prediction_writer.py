@@ -262,10 +262,11 @@ class PredictionWriter:
         write_nifti(self.output_dir / "nams" / f"{stem}.nii.gz", nam, src.affine, np.float32)
         record = {"image": source, **item[result_key]}
         write_json(self.output_dir / "records" / f"{stem}.json", record)
-        label = None
+        # the ground truth is only drawn, never fed to the network: read it from its file, whichever way it came
         label_item = item.get(label_key)
         if isinstance(label_item, torch.Tensor) and hasattr(label_item, "meta"):
-            label = np.asarray(nib.load(str(label_item.meta["filename_or_obj"])).dataobj)
+            label_item = label_item.meta["filename_or_obj"]
+        label = np.asarray(nib.load(str(label_item)).dataobj) if isinstance(label_item, (str, Path)) else None
         interesting = record["status"] != "negative" or (label is not None and label.any())
         if self.panels < self.max_panels and interesting:
             self.panels += 1
