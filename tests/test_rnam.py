@@ -1,10 +1,10 @@
-"""R-NAM screening: the right candidate, batching, and the exact stride-aligned crop."""
+"""R-NAM screening: the right candidate, batching, the exact stride-aligned crop and incremental recomputation."""
 
 import numpy as np
 import pytest
 import torch
 from scripts.networks import GAPClassifier
-from scripts.rnam import crop_window, fill_candidates, logits_and_nam, rnam_scores
+from scripts.rnam import crop_window, fill_candidates, logits_and_nam, rnam_scores, supports_incremental
 from torch import nn
 
 
@@ -83,8 +83,9 @@ def random_slice(size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(1, size, size, generator=g) * 0.4
 
 
+@pytest.mark.parametrize("incremental", [False, True])
 @pytest.mark.parametrize("gap_levels", [1, 2, 3])
-def test_cropped_equals_full_image_scores(gap_levels):
+def test_cropped_equals_full_image_scores(gap_levels, incremental):
     torch.manual_seed(gap_levels)
     net = GAPClassifier(gap_levels=gap_levels, width=1 / 16, head_channels=256).double().eval()
     image = random_slice(256).double()  # float64: the comparison is not blurred by float32 rounding
@@ -100,7 +101,7 @@ def test_cropped_equals_full_image_scores(gap_levels):
     with torch.no_grad():
         nam = net.nam(image[None])[0, 0].numpy()
     full = rnam_scores(net, image, nam, scope, masks, 0.1, crop=False)
-    cropped = rnam_scores(net, image, nam, scope, masks, 0.1, crop=True)
+    cropped = rnam_scores(net, image, nam, scope, masks, 0.1, crop=True, incremental=incremental)
     assert (full > 0).all()
     np.testing.assert_allclose(cropped, full, rtol=1e-9)
 
@@ -119,6 +120,70 @@ def test_batched_equals_one_by_one():
     single = rnam_scores(net, image, nam, scope, masks, 0.0, batch_size=1)
     np.testing.assert_allclose(batched, single, rtol=1e-9)
     assert len(set(np.round(batched, 12))) == 4
+
+
+def small_classifier(gap_levels: int, seed: int = 0) -> GAPClassifier:
+    torch.manual_seed(seed)
+    return GAPClassifier(gap_levels=gap_levels, width=1 / 16, head_channels=256).double().eval()
+
+
+def border_candidates(h: int, w: int) -> np.ndarray:
+    """Candidates of different sizes at the corners, on the edges and inside an ``(h, w)`` image."""
+    masks = np.zeros((6, h, w), bool)
+    masks[0, :3, :4] = True  # top-left corner
+    masks[1, h - 2 :, w - 5 :] = True  # bottom-right corner: the odd last row/column that pooling drops
+    masks[2, 30:41, :2] = True  # left edge
+    masks[3, h // 2, w // 2] = True  # one pixel
+    masks[4, 20:32, 40:55] = True  # large
+    masks[5, :1, w - 9 : w - 3] = True  # top edge
+    return masks
+
+
+@pytest.mark.parametrize("shape", [(80, 96), (75, 90)])
+@pytest.mark.parametrize("gap_levels", [1, 2, 3])
+def test_incremental_equals_full_image_scores(gap_levels, shape):
+    net = small_classifier(gap_levels, seed=gap_levels)
+    assert supports_incremental(net)
+    image = random_slice(max(shape), seed=gap_levels)[:, : shape[0], : shape[1]].double()
+    masks = border_candidates(*shape)
+    image[0, torch.as_tensor(masks.any(0))] += 0.5
+    scope = np.ones(shape, bool)  # the whole NAM, borders included, counts
+    with torch.no_grad():
+        nam = net.nam(image[None])[0, 0].numpy()
+    full = rnam_scores(net, image, nam, scope, masks, 0.1, crop=False)
+    assert (full > 0).all()
+    for batch_size in (None, 1, 4):  # one window for all, one per candidate, and a partial last batch
+        incremental = rnam_scores(net, image, nam, scope, masks, 0.1, batch_size=batch_size)
+        np.testing.assert_allclose(incremental, full, rtol=1e-9)
+
+
+def test_incremental_keeps_masked_copies_out_of_the_full_network():
+    net = small_classifier(1)
+    batches = []
+    net.features[2].register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    image, masks = random_slice(64).double(), border_candidates(64, 64)
+    scope, nam = np.ones((64, 64), bool), np.zeros((64, 64))
+    rnam_scores(net, image, nam, scope, masks, 0.1)
+    assert batches == [1]  # only the unmasked image ran through conv1_2 as a whole
+    rnam_scores(net, image, nam, scope, masks, 0.1, incremental=False)
+    assert batches == [1, len(masks)]
+
+
+def test_unsupported_layers_take_the_general_path():
+    net = small_classifier(2)
+    conv = net.features[0]
+    reflect = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, padding_mode="reflect").double()
+    reflect.load_state_dict(conv.state_dict())
+    net.features[0] = reflect  # reads different border pixels than zero padding: the incremental path would differ
+    assert not supports_incremental(net)
+    assert not supports_incremental(RegionNet(torch.ones(1, 1, 8, 8)))
+    image, masks = random_slice(64).double(), border_candidates(64, 64)
+    scope = np.ones((64, 64), bool)
+    with torch.no_grad():
+        nam = net.nam(image[None])[0, 0].numpy()
+    np.testing.assert_allclose(
+        rnam_scores(net, image, nam, scope, masks, 0.1), rnam_scores(net, image, nam, scope, masks, 0.1, crop=False)
+    )
 
 
 def test_network_without_nam():
