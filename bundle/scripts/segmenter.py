@@ -99,7 +99,8 @@ class WeaklySupervisedSegmenter(Inferer):
         dense_hu: phases with a mean above it (HU) make candidates.
         min_area_mm2: smaller candidates are dropped.
         n_nodules: scopes segmented in ``"two_nodule"`` mode.
-        crop: compute R-NAMs on the exact stride-aligned crop around the scope (False: full image).
+        crop: compute R-NAMs on the exact stride-aligned crop around the scope, and for a ``GAPClassifier`` by
+            recomputing only the window each candidate changes, layer by layer (False: full image, the reference).
         batch_size: masked copies per forward in R-NAM (None: all at once).
         spacing: ``(row, col)`` mm used when the inputs carry no affine and none is passed.
     """
