@@ -1,0 +1,136 @@
+"""Training throughput (slices/s) and peak memory of the 1/2/3-GAP classifiers on the current device.
+
+One SGD step = forward, cross-entropy, backward and update with the bundle's parameter groups, on random
+slices of ``--image-size`` pixels. Each configuration runs in a fresh process so that its peak memory
+(CUDA: max allocated; CPU: max resident set size of the process) is its own.
+
+    python bench/bench_training.py                                  # paper sizes (width 1, batch 30): a GPU
+    python bench/bench_training.py --width 0.125 --batch-size 4 --iters 2   # a quick CPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+from scripts.networks import GAPClassifier  # noqa: E402
+
+LEARNING_RATES = {1: 1e-2, 2: 2e-3, 3: 1e-3}
+
+
+def run_one(
+    gap_levels: int, width: float, image_size: int, batch_size: int, iters: int, warmup: int, amp: bool
+) -> dict:
+    """Time ``iters`` training steps after ``warmup`` ones; return throughput and peak memory."""
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = GAPClassifier(gap_levels=gap_levels, width=width).to(device)
+    lr = LEARNING_RATES[gap_levels]
+    new_layers = [p for n, p in model.named_parameters() if not n.startswith("features.")]
+    optimizer = torch.optim.SGD(
+        [{"params": model.features.parameters(), "lr": lr}, {"params": new_layers, "lr": 10 * lr}], momentum=0.9
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+    images = torch.rand(batch_size, 1, image_size, image_size, device=device)
+    labels = torch.randint(0, 2, (batch_size,), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return {
+        "gap_levels": gap_levels,
+        "width": width,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "iters": iters,
+        "amp": amp and device.type == "cuda",
+        "device": (
+            torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        ),
+        "seconds_per_step": seconds / iters,
+        "slices_per_s": batch_size * iters / seconds,
+        "peak_memory_mib": peak_mib,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _isolated(kwargs: dict) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_one, kwds=kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gap-levels", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--batch-size", type=int, default=30)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-amp", action="store_true", help="full precision on CUDA too")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "training.json")
+    args = parser.parse_args()
+    if args.iters < 1 or args.batch_size < 1:
+        parser.error("--iters and --batch-size must be at least 1")
+
+    rows = []
+    for gap_levels in args.gap_levels:
+        if gap_levels not in LEARNING_RATES:
+            parser.error(f"--gap-levels must be 1, 2 or 3, got {gap_levels}")
+        settings = dict(
+            gap_levels=gap_levels,
+            width=args.width,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            iters=args.iters,
+            warmup=args.warmup,
+            amp=not args.no_amp,
+        )
+        rows.append(_isolated(settings))
+
+    print(f"{'GAP':>3} {'width':>6} {'size':>5} {'batch':>5} {'s/step':>8} {'slices/s':>9} {'peak MiB':>9}  device")
+    for r in rows:
+        print(
+            f"{r['gap_levels']:>3} {r['width']:>6g} {r['image_size']:>5} {r['batch_size']:>5} "
+            f"{r['seconds_per_step']:>8.3f} {r['slices_per_s']:>9.2f} {r['peak_memory_mib']:>9.0f}  {r['device']}"
+        )
+    result = {"benchmark": "training", "torch": torch.__version__, "platform": platform.platform(), "results": rows}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output.with_suffix(".json.partial")
+    partial.write_text(json.dumps(result, indent=4))
+    os.replace(partial, args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

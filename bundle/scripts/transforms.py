@@ -1,0 +1,52 @@
+"""Helpers around the classifier's MONAI preprocessing: the HU window, folder datalists and NAM overlays.
+
+The transform chains themselves live in the configs (``configs/train.json``, ``configs/classify.json``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.visualize import blend_images
+
+__all__ = ["HU_WINDOW", "folder_datalist", "nam_overlay"]
+
+# The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
+HU_WINDOW = (-1000.0, 400.0)
+
+
+def folder_datalist(folder: str | os.PathLike, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
+    """Items ``{"image": path}`` for every file matching ``pattern`` in ``folder``, sorted by name.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a directory or holds no matching file.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder not found: {root}")
+    files = sorted(root.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no files matching {pattern!r} in {root}")
+    return [{"image": str(f)} for f in files]
+
+
+def nam_overlay(
+    image: np.ndarray | torch.Tensor, nam: np.ndarray | torch.Tensor, alpha: float = 0.5, cmap: str = "jet"
+) -> np.ndarray:
+    """RGB picture ``(3, H, W)`` in [0, 1] of a NAM blended over its image, both ``(1, H, W)`` or ``(H, W)``.
+
+    The image and a copy of the NAM are min-max scaled for display only; the NAM itself stays raw.
+    """
+    image_t = torch.as_tensor(image, dtype=torch.float32).cpu()
+    nam_t = torch.as_tensor(nam, dtype=torch.float32).cpu()
+    if image_t.ndim == 2:
+        image_t = image_t[None]
+    if nam_t.ndim == 2:
+        nam_t = nam_t[None]
+    if image_t.shape != nam_t.shape or image_t.shape[0] != 1:
+        raise ValueError(f"image and NAM must both be (1, H, W), got {tuple(image_t.shape)} and {tuple(nam_t.shape)}.")
+    rgb = blend_images(image_t, nam_t, alpha=alpha, cmap=cmap, rescale_arrays=True, transparent_background=False)
+    return np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0)

@@ -1,0 +1,218 @@
+"""Training, resuming, multi-process training and classification through the bundle's MONAI configs."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ignite.distributed as idist
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from dataset_factory import write_tiny_dataset
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from scripts.networks import GAPClassifier, load_checkpoint
+from scripts.training import last_checkpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+EPOCHS = 8
+ITERATIONS_PER_EPOCH = 4  # 32 training slices, batch 8
+TINY = {"width": 0.0625, "head_channels": 256, "image_size": 64, "batch_size": 8, "num_workers": 0}
+
+
+def _workflow(config_file, out: Path, dataset: Path, workflow_type=None, **override) -> ConfigWorkflow:
+    files = [str(f) for f in config_file] if isinstance(config_file, list) else str(config_file)
+    settings = {
+        "bundle_root": str(REPO / "bundle"),
+        "dataset_dir": str(dataset),
+        "ckpt_dir": str(out / "models"),
+        "output_dir": str(out / "logs"),
+        **TINY,
+        **override,
+    }
+    return ConfigWorkflow(config_file=files, workflow_type=workflow_type, run_id="training", **settings)
+
+
+def _train(out: Path, dataset: Path, **override) -> dict:
+    """Run training in this process; return per-epoch train losses and validation metrics, and the engines."""
+    workflow = _workflow(CONFIGS / "train.json", out, dataset, **override)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    history: dict = {"loss": [], "val": [], "trainer": trainer}
+
+    def record_loss(engine):
+        if engine.state.iteration % ITERATIONS_PER_EPOCH == 1:
+            history["loss"].append([])
+        history["loss"][-1].append(float(engine.state.output[0]["loss"]))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record_loss)
+    evaluator.add_event_handler(Events.COMPLETED, lambda e: history["val"].append(dict(e.state.metrics)))
+    workflow.run()
+    workflow.finalize()
+    return history
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"), n_subjects=6, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset):
+    out = tmp_path_factory.mktemp("trained")
+    return out, _train(out, dataset, max_epochs=EPOCHS)
+
+
+def test_training_lowers_loss_and_writes_outputs(trained):
+    out, history = trained
+    assert len(history["loss"]) == EPOCHS and all(len(e) == ITERATIONS_PER_EPOCH for e in history["loss"])
+    assert len(history["val"]) == EPOCHS
+    assert set(history["val"][0]) == {"val_accuracy", "val_auc", "val_loss"}
+    first, last = history["val"][0]["val_loss"], history["val"][-1]["val_loss"]
+    assert last < first, (first, last)
+    assert np.mean(history["loss"][-1]) < np.mean(history["loss"][0])
+    models = out / "models"
+    assert (models / "model.pt").is_file()
+    assert Path(last_checkpoint(models)).name == f"last_checkpoint_epoch={EPOCHS}.pt"
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert "features.0.weight" in state  # a plain state dict
+    load_checkpoint(GAPClassifier(width=TINY["width"], head_channels=TINY["head_channels"]), models / "model.pt")
+    events = list((out / "logs").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(accumulator.Tags()["scalars"])
+    assert {"train_loss", "val_accuracy", "val_auc", "val_loss", "lr/group0", "lr/group1"} <= scalars
+    assert len(accumulator.Images("validation/nam")) == EPOCHS
+    lrs = [e.value for e in accumulator.Scalars("lr/group0")]
+    heads = [e.value for e in accumulator.Scalars("lr/group1")]
+    np.testing.assert_allclose(lrs, [1e-2 * 0.99**i for i in range(EPOCHS)], rtol=1e-5)
+    np.testing.assert_allclose(heads, [1e-1 * 0.99**i for i in range(EPOCHS)], rtol=1e-5)
+
+
+def test_resume_continues_from_saved_epoch(trained, dataset, tmp_path):
+    out, history = trained
+    shutil.copytree(out / "models", tmp_path / "models")
+    resumed = _train(tmp_path, dataset, max_epochs=EPOCHS + 1, resume=True)
+    trainer = resumed["trainer"]
+    assert len(resumed["loss"]) == 1  # only the one missing epoch ran
+    assert trainer.state.epoch == EPOCHS + 1
+    assert trainer.state.iteration == (EPOCHS + 1) * ITERATIONS_PER_EPOCH
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.99 ** (EPOCHS + 1))
+    assert (tmp_path / "models" / f"last_checkpoint_epoch={EPOCHS + 1}.pt").is_file()
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        last_checkpoint(tmp_path / "nowhere")
+
+
+def test_same_seed_same_first_epoch_loss(trained, dataset, tmp_path):
+    _, history = trained
+    again = _train(tmp_path, dataset, max_epochs=1)
+    assert again["loss"][0] == history["loss"][0]
+
+
+def test_check_properties(dataset, tmp_path, monkeypatch):
+    workflow = _workflow(CONFIGS / "train.json", tmp_path, dataset, workflow_type="train")
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    # the multi-GPU overrides as one process of a world of one
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    files = [CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"]
+    merged = _workflow(files, tmp_path / "ddp", dataset, workflow_type="train")
+    try:
+        merged.initialize()
+        assert merged.check_properties() == []
+        assert isinstance(merged.parser.get_parsed_content("network"), torch.nn.parallel.DistributedDataParallel)
+    finally:
+        idist.finalize()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_overrides(dataset: Path, out: Path) -> list[str]:
+    args = ["--dataset_dir", str(dataset), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "logs")]
+    for key, value in TINY.items():
+        args += [f"--{key}", str(value)]
+    return args + ["--max_epochs", "1"]
+
+
+def test_two_process_gloo_training_saves_once(dataset, tmp_path):
+    configs = "['configs/train.json','configs/multi_gpu_train.json']"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run"]
+    command += ["--config_file", configs, *_cli_overrides(dataset, tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO / "bundle", env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert log.count("Saved checkpoint at epoch: 1") == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["last_checkpoint_epoch=1.pt", "model.pt"]
+    assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 1
+
+
+def test_cli_from_repo_root(dataset, tmp_path):
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", "bundle"]
+    command += ["--config_file", "bundle/configs/train.json", *_cli_overrides(dataset, tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
+    out, _ = trained
+    model_path = out / "models" / "model.pt"
+    settings = {
+        "bundle_root": str(REPO / "bundle"),
+        "dataset_dir": str(dataset),
+        "ckpt_path": str(model_path),
+        "output_dir": str(tmp_path / "classify"),
+        "num_overlays": 3,
+        **TINY,
+        "image_size": 80,  # padded and inverted back to the 64 x 64 input geometry
+    }
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "classify.json"), workflow_type=None, **settings)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+    items = json.loads((dataset / "datalist.json").read_text())["test"]
+    with open(tmp_path / "classify" / "nodule_probability.csv") as f:
+        rows = {Path(r[0]).name: float(r[1]) for r in csv.reader(f)}
+    assert sorted(rows) == sorted(Path(i["image"]).name for i in items)
+    model = load_checkpoint(GAPClassifier(width=TINY["width"], head_channels=TINY["head_channels"]), model_path).eval()
+    for item in items[:2]:
+        name = Path(item["image"]).name
+        source = nib.load(dataset / item["image"])
+        hu = torch.as_tensor(source.get_fdata(), dtype=torch.float32)
+        image = torch.nn.functional.pad(((hu + 1000) / 1400).clamp(0, 1), (8, 8, 8, 8))[None, None]
+        with torch.no_grad():
+            logits, nam = model.forward_with_nam(image)
+        assert rows[name] == pytest.approx(torch.softmax(logits, 1)[0, 1].item(), abs=1e-5)
+        saved = nib.load(tmp_path / "classify" / "nam" / name.replace(".nii.gz", "_nam.nii.gz"))
+        assert saved.shape == source.shape
+        np.testing.assert_allclose(saved.affine, source.affine, atol=1e-6)
+        np.testing.assert_allclose(saved.get_fdata(), nam[0, 0, 8:-8, 8:-8].numpy(), atol=1e-4)
+    assert len(list((tmp_path / "classify" / "overlays").glob("*_nam.png"))) == 3
+
+    folder = ConfigWorkflow(
+        config_file=str(CONFIGS / "classify.json"),
+        workflow_type=None,
+        **{**settings, "input_dir": str(dataset / "images"), "output_dir": str(tmp_path / "folder")},
+    )
+    folder.initialize()
+    folder.run()
+    folder.finalize()
+    assert len(list((tmp_path / "folder" / "nam").glob("*_nam.nii.gz"))) == 48
