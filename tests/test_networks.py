@@ -161,7 +161,7 @@ def test_checkpoint_round_trip_and_wrong_config(tmp_path):
     message = r"model\.pt was trained with gap_levels=2, width=0\.0625.*this model has gap_levels=1, width=1"
     with pytest.raises(ValueError, match=message):
         load_checkpoint(GAPClassifier(gap_levels=1, width=1.0), path)
-    with pytest.raises(ValueError, match="gap_levels=2, width=0.0625, in_channels=1, head_channels=256; this"):
+    with pytest.raises(ValueError, match="gap_levels=2, width=0.0625, in_channels=1, head_channels=256, batch_norm=False; this"):
         load_checkpoint(GAPClassifier(gap_levels=2, width=WIDTH, head_channels=512), path)
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_checkpoint(_model(), tmp_path / "nothing.pt")
@@ -199,3 +199,19 @@ def test_bad_arguments():
         GAPClassifier(gap_levels=4)
     with pytest.raises(ValueError, match="width"):
         GAPClassifier(width=0)
+
+
+def test_batch_norm_variant_follows_torchvision_vgg16_bn_layout(tmp_path):
+    model = GAPClassifier(gap_levels=3, width=0.0625, batch_norm=True)
+    # torchvision's vgg16_bn: conv5_3 / conv4_3 / conv3_3 ReLUs at features 42, 32 and 22
+    assert model.tap_indices == [42, 32, 22]
+    assert isinstance(model.features[1], torch.nn.BatchNorm2d)
+    x = torch.randn(2, 1, 64, 64)
+    model.eval()
+    logits, nam = model.forward_with_nam(x)
+    assert logits.shape == (2, 2) and nam.shape == (2, 1, 64, 64)
+    path = tmp_path / "bn.pt"
+    torch.save(model.state_dict(), path)
+    load_checkpoint(GAPClassifier(gap_levels=3, width=0.0625, batch_norm=True), path)
+    with pytest.raises(ValueError, match="batch_norm=True; this model has .*batch_norm=False"):
+        load_checkpoint(GAPClassifier(gap_levels=3, width=0.0625), path)

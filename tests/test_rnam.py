@@ -122,9 +122,16 @@ def test_batched_equals_one_by_one():
     assert len(set(np.round(batched, 12))) == 4
 
 
-def small_classifier(gap_levels: int, seed: int = 0) -> GAPClassifier:
+def small_classifier(gap_levels: int, seed: int = 0, batch_norm: bool = False) -> GAPClassifier:
     torch.manual_seed(seed)
-    return GAPClassifier(gap_levels=gap_levels, width=1 / 16, head_channels=256).double().eval()
+    net = GAPClassifier(gap_levels=gap_levels, width=1 / 16, head_channels=256, batch_norm=batch_norm)
+    for layer in net.modules():  # running statistics far from the identity, so the test sees them
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+            layer.weight.data.uniform_(0.5, 1.5)
+            layer.bias.data.uniform_(-0.2, 0.2)
+    return net.double().eval()
 
 
 def border_candidates(h: int, w: int) -> np.ndarray:
@@ -139,11 +146,14 @@ def border_candidates(h: int, w: int) -> np.ndarray:
     return masks
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("shape", [(80, 96), (75, 90)])
 @pytest.mark.parametrize("gap_levels", [1, 2, 3])
-def test_incremental_equals_full_image_scores(gap_levels, shape):
-    net = small_classifier(gap_levels, seed=gap_levels)
+def test_incremental_equals_full_image_scores(gap_levels, shape, batch_norm):
+    net = small_classifier(gap_levels, seed=gap_levels, batch_norm=batch_norm)
     assert supports_incremental(net)
+    if batch_norm:  # in training mode BN uses the batch's statistics: not elementwise, so not supported
+        assert not supports_incremental(small_classifier(gap_levels, batch_norm=True).train())
     image = random_slice(max(shape), seed=gap_levels)[:, : shape[0], : shape[1]].double()
     masks = border_candidates(*shape)
     image[0, torch.as_tensor(masks.any(0))] += 0.5

@@ -39,8 +39,9 @@ VGG16_CONFIG: tuple[int | str, ...] = (
     512,
     512,
 )
-# Index in ``features`` of the ReLU after conv5_3, conv4_3 and conv3_3: the heads' inputs, in head order.
-_TAP_INDICES = (29, 22, 15)
+# The heads' inputs, in head order: the ReLUs after conv5_3, conv4_3 and conv3_3 (the 13th, 10th and 7th convs;
+# in ``features`` indices 29, 22, 15 without batch normalisation and 42, 32, 22 with it, as in torchvision).
+_TAP_CONVS = (13, 10, 7)
 _NUM_CLASSES = 2
 
 
@@ -61,6 +62,8 @@ class GAPClassifier(nn.Module):
         in_channels: input channels (1 for a CT slice).
         head_channels: channels of each head's 3x3 convolution at ``width`` 1.
         pretrained: optional path to a torchvision-layout VGG16 state dict; see ``load_backbone``.
+        batch_norm: batch normalisation after every backbone conv (torchvision's ``vgg16_bn`` layout). Not in the
+            paper, which fine-tunes ImageNet weights; without them a plain VGG16 barely trains from scratch.
 
     Attributes:
         nam_stride: the largest head stride in input pixels (16, the conv5_3 head).
@@ -79,6 +82,7 @@ class GAPClassifier(nn.Module):
         in_channels: int = 1,
         head_channels: int = 1024,
         pretrained: str | os.PathLike | None = None,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if gap_levels not in (1, 2, 3):
@@ -91,6 +95,7 @@ class GAPClassifier(nn.Module):
         self.width = float(width)
         self.in_channels = in_channels
         self.head_channels = head_channels
+        self.batch_norm = bool(batch_norm)
 
         layers: list[nn.Module] = []
         channels = in_channels
@@ -100,12 +105,16 @@ class GAPClassifier(nn.Module):
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 continue
             out = _scaled(int(item), width)
-            layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv2d(channels, out, kernel_size=3, padding=1))
+            if self.batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU(inplace=True))
             channels = out
             tap_channels[len(layers) - 1] = out
         self.features = nn.Sequential(*layers)
 
-        self.tap_indices = list(_TAP_INDICES[:gap_levels])
+        relu_after_conv = sorted(tap_channels)  # index in ``features`` of the ReLU after each conv, in order
+        self.tap_indices = [relu_after_conv[n - 1] for n in _TAP_CONVS[:gap_levels]]
         n_head = _scaled(head_channels, width)
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Conv2d(tap_channels[i], n_head, kernel_size=3, padding=1), nn.ReLU(inplace=True))
@@ -162,6 +171,7 @@ class GAPClassifier(nn.Module):
             "width": self.width,
             "in_channels": self.in_channels,
             "head_channels": self.head_channels,
+            "batch_norm": self.batch_norm,
         }
 
     def load_backbone(self, path: str | os.PathLike) -> None:
@@ -274,6 +284,7 @@ def checkpoint_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         "width": width,
         "in_channels": int(conv1.shape[1]),
         "head_channels": int(round(head.shape[0] / width)),
+        "batch_norm": "features.1.running_mean" in state_dict,
     }
 
 
@@ -297,12 +308,15 @@ def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassif
         raise ValueError(f"{path}: {err}") from None
     expected = model.config()
     shape_keys = ("gap_levels", "width", "in_channels")
-    if any(not math.isclose(found[k], expected[k], rel_tol=1e-3) for k in shape_keys) or (
-        _scaled(found["head_channels"], found["width"]) != model.head_sizes[0]
+    if (
+        any(not math.isclose(found[k], expected[k], rel_tol=1e-3) for k in shape_keys)
+        or _scaled(found["head_channels"], found["width"]) != model.head_sizes[0]
+        or found["batch_norm"] != expected["batch_norm"]
     ):
 
         def describe(cfg: dict[str, Any]) -> str:
-            return ", ".join(f"{k}={cfg[k]:g}" for k in (*shape_keys, "head_channels"))
+            sizes = ", ".join(f"{k}={cfg[k]:g}" for k in (*shape_keys, "head_channels"))
+            return f"{sizes}, batch_norm={cfg['batch_norm']}"
 
         raise ValueError(f"checkpoint {path} was trained with {describe(found)}; this model has {describe(expected)}.")
     model.load_state_dict(state)

@@ -82,8 +82,8 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _geometry(layer: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None:
-    """``(kernel, stride, padding)`` per axis of a windowed layer; None for an elementwise one (ReLU)."""
-    if isinstance(layer, nn.ReLU):
+    """``(kernel, stride, padding)`` per axis of a windowed layer; None for an elementwise one (ReLU, eval-mode BN)."""
+    if isinstance(layer, (nn.ReLU, nn.BatchNorm2d)):
         return None
     return tuple(_pair(getattr(layer, name)) for name in ("kernel_size", "stride", "padding"))
 
@@ -91,8 +91,9 @@ def _geometry(layer: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple
 def supports_incremental(network: Callable) -> bool:
     """Whether ``network`` is a ``GAPClassifier`` built only of layers the incremental path reproduces exactly.
 
-    Those are ReLUs, zero-padded undilated convolutions and unpadded undilated max pooling without ceil mode;
-    anything else (e.g. reflection padding) changes which pixels a layer reads, so it takes the general path.
+    Those are ReLUs, batch normalisation in eval mode (a per-channel affine map), zero-padded undilated
+    convolutions and unpadded undilated max pooling without ceil mode; anything else (e.g. reflection padding, or
+    batch statistics in training mode) changes which pixels a layer reads, so it takes the general path.
     """
     if not isinstance(network, GAPClassifier):
         return False
@@ -102,6 +103,8 @@ def supports_incremental(network: Callable) -> bool:
             ok = layer.padding_mode == "zeros" and not isinstance(layer.padding, str) and layer.dilation == (1, 1)
         elif isinstance(layer, nn.MaxPool2d):
             ok = _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1) and not layer.ceil_mode
+        elif isinstance(layer, nn.BatchNorm2d):
+            ok = not layer.training
         else:
             ok = isinstance(layer, nn.ReLU)
         if not ok:
