@@ -161,7 +161,9 @@ def test_checkpoint_round_trip_and_wrong_config(tmp_path):
     message = r"model\.pt was trained with gap_levels=2, width=0\.0625.*this model has gap_levels=1, width=1"
     with pytest.raises(ValueError, match=message):
         load_checkpoint(GAPClassifier(gap_levels=1, width=1.0), path)
-    with pytest.raises(ValueError, match="gap_levels=2, width=0.0625, in_channels=1, head_channels=256, batch_norm=False; this"):
+    with pytest.raises(
+        ValueError, match="gap_levels=2, width=0.0625, in_channels=1, head_channels=256, batch_norm=False; this"
+    ):
         load_checkpoint(GAPClassifier(gap_levels=2, width=WIDTH, head_channels=512), path)
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_checkpoint(_model(), tmp_path / "nothing.pt")

@@ -87,8 +87,14 @@ def test_multi_gap_refines_scope_and_screens_with_the_classifier():
     assert result.scopes[0][20, 20] and not result.scopes[0][26, 28]
     assert result.status == "segmented" and mask[20, 20] and not mask[26, 28]
     assert result.candidates[0].score > 0
-    with pytest.raises(ValueError, match="multi_gap_network"):
-        WeaklySupervisedSegmenter("multi_gap")
+    coarse = WeaklySupervisedSegmenter("multi_gap_coarse", multi_gap_network=multi)
+    coarse_mask = coarse(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy()
+    union = np.any([c.mask for c in coarse.last_results[0].candidates], axis=0)
+    assert coarse.last_results[0].scopes[0][20, 20] and (coarse_mask == union).all()
+    assert all(np.isnan(c.score) for c in coarse.last_results[0].candidates)  # coarse: no R-NAM
+    for mode in ("multi_gap", "multi_gap_coarse"):
+        with pytest.raises(ValueError, match="multi_gap_network"):
+            WeaklySupervisedSegmenter(mode)
 
 
 def test_negative_flat_and_bad_inputs():
@@ -210,7 +216,7 @@ def check_outputs(root: Path, out: Path, stems: list[str], panels: bool = True) 
 STEMS = [f"S{i}_{10 + i}" for i in range(4)]
 
 
-@pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "two_nodule"])
+@pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule"])
 def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode):
     out = tmp_path / mode
     run(

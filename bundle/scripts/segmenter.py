@@ -8,7 +8,9 @@ Modes (paper section 2.2):
 - ``"coarse"``: the union of the candidates in the scope C.
 - ``"fine"``: the candidate chosen by R-NAM.
 - ``"multi_gap"``: the classifier gives the probability and C1; the NAM of ``multi_gap_network`` (a 2- or 3-GAP
-  model) refines C to its most prominent blob inside C1 if it has one; R-NAM with the classifier within C1.
+  model) refines C to its most prominent blob inside C1 if it has one; R-NAM with the classifier within C1
+  (the paper's "2-/3-GAP fine" rows).
+- ``"multi_gap_coarse"``: the same scope C, and the union of its candidates (the "2-/3-GAP coarse" rows).
 - ``"two_nodule"``: the two most prominent blobs, each screened by R-NAM.
 """
 
@@ -29,7 +31,9 @@ from scripts.scope import bounding_box, refine_scope, top_scopes
 
 __all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
 
-MODES = ("coarse", "fine", "multi_gap", "two_nodule")
+MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
+MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
+COARSE_MODES = ("coarse", "multi_gap_coarse")
 
 
 @dataclass
@@ -87,12 +91,12 @@ class WeaklySupervisedSegmenter(Inferer):
     """Segment nodules on CT slices from a GAP classifier's NAM (see the module docstring for the modes).
 
     Args:
-        mode: ``"coarse"``, ``"fine"``, ``"multi_gap"`` or ``"two_nodule"``.
+        mode: ``"coarse"``, ``"fine"``, ``"multi_gap"``, ``"multi_gap_coarse"`` or ``"two_nodule"``.
         threshold: slices with a nodule probability below it get an empty mask.
         intensity_range: the HU window ``(a_min, a_max)`` that mapped HU to the network input [0, 1].
         lung_mask_fn: ``f(hu (H, W), spacing) -> bool (H, W)`` giving the lungs (e.g.
             ``scripts.lung_mask.segment_lungs``); None: no lung restriction unless a ``lung_mask`` is passed.
-        multi_gap_network: the 2- or 3-GAP model for ``"multi_gap"``.
+        multi_gap_network: the 2- or 3-GAP model for the multi-GAP modes.
         scope_sigma, scope_threshold, scope_min_distance: scope parameters (``scripts.scope.nam_basins``).
         multi_gap_min_peak: least normalised peak of a multi-GAP blob to replace C1.
         phases, beta, max_sweeps: ICM parameters (``scripts.icm.icm_segmentation``).
@@ -128,8 +132,8 @@ class WeaklySupervisedSegmenter(Inferer):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "multi_gap" and multi_gap_network is None:
-            raise ValueError("mode 'multi_gap' needs a multi_gap_network (the 2- or 3-GAP classifier)")
+        if mode in MULTI_GAP_MODES and multi_gap_network is None:
+            raise ValueError(f"mode {mode!r} needs a multi_gap_network (the 2- or 3-GAP classifier)")
         if len(intensity_range) != 2 or intensity_range[1] <= intensity_range[0]:
             raise ValueError(f"intensity_range must be (a_min, a_max) with a_min < a_max, got {intensity_range}")
         self.mode = mode
@@ -160,7 +164,7 @@ class WeaklySupervisedSegmenter(Inferer):
             logits, nams = logits_and_nam(network, inputs)
             probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
             multi_nams = None
-            if self.mode == "multi_gap" and (probs >= self.threshold).any():
+            if self.mode in MULTI_GAP_MODES and (probs >= self.threshold).any():
                 multi_nams = logits_and_nam(self.multi_gap_network, inputs)[1][:, 0].float().cpu().numpy()
         nams = nams[:, 0].float().cpu().numpy()
         lung_masks = kwargs.get("lung_mask")
@@ -208,7 +212,7 @@ class WeaklySupervisedSegmenter(Inferer):
         if not scopes:
             result.status = "no_scope"
             return result
-        if self.mode == "multi_gap":
+        if self.mode in MULTI_GAP_MODES:
             result.base_scope = scopes[0]
             scope, result.refined = refine_scope(
                 multi_nam, scopes[0], min_peak=self.multi_gap_min_peak, **self.scope_args
@@ -229,10 +233,10 @@ class WeaklySupervisedSegmenter(Inferer):
                 continue
             first = len(result.candidates)
             result.candidates += found
-            if self.mode == "coarse":
+            if self.mode in COARSE_MODES:
                 result.chosen += list(range(first, first + len(found)))
                 continue
-            region = result.base_scope if self.mode == "multi_gap" else scope
+            region = result.base_scope if self.mode in MULTI_GAP_MODES else scope
             fill = (parenchyma_value(labels, means, lung_mask, self.dense_hu) - lo) / (hi - lo)
             scores = rnam_scores(
                 network,
