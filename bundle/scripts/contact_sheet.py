@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import fire
@@ -13,6 +12,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .atomic import write_atomically  # noqa: E402
 
 __all__ = ["contact_sheet"]
 
@@ -60,10 +61,8 @@ def contact_sheet(
         ax.set_title(f"{item['subject']} z{item['slice']}" + (f" ({diameters} mm)" if diameters else ""), fontsize=8)
     fig.tight_layout()
     target = Path(out) if out else root / "contact_sheet.png"
-    tmp = target.with_name(f".tmp-{target.name}")
-    fig.savefig(tmp, format="png", dpi=80)
+    write_atomically(target, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
-    os.replace(tmp, target)
     return str(target)
 
 

@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import write_atomically, write_json
 from .cases import CaseAnnotations, CaseSource, CaseVolume
 from .labels import consensus_mask, slice_classes, slice_label
 from .lung_mask import segment_lungs
@@ -59,18 +60,7 @@ def write_nifti(array: np.ndarray, spacing: Iterable[float], path: Path) -> None
     affine = np.diag([*[float(s) for s in spacing], 1.0, 1.0])
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=4))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: nib.save(image, tmp))
 
 
 def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ...] = (4, 1, 1)) -> dict[str, str]:
@@ -243,7 +233,7 @@ def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, size
                 path.unlink()
         return {"subject": plan.subject, "error": _failure_message(plan.subject, error)}
     record = {"subject": plan.subject, "split": plan.split, "items": items}
-    _write_json(record, record_path)
+    write_json(record_path, record)
     return record
 
 
@@ -335,7 +325,7 @@ def _prepare(
     for stale in out_dir.glob("*/.tmp-*"):  # left by an interrupted run
         stale.unlink()
     if not resuming:
-        _write_json(settings, state / "settings.json")
+        write_json(state / "settings.json", settings)
     failures = {}
     annotations = []
     for subject in tqdm(settings["subjects"], desc="plan", disable=not progress, unit="subject", leave=False):
@@ -411,6 +401,6 @@ def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures:
         "failed": failures,
     }
     summary["nodule_pixels_total"] = sum(summary["nodule_pixels"].values())
-    _write_json(datalist, out_dir / "datalist.json")
-    _write_json(summary, out_dir / "dataset_summary.json")
+    write_json(out_dir / "datalist.json", datalist)
+    write_json(out_dir / "dataset_summary.json", summary)
     return summary

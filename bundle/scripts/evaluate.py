@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from monai.data import load_decathlon_datalist
 
+from .atomic import write_atomically, write_json, write_text
 from .metrics import (
     FP_NODULE_RULES,
     binned_mean_sd,
@@ -27,7 +28,6 @@ from .metrics import (
     detection_summary,
     slice_outcome,
 )
-from .unet import write_atomically
 
 __all__ = [
     "PAPER_ORDER",
@@ -291,9 +291,8 @@ class SegmentationEvaluation:
             "diameter_bins_mm": self.bins,
             "methods": methods,
         }
-        text = json.dumps(result, indent=4)
-        write_atomically(self.output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+        write_json(self.output_dir / "metrics.json", result)
         table = format_table1(methods)
-        write_atomically(self.output_dir / "table1.md", lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
+        write_text(self.output_dir / "table1.md", table)
         plot_fig3(methods, self.output_dir / "fig3.png")
         return result

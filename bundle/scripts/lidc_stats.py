@@ -8,7 +8,6 @@ the STAPLE masks of the nodules that make it so.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import nullcontext
 from multiprocessing import Pool
@@ -19,6 +18,7 @@ import fire
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import write_json, write_text
 from .labels import consensus_mask, slice_classes, slice_label
 from .lidc import db_annotations, known_patients, patient_scan
 
@@ -109,10 +109,8 @@ def write_report(stats: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / "lidc_stats.json", out / "lidc_stats.md")
-    for path, text in zip(paths, (json.dumps(stats, indent=4), markdown_table(stats))):
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_json(paths[0], stats)
+    write_text(paths[1], markdown_table(stats))
     return paths
 
 

@@ -22,7 +22,9 @@ import torch
 from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform
-from scripts.segmenter import WeaklySupervisedSegmenter
+
+from .atomic import write_atomically, write_json
+from .segmenter import WeaklySupervisedSegmenter
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -34,7 +36,6 @@ __all__ = [
     "PredictionWriter",
     "save_panel",
     "write_nifti",
-    "write_json",
 ]
 
 
@@ -72,37 +73,16 @@ def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True)
     """``model`` with the checkpoint at ``path`` loaded when ``enabled``, else None (a config switch)."""
     if not enabled:
         return None
-    from scripts.networks import load_checkpoint
+    from .networks import load_checkpoint
 
     return load_checkpoint(model, path).eval()
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename, so a file under its final name is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{os.getpid()}.partial.{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype: type) -> None:
     """Write a 2-D array as NIfTI with the given affine, atomically."""
     image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
     image.set_data_dtype(dtype)
-    _write_atomic(Path(path), lambda tmp: nib.save(image, str(tmp)))
-
-
-def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Write a JSON record, atomically."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-
-    _write_atomic(Path(path), write)
+    write_atomically(path, lambda tmp: nib.save(image, tmp))
 
 
 def save_panel(
@@ -157,7 +137,7 @@ def save_panel(
         contour(ax, label, "lime")
     fig.suptitle(title)
     fig.tight_layout()
-    _write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 

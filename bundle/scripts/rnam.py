@@ -27,8 +27,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scripts.networks import GAPClassifier
 from torch import nn
+
+from .networks import GAPClassifier
 
 __all__ = ["logits_and_nam", "fill_candidates", "crop_window", "supports_incremental", "rnam_scores"]
 

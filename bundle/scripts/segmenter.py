@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from scripts.candidates import Candidate, extract_candidates, parenchyma_value
-from scripts.icm import icm_segmentation
-from scripts.rnam import logits_and_nam, rnam_scores
-from scripts.scope import bounding_box, refine_scope, top_scopes
+
+from .candidates import Candidate, extract_candidates, parenchyma_value
+from .icm import icm_segmentation
+from .rnam import logits_and_nam, rnam_scores
+from .scope import bounding_box, refine_scope, top_scopes
 
 __all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
 

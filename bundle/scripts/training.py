@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import PrepareBatch
 from skimage.io import imsave
 
+from .atomic import write_atomically
 from .transforms import nam_overlay
 
 __all__ = [
@@ -188,7 +189,5 @@ class NAMOverlaySaver:
             name = Path(str(source)).name.removesuffix(".gz").removesuffix(".nii")
             picture = (nam_overlay(image, item[self.nam_key]).transpose(1, 2, 0) * 255).round().astype(np.uint8)
             target = self.output_dir / f"{name}_nam.png"
-            partial = self.output_dir / f".{name}_nam.partial.png"
-            imsave(partial, picture, check_contrast=False)
-            os.replace(partial, target)
+            write_atomically(target, lambda tmp: imsave(tmp, picture, check_contrast=False))
             self._saved += 1

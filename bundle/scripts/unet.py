@@ -7,10 +7,8 @@ The stem is the image file name without ``.nii.gz``.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -18,28 +16,14 @@ import numpy as np
 import torch
 from monai.transforms import Transform
 
-__all__ = ["write_atomically", "write_slice_prediction", "SaveSlicePredictiond"]
+from .atomic import write_atomically, write_json
+
+__all__ = ["write_slice_prediction", "SaveSlicePredictiond"]
 
 
 def _stem(path: str | os.PathLike) -> str:
     name = Path(path).name
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp)`` on a temporary name beside ``path`` (same suffixes, so writers pick the same format),
-    then rename it to ``path``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_slice_prediction(
@@ -74,8 +58,9 @@ def write_slice_prediction(
     image.header.set_slope_inter(1.0, 0.0)  # a mask, whatever scaling the CT had
     write_atomically(path, lambda tmp: nib.save(image, tmp))
     if probability is not None:
-        record = json.dumps({"probability": float(probability), "pixels": int(arr.sum())}, indent=4)
-        write_atomically(output_dir / "records" / f"{stem}.json", lambda tmp: Path(tmp).write_text(record))
+        write_json(
+            output_dir / "records" / f"{stem}.json", {"probability": float(probability), "pixels": int(arr.sum())}
+        )
     return path
 
 

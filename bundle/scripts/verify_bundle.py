@@ -25,6 +25,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 from monai.utils import OptionalImportError
 
+from .atomic import write_json
 from .dataset import write_nifti
 
 __all__ = [
@@ -204,9 +205,7 @@ def standin_dataset(out_dir: str | os.PathLike, size: int = 64, spacing: float =
                     "spacing_mm": [spacing, spacing],
                 }
             )
-    tmp = out_dir / ".tmp-datalist.json"
-    tmp.write_text(json.dumps(datalist, indent=4))
-    os.replace(tmp, out_dir / "datalist.json")
+    write_json(out_dir / "datalist.json", datalist)
     return out_dir
 
 

@@ -1,0 +1,38 @@
+"""Atomic file writes: every output is written under a temporary name beside its target and renamed when
+complete, so a reader (or a resumed run) never sees a half-written file, and a failed write leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["write_atomically", "write_text", "write_json"]
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path`` (with the same suffixes, so writers such as
+    nibabel pick the same format), then rename it to ``path``; on failure the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as JSON indented by 4 to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=4))
