@@ -216,3 +216,21 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
     folder.run()
     folder.finalize()
     assert len(list((tmp_path / "folder" / "nam").glob("*_nam.nii.gz"))) == 48
+
+
+def test_slice_class_comes_from_the_item_or_from_the_mask(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from scripts.transforms import SliceClassd
+
+    mask = np.zeros((8, 8), np.uint8)
+    empty, nodule = tmp_path / "empty.nii.gz", tmp_path / "nodule.nii.gz"
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), empty)
+    mask[3, 3] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), nodule)
+    derive = SliceClassd()
+    assert derive({"image": "x", "label": str(nodule)})["class"] == 1
+    assert derive({"image": "x", "label": str(empty)})["class"] == 0
+    assert derive({"image": "x", "label": str(nodule), "class": 0})["class"] == 0  # a given class wins
+    with pytest.raises(KeyError, match="neither 'class' nor 'label'"):
+        derive({"image": "x"})

@@ -6,16 +6,43 @@ The transform chains themselves live in the configs (``configs/train.json``, ``c
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import MapTransform
 from monai.visualize import blend_images
 
-__all__ = ["HU_WINDOW", "folder_datalist", "nam_overlay"]
+__all__ = ["HU_WINDOW", "SliceClassd", "folder_datalist", "nam_overlay"]
 
 # The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
 HU_WINDOW = (-1000.0, 400.0)
+
+
+class SliceClassd(MapTransform):
+    """Make sure an item carries its slice class (0/1) under ``class_key``.
+
+    Items of a prepared dataset have it already. Items that come with a mask only (MONAI Label's training
+    datalists are ``{"image", "label"}``) get ``1`` when the mask file has any nodule pixel: the label is read
+    here only to derive the class, and never reaches the network.
+    """
+
+    def __init__(self, class_key: str = "class", label_key: str = "label") -> None:
+        super().__init__(keys=[class_key], allow_missing_keys=True)
+        self.class_key, self.label_key = class_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.class_key not in d:
+            if self.label_key not in d:
+                raise KeyError(f"item {d.get('image', '')} has neither {self.class_key!r} nor {self.label_key!r}")
+            label = d[self.label_key]
+            mask = nib.load(str(label)).dataobj if isinstance(label, (str, os.PathLike)) else label
+            d[self.class_key] = int(np.asarray(mask).any())
+        return d
 
 
 def folder_datalist(folder: str | os.PathLike, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
