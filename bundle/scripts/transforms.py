@@ -16,10 +16,32 @@ import torch
 from monai.transforms import MapTransform
 from monai.visualize import blend_images
 
-__all__ = ["HU_WINDOW", "SliceClassd", "folder_datalist", "nam_overlay"]
+__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "folder_datalist", "nam_overlay"]
 
 # The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
 HU_WINDOW = (-1000.0, 400.0)
+
+
+class CheckSliced(MapTransform):
+    """Stop early, naming the file, when a loaded image is not a channel-first 2-D CT slice of real numbers.
+
+    Placed right after ``LoadImaged(ensure_channel_first=True)``: without it a volume or a mask given by mistake
+    fails deep inside a later transform or the network with a message that names neither the file nor the problem.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            name = getattr(image, "meta", {}).get("filename_or_obj", key)
+            if image.ndim != 3 or image.shape[0] != 1:
+                shape = tuple(image.shape[1:]) if image.ndim > 1 else tuple(image.shape)
+                raise ValueError(f"{name}: expected a 2-D slice with one channel, got an image of shape {shape}")
+            if image.dtype == torch.bool or image.is_complex():
+                raise ValueError(f"{name}: expected CT values in HU, got data of type {image.dtype}")
+            if not torch.isfinite(torch.as_tensor(image)).all():
+                raise ValueError(f"{name}: the image has NaN or infinite values")
+        return d
 
 
 class SliceClassd(MapTransform):
