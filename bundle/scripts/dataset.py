@@ -328,14 +328,19 @@ def _prepare(
         write_json(state / "settings.json", settings)
     failures = {}
     annotations = []
-    for subject in tqdm(settings["subjects"], desc="plan", disable=not progress, unit="subject", leave=False):
-        try:
-            annotations.append(source.annotations(subject))
-        except Exception as error:  # e.g. a scan whose annotation file is missing: reported like a failed load
-            if on_error == "raise":
-                raise
-            failures[subject] = _failure_message(subject, error)
-            logger.error(failures[subject])
+    subjects = settings["subjects"]
+    bar = tqdm(total=len(subjects), desc="plan", disable=not progress, unit="subject", leave=False)
+    with bar:
+        for subject, found in _results(partial(_annotate, source), subjects, workers):
+            bar.update()
+            if isinstance(found, CaseAnnotations):
+                annotations.append(found)
+            elif on_error == "raise":
+                raise found
+            else:  # e.g. a scan whose annotation file is missing: reported like a failed load
+                failures[subject] = _failure_message(subject, found)
+                logger.error(failures[subject])
+    annotations.sort(key=lambda a: subjects.index(a.subject))
     if not annotations:
         raise ValueError(f"no subject of source {source.name!r} could be planned: {failures}")
     plans = plan_dataset(
@@ -370,14 +375,22 @@ def _prepare(
     return _write_index(out_dir, plans, records, failures, settings)
 
 
-def _results(fn: Any, todo: list[SlicePlan], workers: int) -> Iterator[dict]:
-    """``fn(plan)`` for each plan, in worker processes when ``workers > 1``, yielding results as they complete."""
+def _results(fn: Any, todo: list, workers: int) -> Iterator:
+    """``fn(item)`` for each item, in worker processes when ``workers > 1``, yielding results as they complete."""
     if workers <= 1:
         yield from map(fn, todo)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for job in as_completed([pool.submit(fn, plan) for plan in todo]):
+        for job in as_completed([pool.submit(fn, item) for item in todo]):
             yield job.result()
+
+
+def _annotate(source: CaseSource, subject: str) -> tuple[str, CaseAnnotations | Exception]:
+    """Worker: a subject's annotations, or the error that stopped them (raised or reported by the caller)."""
+    try:
+        return subject, source.annotations(subject)
+    except Exception as error:
+        return subject, error
 
 
 def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures: dict, settings: dict) -> dict:
