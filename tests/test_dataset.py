@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import scripts.dataset as scripts_dataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImaged
 from scripts.cases import CaseAnnotations, CaseVolume, Nodule
@@ -232,3 +233,22 @@ def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):
         and not (tmp_path / "skip" / ".state" / f"{failed}.json").exists()
     )
     assert len(summary["subjects"]["training"] + summary["subjects"]["validation"] + summary["subjects"]["test"]) == 5
+
+
+def test_matched_negatives_follow_the_positives_heights():
+    rng = np.random.default_rng(0)
+    pool = rng.uniform(0, 1, 2000).tolist()  # negatives everywhere along the scan
+    positives = rng.normal(0.5, 0.08, 300).clip(0, 0.999).tolist()  # positives in the middle
+    chosen = scripts_dataset._matched_draw(pool, positives, 300, rng)
+    assert len(set(chosen.tolist())) == 300
+    heights = np.asarray(pool)[chosen]
+    assert abs(np.mean(heights) - np.mean(positives)) < 0.03 and abs(np.std(heights) - np.std(positives)) < 0.03
+    # too few negatives at the positives' heights: the rest are drawn uniformly, still without repeats
+    few = scripts_dataset._matched_draw([0.5, 0.51, 0.1, 0.9, 0.95], [0.5] * 10, 4, rng)
+    assert {0, 1} <= set(few.tolist()) and len(set(few.tolist())) == 4
+    plans = plan_dataset(
+        [ToySource(12).annotations(s) for s in ToySource(12).subjects()], negative_margin=0, negative_sampling="matched"
+    )
+    assert sum(len(p.negatives) for p in plans) == sum(len(p.positives) for p in plans)
+    with pytest.raises(ValueError, match="negative_sampling"):
+        plan_dataset([ToySource(6).annotations("T0")], negative_sampling="nearby")

@@ -96,12 +96,17 @@ def plan_dataset(
     negative_margin: int = 2,
     seed: int = 0,
     min_experts: int = 2,
+    negative_sampling: str = "random",
 ) -> list[SlicePlan]:
     """Decide, from annotations alone, which slices each subject contributes and to which split.
 
     Negatives are drawn at random, per split, from the slices without nodule of that split's subjects, to number
-    ``negative_ratio`` times the split's positives.
+    ``negative_ratio`` times the split's positives: uniformly (``"random"``, the paper), or ``"matched"`` to the
+    positives' distribution of relative slice height, so that where a slice sits in the scan says nothing about
+    its class (nodules gather where the lungs are widest, and a classifier can learn the anatomy of the height).
     """
+    if negative_sampling not in ("random", "matched"):
+        raise ValueError(f"negative_sampling must be 'random' or 'matched', got {negative_sampling!r}")
     classes = {a.subject: slice_classes(a, min_experts=min_experts, margin=negative_margin) for a in annotations}
     share = {s: float(c.positive.mean()) if c.positive.size else 0.0 for s, c in classes.items()}
     assignment = split_subjects(share, seed)
@@ -112,11 +117,33 @@ def plan_dataset(
     for split in SPLITS:
         subjects = [s for s in sorted(plans) if plans[s].split == split]
         pool = [(s, int(i)) for s in subjects for i in np.flatnonzero(classes[s].negative)]
-        wanted = int(round(negative_ratio * sum(len(plans[s].positives) for s in subjects)))
-        for index in sorted(rng.choice(len(pool), size=min(wanted, len(pool)), replace=False).tolist()):
+        wanted = min(int(round(negative_ratio * sum(len(plans[s].positives) for s in subjects))), len(pool))
+        if negative_sampling == "matched":
+            height = {s: max(len(classes[s].positive) - 1, 1) for s in subjects}
+            positives = [i / height[s] for s in subjects for i in plans[s].positives]
+            chosen = _matched_draw([i / height[s] for s, i in pool], positives, wanted, rng)
+        else:
+            chosen = rng.choice(len(pool), size=wanted, replace=False)
+        for index in sorted(chosen.tolist()):
             subject, slice_index = pool[index]
             plans[subject].negatives.append(slice_index)
     return [plans[s] for s in sorted(plans)]
+
+
+def _matched_draw(
+    pool: list[float], positives: list[float], wanted: int, rng: np.random.Generator, bins: int = 10
+) -> np.ndarray:
+    """Indices of ``wanted`` pool items, drawn without replacement so that their relative heights (in [0, 1])
+    follow the histogram of the positives'; when too few pool items share the positives' heights, the rest are
+    drawn uniformly."""
+    pool_bin = np.minimum((np.asarray(pool) * bins).astype(int), bins - 1)
+    target = np.histogram(positives, bins=bins, range=(0.0, 1.0))[0]
+    available = np.bincount(pool_bin, minlength=bins)
+    weights = target[pool_bin] / np.maximum(available[pool_bin], 1)
+    first = min(wanted, int(np.count_nonzero(weights)))
+    chosen = rng.choice(len(pool), size=first, replace=False, p=weights / weights.sum()) if first else []
+    rest = np.setdiff1d(np.arange(len(pool)), chosen)
+    return np.concatenate([chosen, rng.choice(rest, size=wanted - first, replace=False)]).astype(int)
 
 
 def crop_window(lung_mask: np.ndarray, size: int, keep: list[tuple[slice, slice]] = ()) -> tuple[int, int]:
@@ -269,6 +296,7 @@ def prepare_dataset(
     workers: int = 1,
     on_error: str = "raise",
     min_experts: int = 2,
+    negative_sampling: str = "random",
     progress: bool = True,
 ) -> dict:
     """Prepare ``source`` into ``out_dir`` in the dataset format above; resume an interrupted run.
@@ -284,6 +312,8 @@ def prepare_dataset(
         on_error: ``"raise"`` stops at the first bad subject and removes what this run wrote;
             ``"skip"`` reports it in the summary and goes on.
         min_experts: experts whose masks must overlap for a slice to count as with nodule.
+        negative_sampling: ``"random"`` (the paper) or ``"matched"`` to the positives' slice heights (see
+            ``plan_dataset``).
         progress: show progress bars.
 
     Returns:
@@ -306,6 +336,7 @@ def prepare_dataset(
         "negative_margin": negative_margin,
         "seed": seed,
         "min_experts": min_experts,
+        "negative_sampling": negative_sampling,
     }
     resuming = _check_output(out_dir, settings)
     try:
@@ -349,6 +380,7 @@ def _prepare(
         negative_margin=settings["negative_margin"],
         seed=settings["seed"],
         min_experts=settings["min_experts"],
+        negative_sampling=settings["negative_sampling"],
     )
     records = {}
     for plan in plans:
@@ -404,6 +436,7 @@ def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures:
         "size": settings["size"],
         "negative_ratio": settings["negative_ratio"],
         "negative_margin": settings["negative_margin"],
+        "negative_sampling": settings["negative_sampling"],
         "subjects": {s: sorted(p.subject for p in plans if p.split == s and p.subject in records) for s in SPLITS},
         "slices": {
             s: {"with_nodule": sum(i["class"] for i in items), "without_nodule": sum(1 - i["class"] for i in items)}

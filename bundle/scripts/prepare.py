@@ -18,6 +18,7 @@ def synthetic(
     seed: int = 0,
     size: int = 384,
     negative_ratio: float = 1.0,
+    negative_sampling: str = "random",
     workers: int = 2,
 ) -> dict:
     """Generate synthetic chest CT cases (no download) and prepare them.
@@ -28,12 +29,22 @@ def synthetic(
         seed: seeds the generator, the split and the negative draw.
         size: slice size in pixels (the paper: 384); smaller sizes keep the anatomy's size in mm.
         negative_ratio: slices without nodule per slice with nodule.
+        negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
         workers: processes.
     """
     from .synthetic import SyntheticSource
 
     source = SyntheticSource(n_cases=cases, seed=seed, size=size)
-    return _report(prepare_dataset(source, out, size=size, negative_ratio=negative_ratio, seed=seed, workers=workers))
+    summary = prepare_dataset(
+        source,
+        out,
+        size=size,
+        negative_ratio=negative_ratio,
+        negative_sampling=negative_sampling,
+        seed=seed,
+        workers=workers,
+    )
+    return _report(summary)
 
 
 def lidc(
@@ -43,6 +54,7 @@ def lidc(
     size: int = 384,
     negative_ratio: float = 1.0,
     negative_margin: int = 2,
+    negative_sampling: str = "random",
     seed: int = 0,
     patients: list[str] | str | None = None,
 ) -> dict:
@@ -55,6 +67,7 @@ def lidc(
         size: crop size in pixels, centred on the lungs.
         negative_ratio: slices without nodule per slice with nodule.
         negative_margin: slices kept clear around any expert mark before a slice counts as without nodule.
+        negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
         seed: seeds the split and the negative draw.
         patients: restrict to these patient ids (comma-separated or a list).
     """
@@ -69,6 +82,7 @@ def lidc(
         size=size,
         negative_ratio=negative_ratio,
         negative_margin=negative_margin,
+        negative_sampling=negative_sampling,
         seed=seed,
         workers=workers,
         on_error="skip",
