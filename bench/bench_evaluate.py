@@ -21,7 +21,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.evaluate import SegmentationEvaluation  # noqa: E402  (needs the bundle on the path)
+from scripts.atomic import write_json  # noqa: E402  (needs the bundle on the path)
+from scripts.evaluate import SegmentationEvaluation  # noqa: E402
 
 
 def make_split(root: Path, preds: list[Path], n: int, size: int, seed: int = 0) -> None:
@@ -96,11 +97,7 @@ def main() -> None:
     print("| slices | methods | size | total (s) | s per 1000 slices per method |")
     print("|---|---|---|---|---|")
     print(f"| {args.slices} | {args.methods} | {args.size} | {seconds:.2f} | {per_k:.2f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=4) + "\n")
-    os.replace(tmp_out, out)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ at least three subjects.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -22,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.dataset import prepare_dataset  # noqa: E402  (needs the bundle on the path)
+from scripts.atomic import write_json  # noqa: E402  (needs the bundle on the path)
+from scripts.dataset import prepare_dataset  # noqa: E402
 from scripts.lidc import LidcSource, patient_scan  # noqa: E402
 from scripts.synthetic import SyntheticSource  # noqa: E402
 
@@ -105,11 +105,7 @@ def main() -> None:
     for name, n, workers, slices, seconds, per, cpu in rows:
         print(f"| {name} | {n} | {workers} | {slices} | {seconds:.1f} | {per:.2f} | {cpu / n:.2f} |")
     print(f"speed-up with 2 workers (LIDC-IDRI): {result['lidc']['speed_up']:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=4) + "\n")
-    os.replace(tmp_out, out)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

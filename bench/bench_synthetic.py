@@ -7,7 +7,6 @@ Prints a table and writes ``bench/results/synthetic.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 
+from scripts.atomic import write_json  # noqa: E402
 from scripts.synthetic import SyntheticSource  # noqa: E402
 
 
@@ -118,12 +118,8 @@ def main() -> None:
             (24 * (r["annotations_s_per_case"] + r["load_s_per_case"]) for r in rows if r["size"] == 384), None
         ),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=4))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
     if args.preview:
         save_preview(args.preview, args.seed)
         print(f"wrote {args.preview}")

@@ -11,9 +11,7 @@ slices of ``--image-size`` pixels. Each configuration runs in a fresh process so
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import os
 import platform
 import resource
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+from scripts.atomic import write_json  # noqa: E402
 from scripts.networks import GAPClassifier  # noqa: E402
 
 LEARNING_RATES = {1: 1e-2, 2: 2e-3, 3: 1e-3}
@@ -125,10 +124,7 @@ def main() -> None:
             f"{r['seconds_per_step']:>8.3f} {r['slices_per_s']:>9.2f} {r['peak_memory_mib']:>9.0f}  {r['device']}"
         )
     result = {"benchmark": "training", "torch": torch.__version__, "platform": platform.platform(), "results": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.output.with_suffix(".json.partial")
-    partial.write_text(json.dumps(result, indent=4))
-    os.replace(partial, args.output)
+    write_json(args.output, result)
     print(f"wrote {args.output}")
 
 
