@@ -23,6 +23,12 @@ __all__ = ["quickstart"]
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_config(run_id: str, config: str, **overrides) -> None:
+    """``python -m monai.bundle run <run_id> --config_file configs/<config>`` with the bundle's logging config."""
+    configs = BUNDLE_ROOT / "configs"
+    run(run_id, config_file=str(configs / config), logging_file=str(configs / "logging.conf"), **overrides)
+
+
 def _stage(title: str) -> float:
     print(f"\n=== {title}", flush=True)
     return time.perf_counter()
@@ -64,7 +70,6 @@ def quickstart(
     """
     out_dir = Path(out).resolve()
     dataset_dir = out_dir / "dataset"
-    configs = BUNDLE_ROOT / "configs"
     common = {
         "bundle_root": str(BUNDLE_ROOT),
         "dataset_dir": str(dataset_dir),
@@ -88,10 +93,9 @@ def quickstart(
 
     start = _stage(f"2/4 train a 1-GAP classifier (width {width}, batch norm, Adam, {epochs} epochs)")
     ckpt_dir = out_dir / "models"
-    run(
+    _run_config(
         "training",
-        config_file=str(configs / "train.json"),
-        logging_file=str(configs / "logging.conf"),
+        "train.json",
         ckpt_dir=str(ckpt_dir),
         output_dir=str(out_dir / "logs"),
         gap_levels=1,
@@ -109,10 +113,9 @@ def quickstart(
     for mode in ("coarse", "fine"):
         start = _stage(f"3/4 segment the test split: {mode}")
         predictions[f"1-GAP {mode}"] = str(out_dir / "predictions" / f"1gap_{mode}")
-        run(
+        _run_config(
             "run",
-            config_file=str(configs / "inference.json"),
-            logging_file=str(configs / "logging.conf"),
+            "inference.json",
             mode=mode,
             ckpt_path=str(ckpt_dir / "model.pt"),
             output_dir=predictions[f"1-GAP {mode}"],
@@ -122,10 +125,9 @@ def quickstart(
 
     start = _stage("4/4 evaluate (the paper's Table 1 and Fig. 3)")
     evaluation_dir = out_dir / "evaluation"
-    run(
+    _run_config(
         "run",
-        config_file=str(configs / "evaluate.json"),
-        logging_file=str(configs / "logging.conf"),
+        "evaluate.json",
         bundle_root=str(BUNDLE_ROOT),
         dataset_dir=str(dataset_dir),
         predictions=predictions,
