@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from scripts.evaluate import SegmentationEvaluation, load_split, order_methods
+from scripts.dataset import load_split
+from scripts.evaluate import SegmentationEvaluation, order_methods
 
 SHAPE = (16, 16)
 

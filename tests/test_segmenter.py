@@ -273,12 +273,12 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
 
 
 def test_missing_inputs_give_clear_errors(tmp_path):
-    from scripts.prediction_writer import make_datalist
+    from scripts.dataset import inference_datalist
 
     with pytest.raises(FileNotFoundError, match="datalist"):
-        make_datalist(str(tmp_path))
+        inference_datalist(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="input_dir"):
-        make_datalist(input_dir=str(tmp_path / "nowhere"))
+        inference_datalist(input_dir=str(tmp_path / "nowhere"))
     (tmp_path / "datalist.json").write_text(json.dumps({"test": []}))
     with pytest.raises(ValueError, match="validation"):
-        make_datalist(str(tmp_path), split="validation")
+        inference_datalist(str(tmp_path), split="validation")

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
+from monai.data import load_decathlon_datalist
 from tqdm import tqdm
 
 from .atomic import write_atomically, write_json
@@ -36,7 +37,18 @@ from .cases import CaseAnnotations, CaseSource, CaseVolume
 from .labels import consensus_mask, slice_classes, slice_label
 from .lung_mask import segment_lungs
 
-__all__ = ["SPLITS", "SlicePlan", "split_subjects", "plan_dataset", "crop_window", "prepare_dataset", "write_nifti"]
+__all__ = [
+    "SPLITS",
+    "SlicePlan",
+    "split_subjects",
+    "plan_dataset",
+    "crop_window",
+    "prepare_dataset",
+    "write_nifti",
+    "load_split",
+    "folder_datalist",
+    "inference_datalist",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -450,3 +462,54 @@ def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures:
     write_json(out_dir / "datalist.json", datalist)
     write_json(out_dir / "dataset_summary.json", summary)
     return summary
+
+
+def load_split(dataset_dir: str | os.PathLike, split: str = "test", required: Iterable[str] = ("image",)) -> list[dict]:
+    """The items of ``split`` in ``<dataset_dir>/datalist.json``, paths made absolute by MONAI's
+    ``load_decathlon_datalist``.
+
+    Raises:
+        FileNotFoundError: the datalist is missing.
+        ValueError: the split is missing or empty, or an item lacks a ``required`` key.
+    """
+    datalist = Path(dataset_dir) / "datalist.json"
+    if not datalist.is_file():
+        raise FileNotFoundError(f"no datalist: {datalist}")
+    splits = json.loads(datalist.read_text())
+    if split not in splits:
+        raise ValueError(f"{datalist} has no split {split!r} (it has {sorted(splits)})")
+    items = load_decathlon_datalist(str(datalist), data_list_key=split, base_dir=str(dataset_dir))
+    if not items:
+        raise ValueError(f"split {split!r} of {datalist} is empty")
+    for item in items:
+        missing = set(required) - set(item)
+        if missing:
+            raise ValueError(f"{datalist}: an item of {split!r} lacks {sorted(missing)}: {item}")
+    return items
+
+
+def folder_datalist(folder: str | os.PathLike, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
+    """Items ``{"image": path}`` for every file matching ``pattern`` in ``folder``, sorted by name.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a directory or holds no matching file.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input_dir is not a folder: {root}")
+    files = sorted(root.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no files matching {pattern!r} in input_dir {root}")
+    return [{"image": str(f)} for f in files]
+
+
+def inference_datalist(
+    dataset_dir: str | os.PathLike | None = None, split: str = "test", input_dir: str | os.PathLike | None = None
+) -> list[dict]:
+    """Items to run a model on: every ``*.nii.gz`` of ``input_dir`` when given, else the ``split`` of a prepared
+    dataset, with only ``image`` and ``label`` kept (all a MONAI Label-style pipeline may load)."""
+    if input_dir:
+        return folder_datalist(input_dir)
+    if not dataset_dir:
+        raise ValueError("give dataset_dir (a prepared dataset) or input_dir (a folder of NIfTI slices)")
+    return [{k: v for k, v in item.items() if k in ("image", "label")} for item in load_split(dataset_dir, split)]

@@ -17,9 +17,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
-from monai.data import load_decathlon_datalist
 
 from .atomic import write_atomically, write_json, write_text
+from .dataset import load_split
 from .metrics import (
     FP_NODULE_RULES,
     binned_mean_sd,
@@ -31,7 +31,6 @@ from .metrics import (
 
 __all__ = [
     "PAPER_ORDER",
-    "load_split",
     "read_mask",
     "score_method",
     "summarize_method",
@@ -53,23 +52,6 @@ PAPER_ORDER = (
     "U-Net",
 )
 DEFAULT_BINS_MM = (3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 100.0)
-
-
-def load_split(dataset_dir: str | os.PathLike, split: str = "test") -> list[dict]:
-    """The items of ``split`` in ``<dataset_dir>/datalist.json``, with absolute image and label paths."""
-    datalist = Path(dataset_dir) / "datalist.json"
-    if not datalist.is_file():
-        raise FileNotFoundError(f"no datalist: {datalist}")
-    if split not in json.loads(datalist.read_text()):
-        raise ValueError(f"{datalist} has no split {split!r}.")
-    items = load_decathlon_datalist(str(datalist), data_list_key=split, base_dir=str(dataset_dir))
-    if not items:
-        raise ValueError(f"split {split!r} of {datalist} is empty.")
-    for item in items:
-        missing = {"image", "label", "class"} - set(item)
-        if missing:
-            raise ValueError(f"{datalist}: an item of {split!r} lacks {sorted(missing)}: {item}")
-    return items
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -278,7 +260,7 @@ class SegmentationEvaluation:
 
     def run(self) -> dict:
         """Score every method, write the three files and return what ``metrics.json`` holds."""
-        items = load_split(self.dataset_dir, self.split)
+        items = load_split(self.dataset_dir, self.split, required=("image", "label", "class"))
         methods = {}
         for name, pred_dir in self.predictions.items():
             rows = score_method(items, pred_dir, self.connectivity)

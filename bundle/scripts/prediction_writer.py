@@ -9,7 +9,6 @@ output folder, every file to a temporary name first and renamed when complete.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform
 
 from .atomic import write_atomically, write_json
@@ -30,43 +28,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 __all__ = [
-    "make_datalist",
     "optional_classifier",
     "SegmentationResultd",
     "PredictionWriter",
     "save_panel",
     "write_nifti",
 ]
-
-
-def make_datalist(dataset_dir: str | None = None, split: str = "test", input_dir: str | None = None) -> list[dict]:
-    """Items to segment: every ``*.nii.gz`` of ``input_dir`` when given, else the ``split`` of a prepared dataset.
-
-    Raises:
-        FileNotFoundError: the folder or ``datalist.json`` is missing, or the folder holds no NIfTI slice.
-        ValueError: the split is missing from the datalist or empty.
-    """
-    if input_dir:
-        folder = Path(input_dir)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"input_dir is not a folder: {folder}")
-        files = sorted(folder.glob("*.nii.gz"))
-        if not files:
-            raise FileNotFoundError(f"no *.nii.gz slices in input_dir {folder}")
-        return [{"image": str(f)} for f in files]
-    if not dataset_dir:
-        raise ValueError("give dataset_dir (a prepared dataset) or input_dir (a folder of NIfTI slices)")
-    path = Path(dataset_dir) / "datalist.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path}")
-    with open(path) as f:
-        keys = json.load(f).keys()
-    if split not in keys:
-        raise ValueError(f"{path} has no split {split!r} (it has {sorted(keys)})")
-    items = load_decathlon_datalist(str(path), data_list_key=split, base_dir=str(dataset_dir))
-    if not items:
-        raise ValueError(f"split {split!r} of {path} is empty")
-    return [{k: v for k, v in item.items() if k in ("image", "label")} for item in items]
 
 
 def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True) -> torch.nn.Module | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -16,7 +15,7 @@ import torch
 from monai.transforms import MapTransform
 from monai.visualize import blend_images
 
-__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "folder_datalist", "nam_overlay"]
+__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "nam_overlay"]
 
 # The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
 HU_WINDOW = (-1000.0, 400.0)
@@ -65,21 +64,6 @@ class SliceClassd(MapTransform):
             mask = nib.load(str(label)).dataobj if isinstance(label, (str, os.PathLike)) else label
             d[self.class_key] = int(np.asarray(mask).any())
         return d
-
-
-def folder_datalist(folder: str | os.PathLike, pattern: str = "*.nii.gz") -> list[dict[str, str]]:
-    """Items ``{"image": path}`` for every file matching ``pattern`` in ``folder``, sorted by name.
-
-    Raises:
-        FileNotFoundError: ``folder`` is not a directory or holds no matching file.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input folder not found: {root}")
-    files = sorted(root.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no files matching {pattern!r} in {root}")
-    return [{"image": str(f)} for f in files]
 
 
 def nam_overlay(
