@@ -29,6 +29,7 @@ from .candidates import Candidate, extract_candidates, parenchyma_value
 from .icm import icm_segmentation
 from .rnam import logits_and_nam, rnam_scores
 from .scope import bounding_box, refine_scope, top_scopes
+from .transforms import HU_WINDOW
 
 __all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
 
@@ -114,7 +115,7 @@ class WeaklySupervisedSegmenter(Inferer):
         self,
         mode: str = "fine",
         threshold: float = 0.5,
-        intensity_range: Sequence[float] = (-1000.0, 400.0),
+        intensity_range: Sequence[float] = HU_WINDOW,
         lung_mask_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray] | None = None,
         multi_gap_network: torch.nn.Module | None = None,
         scope_sigma: float = 1.0,
