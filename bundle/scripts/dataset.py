@@ -48,6 +48,7 @@ __all__ = [
     "load_split",
     "folder_datalist",
     "inference_datalist",
+    "slice_stem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,12 @@ def _check_volume(case: CaseVolume) -> None:
         raise ValueError(f"{where}: missing or invalid voxel spacing {a.spacing}")
     if case.lung_mask is not None and case.lung_mask.shape != case.hu.shape:
         raise ValueError(f"{where}: lung mask shape {case.lung_mask.shape} differs from the volume's {case.hu.shape}")
+
+
+def slice_stem(path: str | os.PathLike) -> str:
+    """A slice file's name without ``.nii.gz`` (or its one suffix): the key that names every per-slice output."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
 
 
 def _stem(subject: str, slice_index: int) -> str:

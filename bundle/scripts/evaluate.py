@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .atomic import write_atomically, write_json, write_text
-from .dataset import load_split
+from .dataset import load_split, slice_stem
 from .metrics import (
     FP_NODULE_RULES,
     binned_mean_sd,
@@ -67,11 +67,6 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr > 0
 
 
-def _stem(path: str) -> str:
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-
-
 def _read_probability(pred_dir: Path, stem: str) -> float | None:
     records = pred_dir / "records"
     if not records.is_dir():
@@ -93,7 +88,7 @@ def score_method(items: Sequence[dict], pred_dir: str | os.PathLike, connectivit
         raise FileNotFoundError(f"no masks folder in the predictions: {pred_dir / 'masks'}")
     rows = []
     for item in items:
-        stem = _stem(item["image"])
+        stem = slice_stem(item["image"])
         pred_path = pred_dir / "masks" / f"{stem}.nii.gz"
         pred, label = read_mask(pred_path), read_mask(item["label"])
         if pred.shape != label.shape:

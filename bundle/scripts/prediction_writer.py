@@ -22,6 +22,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from .atomic import write_atomically, write_json
+from .dataset import slice_stem
 from .segmenter import WeaklySupervisedSegmenter
 
 matplotlib.use("Agg")
@@ -201,7 +202,7 @@ class PredictionWriter:
         """Write one decollated item's files."""
         image_key, pred_key, nam_key, scope_key, cand_key, result_key, label_key = self.keys
         source = str(item[image_key].meta["filename_or_obj"])
-        stem = Path(source).name.removesuffix(".nii.gz").removesuffix(".nii")
+        stem = slice_stem(source)
         src = nib.load(source)
         mask = _plane(item[pred_key], src.shape, source).astype(np.uint8)
         nam = _plane(item[nam_key], src.shape, source)

@@ -15,6 +15,7 @@ from monai.engines.utils import PrepareBatch
 from skimage.io import imsave
 
 from .atomic import write_atomically
+from .dataset import slice_stem
 from .transforms import nam_overlay
 
 __all__ = [
@@ -186,7 +187,7 @@ class NAMOverlaySaver:
                 return
             image = item[self.image_key]
             source = getattr(image, "meta", {}).get("filename_or_obj", f"slice_{self._saved:05d}")
-            name = Path(str(source)).name.removesuffix(".gz").removesuffix(".nii")
+            name = slice_stem(str(source))
             picture = (nam_overlay(image, item[self.nam_key]).transpose(1, 2, 0) * 255).round().astype(np.uint8)
             target = self.output_dir / f"{name}_nam.png"
             write_atomically(target, lambda tmp: imsave(tmp, picture, check_contrast=False))

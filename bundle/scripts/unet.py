@@ -17,13 +17,9 @@ import torch
 from monai.transforms import Transform
 
 from .atomic import write_atomically, write_json
+from .dataset import slice_stem
 
 __all__ = ["write_slice_prediction", "SaveSlicePredictiond"]
-
-
-def _stem(path: str | os.PathLike) -> str:
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
 
 
 def write_slice_prediction(
@@ -52,7 +48,7 @@ def write_slice_prediction(
     arr = (arr > 0).astype(np.uint8)
     header = source.header.copy()
     header.set_data_dtype(np.uint8)
-    stem, output_dir = _stem(source_image), Path(output_dir)
+    stem, output_dir = slice_stem(source_image), Path(output_dir)
     path = output_dir / "masks" / f"{stem}.nii.gz"
     image = nib.Nifti1Image(arr, source.affine, header)
     image.header.set_slope_inter(1.0, 0.0)  # a mask, whatever scaling the CT had
