@@ -26,7 +26,9 @@ def test_quickstart_runs_every_step(tmp_path):
         row = metrics["methods"][name]
         for key in ("TPR", "FPR", "FPR_nodule", "dice", "tp_dice", "tp_doa_mm2", "classification"):
             assert key in row
-        assert row["counts"]["S+"] + row["counts"]["S-"] == len(test_items)
+        # one-nodule slices (S+), clean slices (S-) and the two-nodule slices, which are scored on their own
+        n_slices = row["counts"]["S+"] + row["counts"]["S-"] + row["two_nodules"]["slices"]
+        assert n_slices == len(test_items)
         assert 0.0 <= row["TPR"] <= 1.0 and 0.0 <= row["FPR"] <= 1.0
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) >= {"prepare_s", "train_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}

@@ -196,11 +196,32 @@ def test_noise_is_correlated():
         (dict(spacing_mm=-1.0), "spacing_mm"),
         (dict(noise_hu=(30.0, 10.0)), "noise_hu"),
         (dict(p_juxtapleural=0.8, p_juxtavascular=0.5), "p_juxtapleural"),
+        (dict(nodule_types_p=(0.5, 0.2, 0.2)), "nodule_types_p"),
+        (dict(nodule_types_p=(1.2, -0.2, 0.0)), "nodule_types_p"),
+        (dict(vessel_radius_mm=(3.0, 2.0)), "vessel_radius_mm"),
+        (dict(min_vessel_radius_mm=0.0), "min_vessel_radius_mm"),
+        (dict(min_vessel_radius_mm=3.0, vessel_radius_mm=(2.5, 3.5)), "min_vessel_radius_mm"),
     ],
 )
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SyntheticSource(**kwargs)
+
+
+def test_vessel_and_nodule_type_options():
+    """Thinner trunks give thinner, fewer vessels; solid-only nodules are painted at one solid HU."""
+    default = SyntheticSource(n_cases=3, seed=5, **SMALL)
+    thin = SyntheticSource(n_cases=3, seed=5, vessel_radius_mm=(2.5, 3.5), nodule_types_p=(1, 0, 0), **SMALL)
+    for index in range(3):
+        wide, narrow = default._plan(index).vessels, thin._plan(index).vessels
+        assert 4.5 <= wide[:, 6].max() <= 5.5 and 2.5 <= narrow[:, 6].max() <= 3.5
+        assert len(narrow) < len(wide)
+        for lesion in thin._plan(index).nodules:
+            assert not lesion.part_solid and lesion.ggo_hu == lesion.solid_hu and -10 <= lesion.solid_hu <= 60
+    pruned = SyntheticSource(n_cases=1, seed=5, min_vessel_radius_mm=2.0, **SMALL)._plan(0).vessels
+    full = default._plan(0).vessels
+    # branching stops below 2 mm; the last children (Murray's split) are at least 0.4x their parent's end radius
+    assert pruned[:, 6].min() >= 0.8 > full[:, 6].min() and len(pruned) < len(full) / 5
 
 
 def test_unknown_subject(source):

@@ -152,7 +152,16 @@ def _cli_overrides(dataset: Path, out: Path) -> list[str]:
 
 def test_two_process_gloo_training_saves_once(dataset, tmp_path):
     configs = "['configs/train.json','configs/multi_gpu_train.json']"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+    ]
     command += ["--config_file", configs, *_cli_overrides(dataset, tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO / "bundle", env=env, capture_output=True, text=True, timeout=300)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import fire
 
@@ -20,6 +21,7 @@ def synthetic(
     negative_ratio: float = 1.0,
     negative_sampling: str = "random",
     workers: int = 2,
+    **source_options: Any,
 ) -> dict:
     """Generate synthetic chest CT cases (no download) and prepare them.
 
@@ -31,10 +33,12 @@ def synthetic(
         negative_ratio: slices without nodule per slice with nodule.
         negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
         workers: processes.
+        source_options: further :class:`scripts.synthetic.SyntheticSource` arguments, e.g. the quick start's
+            ``--min_diameter_mm 10 --vessel_radius_mm "(2.5, 3.5)"``.
     """
     from .synthetic import SyntheticSource
 
-    source = SyntheticSource(n_cases=cases, seed=seed, size=size)
+    source = SyntheticSource(n_cases=cases, seed=seed, size=size, **source_options)
     summary = prepare_dataset(
         source,
         out,

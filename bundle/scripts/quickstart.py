@@ -34,8 +34,15 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
+# The synthetic chest the quick start learns from. At 128 px a pixel is 2.25 mm, so a 5 mm nodule is a 2-3 pixel dot
+# that looks like the vessel cross-sections around it: trained from scratch for minutes, a classifier stays at
+# chance (validation AUC 0.5-0.6) on the SyntheticSource defaults (nodules from 3 mm, vessel trunks 4.5-5.5 mm in
+# radius). With nodules from 10 mm and thinner vessel trees (trunks 2.5-3.5 mm, closer to segmental arteries) it
+# learns them (AUC about 0.85) and its NAM peaks on the nodule.
+QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
+
 # From scratch on a CPU the paper's plain VGG16 with SGD does not train (it fine-tunes ImageNet weights); batch
-# normalisation and Adam do, so the quick start uses them. Heads and FC still learn 10x faster than the backbone.
+# normalisation and Adam do, so the quick start uses them, one learning rate for backbone, heads and FC.
 ADAM = {
     "_target_": "torch.optim.Adam",
     "params": "$monai.optimizers.generate_param_groups(network=@network_def, layer_matches=[lambda net: "
@@ -46,12 +53,12 @@ ADAM = {
 
 def quickstart(
     out: str = "../runs/quickstart",
-    cases: int = 200,
+    cases: int = 400,
     size: int = 128,
     width: float = 0.125,
-    epochs: int = 15,
+    epochs: int = 12,
     batch_size: int = 30,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 1e-3,
     seed: int = 0,
     workers: int = 2,
 ) -> dict:
@@ -60,11 +67,11 @@ def quickstart(
     Args:
         out: folder for everything the run makes (dataset, model, predictions, evaluation).
         cases: synthetic subjects to generate.
-        size: slice size in pixels; the paper's 384 is the bundle's default, 160 keeps this run to minutes on a CPU.
+        size: slice size in pixels; the paper's 384 is the bundle's default, 128 keeps this run to minutes on a CPU.
         width: channel multiplier of the VGG16 classifier (1.0 = the paper's).
         epochs: training epochs.
         batch_size: training batch size (the paper: 30).
-        learning_rate: Adam's rate for the backbone (heads and FC: 10x).
+        learning_rate: Adam's learning rate, decayed by 5 % an epoch.
         seed: seeds the data, the split and the training.
         workers: processes preparing the data.
     """
@@ -83,7 +90,7 @@ def quickstart(
     if (dataset_dir / "datalist.json").is_file():
         print("found an existing dataset, reusing it")
     else:
-        source = SyntheticSource(n_cases=cases, seed=seed, size=size)
+        source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
         # negatives matched to the positives' slice heights: on the synthetic chunks the height alone would
         # otherwise separate the classes (AUC about 0.6) and the classifier would learn that instead of nodules
         prepare_dataset(source, dataset_dir, size=size, seed=seed, workers=workers, negative_sampling="matched")
@@ -101,6 +108,8 @@ def quickstart(
         gap_levels=1,
         optimizer=ADAM,
         learning_rate=learning_rate,
+        new_layer_lr_factor=1,
+        lr_decay=0.95,
         max_epochs=epochs,
         batch_size=batch_size,
         num_workers=0,

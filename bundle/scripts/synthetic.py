@@ -69,6 +69,9 @@ class SyntheticSource:
         p_same_slice: chance that a case's later nodule shares slices with its first one.
         min_diameter_mm: smallest LIDC nodule drawn.
         max_diameter_mm: largest LIDC nodule drawn.
+        nodule_types_p: chances of a solid, part-solid and ground-glass nodule.
+        vessel_radius_mm: range of the radius of the vessel trunks leaving each hilum.
+        min_vessel_radius_mm: vessel branches end below this radius.
     """
 
     name = "synthetic"
@@ -89,6 +92,9 @@ class SyntheticSource:
         p_same_slice: float = 0.3,
         min_diameter_mm: float = 3.0,
         max_diameter_mm: float = 30.0,
+        nodule_types_p: tuple[float, float, float] = (0.65, 0.15, 0.2),
+        vessel_radius_mm: tuple[float, float] = (4.5, 5.5),
+        min_vessel_radius_mm: float = 0.5,
     ) -> None:
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -106,6 +112,15 @@ class SyntheticSource:
             raise ValueError(f"margin must be >= 1, got {margin}")
         if not 0 <= noise_hu[0] <= noise_hu[1]:
             raise ValueError(f"noise_hu must be a range (low, high) with 0 <= low <= high, got {noise_hu}")
+        if len(nodule_types_p) != 3 or min(nodule_types_p) < 0 or not np.isclose(sum(nodule_types_p), 1.0):
+            raise ValueError(
+                f"nodule_types_p must be 3 chances (solid, part-solid, ground-glass) summing to 1, got {nodule_types_p}"
+            )
+        if not 0 < min_vessel_radius_mm <= vessel_radius_mm[0] <= vessel_radius_mm[1]:
+            raise ValueError(
+                "need 0 < min_vessel_radius_mm <= vessel_radius_mm[0] <= vessel_radius_mm[1], "
+                f"got {min_vessel_radius_mm} and {vessel_radius_mm}"
+            )
         if blur_px < 0:
             raise ValueError(f"blur_px must be >= 0, got {blur_px}")
         for pname, p in (("p_juxtapleural", p_juxtapleural), ("p_juxtavascular", p_juxtavascular)):
@@ -125,6 +140,9 @@ class SyntheticSource:
         self.p_juxtavascular = float(p_juxtavascular)
         self.p_same_slice = float(p_same_slice)
         self.library = NoduleShapeLibrary(min_diameter_mm, max_diameter_mm)
+        self.nodule_types_p = tuple(float(p) for p in nodule_types_p)
+        self.vessel_radius_mm = (float(vessel_radius_mm[0]), float(vessel_radius_mm[1]))
+        self.min_vessel_radius_mm = float(min_vessel_radius_mm)
         n = int(round(self.size * margin))
         self.shape = (n, n, self.n_slices)
         self.spacing = (self.spacing_mm, self.spacing_mm, self.slice_spacing_mm)
@@ -203,7 +221,11 @@ class SyntheticSource:
             for offset in ((0.0, 0.0, 0.0), (15.0, 0.0, -20.0)):  # arteries, veins
                 dirs = trunks + rng.normal(0.0, 0.15, trunks.shape)
                 root = anatomy.hilum(side) + np.array(offset)
-                vessels.append(grow_tree(root, dirs, rng.uniform(4.5, 5.5), inside, rng, 0.5, 2000))
+                vessels.append(
+                    grow_tree(
+                        root, dirs, rng.uniform(*self.vessel_radius_mm), inside, rng, self.min_vessel_radius_mm, 2000
+                    )
+                )
             dirs = trunks + rng.normal(0.0, 0.15, trunks.shape)
             airways.append(grow_tree(anatomy.bronchus_end(side), dirs[:4], 3.5, inside, rng, 1.0, 200))
         plan = _Plan(anatomy, np.concatenate(vessels), np.concatenate(airways), [], [])
@@ -226,7 +248,7 @@ class SyntheticSource:
             masks = _random_orientation(shape.masks, rng)
             masks = resample_masks(masks, shape.spacing, self.spacing)
             masks = masks[(slice(None),) + ndimage.find_objects(masks.any(axis=0).astype(np.uint8))[0]]
-            kind = rng.choice(3, p=(0.65, 0.15, 0.2))  # solid, part-solid, ground-glass
+            kind = rng.choice(3, p=self.nodule_types_p)  # solid, part-solid, ground-glass
             ggo_hu = rng.uniform(-550.0, -300.0)
             solid_hu = rng.uniform(-10.0, 60.0) if kind < 2 else ggo_hu
             mode = rng.random()
