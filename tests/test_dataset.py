@@ -172,6 +172,25 @@ def test_same_seed_same_bytes_and_resume(tmp_path):
         prepare_dataset(ToySource(6), tmp_path / "a", size=64, seed=5, progress=False)
 
 
+class ToySourceWithSettings(ToySource):
+    def settings(self):
+        return {"spacing": self.spacing}  # a tuple: recorded as the list it reads back as
+
+
+def test_source_settings_are_recorded_and_checked_on_resume(tmp_path):
+    assert prepare_dataset(ToySource(6), tmp_path / "plain", size=64, progress=False)["source_settings"] == {}
+    summary = prepare_dataset(ToySourceWithSettings(6), tmp_path / "a", size=64, progress=False)
+    assert summary["source_settings"] == {"spacing": list(SPACING)}
+    assert json.loads((tmp_path / "a" / "dataset_summary.json").read_text())["source_settings"] == {
+        "spacing": list(SPACING)
+    }
+    again = prepare_dataset(ToySourceWithSettings(6), tmp_path / "a", size=64, progress=False)  # resumes
+    assert again == summary
+    other = ToySourceWithSettings(6, spacing=(0.7, 0.7, 2.5))
+    with pytest.raises(ValueError, match=r"other settings \(source_settings\)"):
+        prepare_dataset(other, tmp_path / "a", size=64, progress=False)
+
+
 def test_bad_input_is_reported_and_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="T2.*NaN"):
         prepare_dataset(ToySource(6, nan_subject="T2"), tmp_path / "nan", size=64, progress=False)

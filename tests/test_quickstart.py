@@ -2,7 +2,8 @@
 
 import json
 
-from scripts.quickstart import quickstart
+import pytest
+from scripts.quickstart import QUICKSTART_SYNTHETIC, quickstart
 
 
 def test_quickstart_runs_every_step(tmp_path):
@@ -32,3 +33,8 @@ def test_quickstart_runs_every_step(tmp_path):
         assert 0.0 <= row["TPR"] <= 1.0 and 0.0 <= row["FPR"] <= 1.0
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) >= {"prepare_s", "train_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}
+    # the dataset is reused only with the settings it was made with (an older quick start's would mislead)
+    summary = json.loads((dataset / "dataset_summary.json").read_text())
+    assert summary["source_settings"]["min_diameter_mm"] == QUICKSTART_SYNTHETIC["min_diameter_mm"]
+    with pytest.raises(ValueError, match="prepared with other settings"):
+        quickstart(out=str(out), cases=9, size=96, width=0.0625, epochs=1, batch_size=8)

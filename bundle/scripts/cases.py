@@ -78,7 +78,11 @@ class CaseVolume:
 
 
 class CaseSource(Protocol):
-    """What the dataset writer needs from a source of CT cases."""
+    """What the dataset writer needs from a source of CT cases.
+
+    A source may also have ``settings() -> dict``: the JSON-valued parameters that shape its cases. The writer
+    records them with the dataset and refuses to resume a dataset prepared with other ones.
+    """
 
     name: str
 

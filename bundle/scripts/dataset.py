@@ -44,6 +44,7 @@ __all__ = [
     "plan_dataset",
     "crop_window",
     "prepare_dataset",
+    "source_settings",
     "write_nifti",
     "load_split",
     "folder_datalist",
@@ -283,6 +284,12 @@ def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, size
     return record
 
 
+def source_settings(source: CaseSource) -> dict:
+    """The source's ``settings()`` as they read back from JSON (tuples become lists), or ``{}`` without them."""
+    settings = getattr(source, "settings", None)
+    return json.loads(json.dumps(settings())) if callable(settings) else {}
+
+
 def _check_output(out_dir: Path, settings: dict) -> bool:
     """Validate ``out_dir``; return True when it holds an earlier run of the same settings to resume."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -349,6 +356,7 @@ def prepare_dataset(
         raise ValueError(f"source {source.name!r} has no subjects")
     settings = {
         "source": source.name,
+        "source_settings": source_settings(source),
         "subjects": subjects,
         "size": size,
         "negative_ratio": negative_ratio,
@@ -451,6 +459,7 @@ def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures:
             datalist[plan.split].extend(records[plan.subject]["items"])
     summary: dict[str, Any] = {
         "source": settings["source"],
+        "source_settings": settings["source_settings"],
         "seed": settings["seed"],
         "size": settings["size"],
         "negative_ratio": settings["negative_ratio"],

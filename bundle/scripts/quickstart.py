@@ -15,7 +15,7 @@ import fire
 from monai.bundle import run
 
 from .atomic import write_json
-from .dataset import prepare_dataset
+from .dataset import prepare_dataset, source_settings
 from .synthetic import SyntheticSource
 
 __all__ = ["quickstart"]
@@ -27,6 +27,17 @@ def _run_config(run_id: str, config: str, **overrides) -> None:
     """``python -m monai.bundle run <run_id> --config_file configs/<config>`` with the bundle's logging config."""
     configs = BUNDLE_ROOT / "configs"
     run(run_id, config_file=str(configs / config), logging_file=str(configs / "logging.conf"), **overrides)
+
+
+def _check_reusable(dataset_dir: Path, source: SyntheticSource) -> None:
+    """Raise unless ``dataset_dir`` was prepared from ``source``'s cases with its settings."""
+    summary = json.loads((dataset_dir / "dataset_summary.json").read_text())
+    subjects = sorted(s for split in summary["subjects"].values() for s in split)
+    if summary.get("source_settings") != source_settings(source) or subjects != source.subjects():
+        raise ValueError(
+            f"{dataset_dir} holds a dataset prepared with other settings (an earlier quick start, or other --cases, "
+            "--size or --seed): remove it or pass another --out"
+        )
 
 
 def _stage(title: str) -> float:
@@ -87,10 +98,11 @@ def quickstart(
     timings = {}
 
     start = _stage(f"1/4 synthetic dataset: {cases} cases at {size} px -> {dataset_dir}")
+    source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
     if (dataset_dir / "datalist.json").is_file():
-        print("found an existing dataset, reusing it")
+        _check_reusable(dataset_dir, source)
+        print("found a dataset prepared with these settings, reusing it")
     else:
-        source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
         # negatives matched to the positives' slice heights: on the synthetic chunks the height alone would
         # otherwise separate the classes (AUC about 0.6) and the classifier would learn that instead of nodules
         prepare_dataset(source, dataset_dir, size=size, seed=seed, workers=workers, negative_sampling="matched")

@@ -143,11 +143,33 @@ class SyntheticSource:
         self.nodule_types_p = tuple(float(p) for p in nodule_types_p)
         self.vessel_radius_mm = (float(vessel_radius_mm[0]), float(vessel_radius_mm[1]))
         self.min_vessel_radius_mm = float(min_vessel_radius_mm)
+        self.margin = float(margin)
         n = int(round(self.size * margin))
         self.shape = (n, n, self.n_slices)
         self.spacing = (self.spacing_mm, self.spacing_mm, self.slice_spacing_mm)
         self.coords = tuple((np.arange(k) - (k - 1) / 2) * s for k, s in zip(self.shape, self.spacing))
         self._plans: dict[int, _Plan] = {}  # a plain dict, unlike lru_cache, lets the source be pickled
+
+    def settings(self) -> dict:
+        """The parameters that shape the cases (all but ``n_cases``), as JSON values."""
+        return {
+            "seed": self.seed,
+            "size": self.size,
+            "spacing_mm": self.spacing_mm,
+            "n_slices": self.n_slices,
+            "slice_spacing_mm": self.slice_spacing_mm,
+            "margin": self.margin,
+            "noise_hu": list(self.noise_hu),
+            "blur_px": self.blur_px,
+            "p_juxtapleural": self.p_juxtapleural,
+            "p_juxtavascular": self.p_juxtavascular,
+            "p_same_slice": self.p_same_slice,
+            "min_diameter_mm": self.library.min_diameter_mm,
+            "max_diameter_mm": self.library.max_diameter_mm,
+            "nodule_types_p": list(self.nodule_types_p),
+            "vessel_radius_mm": list(self.vessel_radius_mm),
+            "min_vessel_radius_mm": self.min_vessel_radius_mm,
+        }
 
     def subjects(self) -> list[str]:
         """``["SYN-0000", ...]``, one per case."""
