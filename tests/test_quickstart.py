@@ -36,5 +36,9 @@ def test_quickstart_runs_every_step(tmp_path):
     # the dataset is reused only with the settings it was made with (an older quick start's would mislead)
     summary = json.loads((dataset / "dataset_summary.json").read_text())
     assert summary["source_settings"]["min_diameter_mm"] == QUICKSTART_SYNTHETIC["min_diameter_mm"]
+    datalist = (dataset / "datalist.json").stat().st_mtime_ns
+    again = quickstart(out=str(out), cases=8, size=96, width=0.0625, epochs=1, batch_size=8)
+    assert (dataset / "datalist.json").stat().st_mtime_ns == datalist  # reused, not rewritten
+    assert again["methods"].keys() == metrics["methods"].keys()
     with pytest.raises(ValueError, match="prepared with other settings"):
         quickstart(out=str(out), cases=9, size=96, width=0.0625, epochs=1, batch_size=8)
