@@ -54,12 +54,7 @@ QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
 
 # From scratch on a CPU the paper's plain VGG16 with SGD does not train (it fine-tunes ImageNet weights); batch
 # normalisation and Adam do, so the quick start uses them, one learning rate for backbone, heads and FC.
-ADAM = {
-    "_target_": "torch.optim.Adam",
-    "params": "$monai.optimizers.generate_param_groups(network=@network_def, layer_matches=[lambda net: "
-    "net.features], match_types=['select'], lr_values=[@learning_rate])",
-    "lr": "$@learning_rate * @new_layer_lr_factor",
-}
+ADAM = {"_target_": "torch.optim.Adam", "params": "$@network_def.parameters()", "lr": "@learning_rate"}
 
 
 def quickstart(
@@ -120,7 +115,6 @@ def quickstart(
         gap_levels=1,
         optimizer=ADAM,
         learning_rate=learning_rate,
-        new_layer_lr_factor=1,
         lr_decay=0.95,
         max_epochs=epochs,
         batch_size=batch_size,
