@@ -184,8 +184,9 @@ def test_source_settings_are_recorded_and_checked_on_resume(tmp_path):
     assert json.loads((tmp_path / "a" / "dataset_summary.json").read_text())["source_settings"] == {
         "spacing": list(SPACING)
     }
-    again = prepare_dataset(ToySourceWithSettings(6), tmp_path / "a", size=64, progress=False)  # resumes
-    assert again == summary
+    written = (tmp_path / "a" / "datalist.json").stat().st_mtime_ns
+    again = prepare_dataset(ToySourceWithSettings(6), tmp_path / "a", size=64, progress=False)
+    assert again == summary and (tmp_path / "a" / "datalist.json").stat().st_mtime_ns == written  # finished: kept
     other = ToySourceWithSettings(6, spacing=(0.7, 0.7, 2.5))
     with pytest.raises(ValueError, match=r"other settings \(source_settings\)"):
         prepare_dataset(other, tmp_path / "a", size=64, progress=False)

@@ -44,7 +44,6 @@ __all__ = [
     "plan_dataset",
     "crop_window",
     "prepare_dataset",
-    "source_settings",
     "write_nifti",
     "load_split",
     "folder_datalist",
@@ -284,7 +283,7 @@ def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, size
     return record
 
 
-def source_settings(source: CaseSource) -> dict:
+def _source_settings(source: CaseSource) -> dict:
     """The source's ``settings()`` as they read back from JSON (tuples become lists), or ``{}`` without them."""
     settings = getattr(source, "settings", None)
     return json.loads(json.dumps(settings())) if callable(settings) else {}
@@ -312,6 +311,16 @@ def _check_output(out_dir: Path, settings: dict) -> bool:
     return False
 
 
+def _finished_summary(out_dir: Path, settings: dict) -> dict | None:
+    """The summary of a finished run without failures, where every subject has its record: nothing to redo."""
+    summary_path = out_dir / "dataset_summary.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    done = all((out_dir / STATE_DIR / f"{subject}.json").is_file() for subject in settings["subjects"])
+    return summary if done and not summary["failed"] else None
+
+
 def prepare_dataset(
     source: CaseSource,
     out_dir: str | os.PathLike,
@@ -329,7 +338,8 @@ def prepare_dataset(
 
     Args:
         source: the CT cases (see ``scripts.cases.CaseSource``).
-        out_dir: output folder, new, empty, or holding an interrupted run with the same settings.
+        out_dir: output folder, new, empty, or holding a run with the same settings: an interrupted one is
+            resumed, a finished one without failures is returned as it is.
         size: side of the square crop centred on the lungs, in pixels.
         negative_ratio: slices without nodule drawn per slice with nodule, in each split.
         negative_margin: slices kept clear around any expert mark before a slice counts as without nodule.
@@ -356,7 +366,7 @@ def prepare_dataset(
         raise ValueError(f"source {source.name!r} has no subjects")
     settings = {
         "source": source.name,
-        "source_settings": source_settings(source),
+        "source_settings": _source_settings(source),
         "subjects": subjects,
         "size": size,
         "negative_ratio": negative_ratio,
@@ -366,6 +376,9 @@ def prepare_dataset(
         "negative_sampling": negative_sampling,
     }
     resuming = _check_output(out_dir, settings)
+    finished = _finished_summary(out_dir, settings) if resuming else None
+    if finished is not None:
+        return finished
     try:
         return _prepare(source, out_dir, settings, resuming, workers, on_error, progress)
     except BaseException:
