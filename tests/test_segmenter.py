@@ -1,4 +1,4 @@
-"""The segmenter as a MONAI inferer, and configs/inference.json end to end on tiny slices."""
+"""The segmenter as a MONAI inferer, and configs/inference_slices.json end to end on tiny slices."""
 
 import json
 import os
@@ -221,7 +221,7 @@ def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode)
     out = tmp_path / mode
     run(
         "run",
-        config_file=str(bundle_root / "configs" / "inference.json"),
+        config_file=str(bundle_root / "configs" / "inference_slices.json"),
         bundle_root=str(bundle_root),
         **overrides(tiny_bundle, out, mode=mode),
     )
@@ -234,7 +234,7 @@ def test_config_padding_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_ro
     out = tmp_path / "neg"
     run(
         "run",
-        config_file=str(bundle_root / "configs" / "inference.json"),
+        config_file=str(bundle_root / "configs" / "inference_slices.json"),
         bundle_root=str(bundle_root),
         **overrides(tiny_bundle, out, image_size=80, threshold=1.01, input_dir=str(tiny_bundle / "images")),
     )
@@ -245,7 +245,7 @@ def test_config_padding_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_ro
 def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
     out = tmp_path / "cli"
     args = [f"--{k}={v}" for k, v in overrides(tiny_bundle, out, max_panels=1).items()]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference_slices.json"]
     cmd += ["--bundle_root", "bundle", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=bundle_root.parent, env=env, capture_output=True, text=True, timeout=240)
@@ -257,7 +257,7 @@ def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
 def test_monai_label_style_inference(tiny_bundle, bundle_root):
     """What MONAI Label's BundleInferTask uses: network_def, preprocessing, inferer, postprocessing; result JSON."""
     parser = ConfigParser()
-    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.read_config(str(bundle_root / "configs" / "inference_slices.json"))
     parser.update({"bundle_root": str(bundle_root), "width": 1 / 16, "image_size": SIZE, "use_lung_mask": False})
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(tiny_bundle / "model.pt", weights_only=True))

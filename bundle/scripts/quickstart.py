@@ -1,7 +1,7 @@
 """The whole method on the embedded synthetic default, in one command: ``python -m scripts.quickstart`` (in bundle/).
 
 It runs the bundle's own configs, in order: prepare a synthetic dataset (or reuse the one there), train a small 1-GAP
-classifier (``configs/train.json``), segment the test split coarse and fine (``configs/inference.json``) and score
+classifier (``configs/train.json``), segment the test split coarse and fine (``configs/inference_slices.json``) and score
 both (``configs/evaluate.json``), then prints the Table 1 rows.
 """
 
@@ -116,7 +116,7 @@ def quickstart(
         predictions[f"1-GAP {mode}"] = str(out_dir / "predictions" / f"1gap_{mode}")
         _run_config(
             "run",
-            "inference.json",
+            "inference_slices.json",
             mode=mode,
             ckpt_path=str(ckpt_dir / "model.pt"),
             output_dir=predictions[f"1-GAP {mode}"],
