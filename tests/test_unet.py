@@ -49,6 +49,15 @@ def make_dataset(root):
     return items
 
 
+def config(bundle_root, name):
+    """A bundle config, parsed for a tiny CPU network."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / name))
+    parser["features"] = [4, 4, 8, 8, 16, 4]
+    parser["device"] = "$torch.device('cpu')"
+    return parser
+
+
 def bundle_run(args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
@@ -64,21 +73,104 @@ def bundle_run(args, cwd):
 
 
 def test_config_holds_the_papers_recipe(bundle_root):
-    parser = ConfigParser()
-    parser.read_config(str(bundle_root / "configs" / "train_unet.json"))
-    parser["features"] = [4, 4, 8, 8, 16, 4]
-    parser["device"] = "$torch.device('cpu')"
+    parser = config(bundle_root, "train_unet.json")
     assert parser["batch_size"] == 20 and parser["amp"] is True
     optimizer = parser.get_parsed_content("optimizer")
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
     assert parser.get_parsed_content("lr_scheduler").gamma == pytest.approx(0.999)
-    # the loss is 1 - Dice of the whole mini-batch (intersections and sizes summed over the batch)
-    logits = torch.tensor([[[[10.0, -10.0]]], [[[10.0, 10.0]]]])  # two 1x2 images, sigmoid ~ 1 or ~ 0
-    label = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 0.0]]]])
-    loss = parser.get_parsed_content("loss")(logits, label)
-    assert float(loss) == pytest.approx(1 - 2 * 1 / (3 + 1), abs=1e-3)
     for key in ("training", "run", "bundle_root", "dataset_dir", "device", "max_epochs", "val_interval", "image_size"):
         assert key in parser
+
+
+def test_loss_is_the_mean_of_per_sample_dice(bundle_root):
+    """The paper's loss: the negative mean over the mini-batch of each slice's Dice (here 1 - that mean, the same
+    gradient), not the Dice of the pooled batch. The three slices below tell the two apart."""
+    loss = config(bundle_root, "train_unet.json").get_parsed_content("loss")
+    on, off = 30.0, -30.0  # sigmoid ~ 1 or ~ 0
+    logits = torch.tensor([[[[on, on]]], [[[on, off]]], [[[off, off]]]])  # three 1x2 slices
+    label = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 0.0]]], [[[0.0, 0.0]]]])
+    # per slice: Dice 2*1/(2+1) = 2/3, then 1, then 1 (empty on empty: 0/0 smoothed to 1)
+    per_sample = 1 - (2 / 3 + 1 + 1) / 3
+    pooled = 1 - 2 * 2 / (3 + 2)  # intersections 2, sizes 3 + 2, summed over the batch
+    assert float(loss(logits, label)) == pytest.approx(per_sample, abs=1e-4)
+    assert abs(per_sample - pooled) > 0.05
+    # a prediction on a clean slice costs that slice's whole Dice
+    clean = torch.tensor([[[[off, off]]], [[[on, off]]]]), torch.zeros(2, 1, 1, 2)
+    assert float(loss(*clean)) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_checkpoints_are_chosen_by_a_metric_that_sees_false_positives_on_clean_slices(bundle_root):
+    """The key metric is the Dice of every validation slice, a clean slice scoring 1 when nothing is predicted on it
+    and 0 otherwise (DiceMetric with ignore_empty=False); Dice over the nodule slices only is logged beside it."""
+    parser = config(bundle_root, "train_unet.json")
+    key, extra = parser.get_parsed_content("validate#key_metric"), parser.get_parsed_content(
+        "validate#additional_metrics"
+    )
+    assert list(key) == ["val_dice_all_slices"] and list(extra) == ["val_dice_nodule_slices"]
+    key_metric, extra_metric = key["val_dice_all_slices"], extra["val_dice_nodule_slices"]
+    assert parser["validate#evaluator#key_val_metric"].replace("::", "#") == "@validate#key_metric"
+    assert parser["validate#handlers"][-1]["_target_"] == "CheckpointSaver"
+    assert parser["validate#handlers"][-1]["save_key_metric"] is True
+    nodule, clean = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    nodule[0, 1:3, 1:3] = 1
+    half = nodule.clone()
+    half[0, 1, 1:3] = 0  # Dice 2*2/(2+4) = 2/3
+    false_positive = torch.zeros(1, 4, 4)
+    false_positive[0, 0, 0] = 1
+
+    def score(metric, preds, labels):
+        metric.save_details = False  # per-slice details go to an engine's state; none here
+        metric.reset()
+        metric.update((preds, labels))
+        return metric.compute()
+
+    labels = [nodule, clean, clean]
+    assert score(key_metric, [half, clean, clean], labels) == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert score(key_metric, [half, false_positive, clean], labels) == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert score(key_metric, [clean, clean, clean], labels) == pytest.approx((0 + 1 + 1) / 3)  # a miss scores 0
+    # the nodule-slice Dice alone cannot see the false positive
+    assert score(extra_metric, [half, false_positive, clean], labels) == pytest.approx(2 / 3)
+
+
+def test_augmentation_mirrors_the_classifiers(bundle_root):
+    """The same random flips and affine as configs/train.json, applied to the image and its mask alike."""
+    unet = config(bundle_root, "train_unet.json")
+    classifier = config(bundle_root, "train.json")
+    ours, theirs = unet["train#random_transforms"], classifier["train#random_transforms"]
+    assert len(ours) == len(theirs) == 3
+    for mine, reference in zip(ours, theirs):
+        assert mine["_target_"] == reference["_target_"] and mine["keys"] == ["image", "label"]
+        for name, value in reference.items():
+            if name == "mode":
+                assert mine["mode"] == [value, "nearest"]  # the mask stays binary
+            elif name != "keys":
+                assert mine[name] == value, name
+        assert set(mine) == set(reference)
+    assert unet["train#preprocessing#transforms"] == "$@train#deterministic_transforms + @train#random_transforms"
+
+
+def test_augmented_mask_stays_on_its_nodule(tmp_path, bundle_root):
+    """Through the U-Net's training preprocessing the mask moves with the image (the same flips, the same affine)."""
+    image = np.full((SIZE, SIZE), -900, np.int16)
+    label = np.zeros((SIZE, SIZE), np.uint8)
+    image[4:12, 6:12], label[4:12, 6:12] = 100, 1  # off-centre, so flips and shifts move it
+    for name, arr in (("image", image), ("label", label)):
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    parser = config(bundle_root, "train_unet.json")
+    parser["image_size"] = SIZE
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    moved = 0
+    for seed in range(12):
+        preprocessing.set_random_state(seed)
+        out = preprocessing(item)
+        img, lab = out["image"][0].numpy(), out["label"][0].numpy()
+        assert set(np.unique(lab)) <= {0.0, 1.0} and lab.sum() > 20
+        bright = img > 0.5 * (img.max() + img.min())
+        assert (lab.astype(bool) & bright).sum() / lab.sum() > 0.85, seed
+        assert (lab.astype(bool) & bright).sum() / bright.sum() > 0.85, seed
+        moved += not np.array_equal(lab, label)
+    assert moved >= 6  # the augmentation did run
 
 
 def test_train_then_infer_then_evaluate(tmp_path, bundle_root):
