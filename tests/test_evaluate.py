@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 from scripts.dataset import load_split
-from scripts.evaluate import SegmentationEvaluation, order_methods
+from scripts.evaluate import SegmentationEvaluation, order_methods, plot_fig3
 
 SHAPE = (16, 16)
 
@@ -110,6 +110,7 @@ def check_outputs(out_dir):
     dice_bins = gap["by_diameter"]["tp_dice"]
     assert [b["n"] for b in dice_bins] == [1, 0, 1] and dice_bins[0]["mean"] == pytest.approx(0.8)
     assert gap["by_diameter"]["tp_doa_mm2"][2]["mean"] == pytest.approx(16.0)
+    assert gap["by_diameter"]["nodule_slices"] == unet["by_diameter"]["nodule_slices"] == [2, 0, 1]  # a, c; none; b
 
     assert unet["counts"]["TP"] == 2 and unet["counts"]["FN"] == 0 and unet["counts"]["FP"] == 0
     assert (unet["counts"]["FP_nodule_exclusive"], unet["counts"]["FP_nodule_component"]) == (1, 2)
@@ -157,6 +158,33 @@ def test_bundle_run_from_repo_root(dataset, tmp_path, bundle_root):
     proc = subprocess.run(cmd, cwd=bundle_root.parent, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_outputs(out)
+    # the command says what it found and where it wrote it
+    table = (out / "table1.md").read_text()
+    assert table.strip() in proc.stdout
+    for name in ("table1.md", "metrics.json", "fig3.png"):
+        assert f"wrote {out / name}" in proc.stdout
+
+
+def test_fig3_shows_n_per_bin_and_marks_empty_bins(dataset, tmp_path):
+    root, preds = dataset
+    result = SegmentationEvaluation(root, preds, tmp_path / "out", diameter_bins_mm=[3, 5, 10, 20]).run()
+    fig = plot_fig3(result["methods"], tmp_path / "fig3.png")
+    for ax in fig.axes:
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == ["3-5\nn=2", "5-10\nn=0", "10-20\nn=1"]
+        texts = [t.get_text() for t in ax.texts]
+        assert texts.count("no nodule slices") == 1  # the 5-10 mm bin
+        assert sorted(texts) == ["1", "1", "1", "1", "no nodule slices"]  # TP slices beside each point (a; b)
+    assert imread(tmp_path / "fig3.png").shape[0] > 100
+
+    # a bin with nodule slices that a method missed entirely says so
+    stats = [{"low_mm": 3.0, "high_mm": 5.0, "n": 2, "mean": 0.7, "sd": 0.1}]
+    stats += [{"low_mm": lo, "high_mm": hi, "n": 0, "mean": None, "sd": None} for lo, hi in ((5.0, 10.0), (10.0, 20.0))]
+    summary = {"by_diameter": {"tp_dice": stats, "tp_doa_mm2": stats, "nodule_slices": [3, 4, 0]}}
+    fig = plot_fig3({"1-GAP fine": summary}, tmp_path / "missed.png")
+    for ax in fig.axes:
+        assert sorted(t.get_text() for t in ax.texts) == ["0 TP", "2", "no nodule slices"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["3-5\nn=3", "5-10\nn=4", "10-20\nn=0"]
 
 
 def test_errors_name_the_problem(dataset, tmp_path):

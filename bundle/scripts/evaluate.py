@@ -130,9 +130,12 @@ def summarize_method(
     summary = detection_summary(single, fp_nodule_rule)
     tp = [r for r in single if r["outcome"] == "TP" and r["diameter_mm"] is not None]
     diameters = [r["diameter_mm"] for r in tp]
+    nodule_diameters = [r["diameter_mm"] for r in single if r["class"] == 1 and r["diameter_mm"] is not None]
     summary["by_diameter"] = {
         "tp_dice": binned_mean_sd([r["dice"] for r in tp], diameters, diameter_bins_mm),
         "tp_doa_mm2": binned_mean_sd([r["doa_mm2"] for r in tp], diameters, diameter_bins_mm),
+        # every one-nodule slice of the split per bin, found or not: how much each bin's mean stands on
+        "nodule_slices": [b["n"] for b in binned_mean_sd(nodule_diameters, nodule_diameters, diameter_bins_mm)],
     }
     summary["two_nodules"] = {
         "slices": len(multi),
@@ -191,26 +194,58 @@ def format_table1(summaries: Mapping[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_fig3(summaries: Mapping[str, dict], path: str | os.PathLike) -> None:
-    """Fig. 3: TP Dice and TP DOA (mean ± SD) against nodule diameter bins, one line per method, as a PNG."""
-    fig = Figure(figsize=(11, 4))  # no pyplot: no global state, the Agg canvas by default
+def plot_fig3(summaries: Mapping[str, dict], path: str | os.PathLike) -> Figure:
+    """Fig. 3: TP Dice and TP DOA (mean ± SD) against nodule diameter bins, one line per method, as a PNG.
+
+    Each point is labelled with its number of TP slices; a method that found none of a bin's nodule slices gets an open
+    marker on the axis labelled "0 TP"; a bin without any one-nodule slice in the split is shaded and marked "no
+    nodule slices".
+    The tick labels give each bin's one-nodule slices (``n``), found or not. Returns the figure written.
+    """
+    fig = Figure(figsize=(12, 4.6))  # no pyplot: no global state, the Agg canvas by default
     axes = fig.subplots(1, 2)
+    names = list(summaries)
+    first = summaries[names[0]]["by_diameter"]
+    counts = first.get("nodule_slices") or [None] * len(first["tp_dice"])
     for ax, key, title in zip(axes, ("tp_dice", "tp_doa_mm2"), ("TP Dice", "TP DOA (mm$^2$)")):
-        names = list(summaries)
         for i, name in enumerate(names):
             bins = summaries[name]["by_diameter"][key]
             x = np.arange(len(bins)) + 0.08 * (i - (len(names) - 1) / 2)  # side by side, bars apart
             mean = [np.nan if b["mean"] is None else b["mean"] for b in bins]
             sd = [np.nan if b["sd"] is None else b["sd"] for b in bins]
-            ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=name)
-        ticks = [f"{b['low_mm']:g}-{b['high_mm']:g}" for b in bins]
+            line = ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=name)
+            colour = line[0].get_color()
+            for xi, b, m, n in zip(x, bins, mean, counts):
+                if b["n"]:
+                    ax.annotate(str(b["n"]), (xi, m), xytext=(3, 3), textcoords="offset points", fontsize=7)
+                elif n != 0:  # nodule slices, none found: said on the axis instead of a silent gap
+                    ax.plot([xi], [0.0], marker="o", mfc="none", color=colour, linestyle="none")
+                    ax.annotate("0 TP", (xi, 0.0), xytext=(3, 3), textcoords="offset points", fontsize=7, color=colour)
+        for j, n in enumerate(counts):
+            if n == 0:
+                ax.axvspan(j - 0.45, j + 0.45, color="0.9", zorder=0)
+                ax.text(
+                    j,
+                    0.5,
+                    "no nodule slices",
+                    transform=ax.get_xaxis_transform(),
+                    rotation=90,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="0.4",
+                )
+        bins = first[key]
+        ticks = [f"{b['low_mm']:g}-{b['high_mm']:g}" + ("" if n is None else f"\nn={n}") for b, n in zip(bins, counts)]
         ax.set_xticks(np.arange(len(ticks)), ticks)
-        ax.set_xlabel("nodule diameter (mm)")
+        ax.set_xlim(-0.6, len(ticks) - 0.4)
+        ax.set_xlabel("nodule diameter (mm); n = one-nodule slices in the bin; by the points: TP slices")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return fig
 
 
 class SegmentationEvaluation:
@@ -227,6 +262,7 @@ class SegmentationEvaluation:
         connectivity: 1 or 2 (4- or 8-neighbours) for connected components.
         threshold: the probability threshold for classification accuracy.
         per_slice: also write every slice's row to ``metrics.json``.
+        print_table: print the table written and the files' paths (``configs/evaluate.json`` does).
     """
 
     def __init__(
@@ -241,6 +277,7 @@ class SegmentationEvaluation:
         connectivity: int = 2,
         threshold: float = 0.5,
         per_slice: bool = True,
+        print_table: bool = False,
     ) -> None:
         if not predictions:
             raise ValueError("no predictions to evaluate: give at least one method name -> prediction folder.")
@@ -251,7 +288,7 @@ class SegmentationEvaluation:
         self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
         self.predictions = {name: Path(predictions[name]) for name in order_methods(list(predictions))}
         self.split, self.bins, self.connectivity = split, list(diameter_bins_mm), connectivity
-        self.threshold, self.per_slice = threshold, per_slice
+        self.threshold, self.per_slice, self.print_table = threshold, per_slice, print_table
 
     def run(self) -> dict:
         """Score every method, write the three files and return what ``metrics.json`` holds."""
@@ -272,4 +309,8 @@ class SegmentationEvaluation:
         table = format_table1(methods)
         write_text(self.output_dir / "table1.md", table)
         plot_fig3(methods, self.output_dir / "fig3.png")
+        if self.print_table:
+            print(f"\n{table}", flush=True)
+            for name in ("table1.md", "metrics.json", "fig3.png"):
+                print(f"wrote {self.output_dir / name}", flush=True)
         return result
