@@ -11,7 +11,15 @@ import scripts.dataset as scripts_dataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImaged
 from scripts.cases import CaseAnnotations, CaseVolume, Nodule
-from scripts.dataset import SPLITS, crop_window, plan_dataset, prepare_dataset, split_subjects
+from scripts.dataset import (
+    SPLITS,
+    crop_window,
+    inference_datalist,
+    load_split,
+    plan_dataset,
+    prepare_dataset,
+    split_subjects,
+)
 from scripts.labels import slice_classes, staple
 
 SHAPE = (80, 80, 12)
@@ -106,6 +114,68 @@ def test_split_has_no_leak_and_is_stratified():
     assert set(split_subjects({"a": 0.1, "b": 0.2}).values()) <= set(SPLITS)
 
 
+class FewNoduleSource(ToySource):
+    """Only T0-T2 have a nodule: the other subjects contribute no slice, since negatives match positives."""
+
+    def annotations(self, subject):
+        a = super().annotations(subject)
+        return a if int(subject[1:]) < 3 else CaseAnnotations(subject, a.shape, a.spacing)
+
+
+def test_every_split_gets_a_subject_with_nodules():
+    share = {"a": 0.3, "b": 0.2, "c": 0.1, **{f"z{i}": 0.0 for i in range(5)}}
+    for seed in range(6):  # the block deal alone leaves a split without a, b or c for seeds 0, 1, 2, 4 and 5
+        split = split_subjects(share, seed=seed)
+        assert sorted(split[s] for s in "abc") == sorted(SPLITS), seed
+        assert split == split_subjects(share, seed=seed)
+    source = FewNoduleSource(9)
+    plans = plan_dataset([source.annotations(s) for s in source.subjects()], negative_margin=0, seed=4)
+    for split in SPLITS:  # before the fix, seed 4 put T0-T2 in training and left validation and test without slices
+        chosen = [p for p in plans if p.split == split]
+        assert sum(len(p.positives) for p in chosen) == 5 and sum(len(p.negatives) for p in chosen) == 5, split
+
+
+def _write_datalist(root: Path, text: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "datalist.json").write_text(text)
+    return root
+
+
+def test_load_split_names_the_file_and_the_problem(tmp_path):
+    item = {"image": "images/a.nii.gz", "class": 1}
+    root = _write_datalist(tmp_path / "empty_test", json.dumps({"training": [item], "validation": [item], "test": []}))
+    # MONAI's reader fails on an empty test split with a bare IndexError; inference reads the test split
+    for read in (lambda: load_split(root, "test"), lambda: inference_datalist(root, "test")):
+        with pytest.raises(ValueError, match=r"split 'test' of .*empty_test/datalist\.json is empty .*test 0"):
+            read()
+    assert load_split(root, "training") == [{"image": str(root / "images" / "a.nii.gz"), "class": 1}]
+    with pytest.raises(ValueError, match=r"lacks \['label'\]"):
+        load_split(root, "training", required=("image", "label"))
+    broken = _write_datalist(tmp_path / "broken", '{"training": [{"image": "a.nii.gz"},')
+    with pytest.raises(ValueError, match=r"broken/datalist\.json: malformed JSON at line 1, column 37"):
+        load_split(broken, "training")
+    listed = _write_datalist(tmp_path / "listed", json.dumps([item]))
+    with pytest.raises(ValueError, match=r"listed/datalist\.json: expected an object of splits, got a JSON list"):
+        load_split(listed, "training")
+    flat = _write_datalist(tmp_path / "flat", json.dumps({"test": "images/a.nii.gz"}))
+    with pytest.raises(ValueError, match="split 'test' is a JSON str, not a list"):
+        load_split(flat, "test")
+
+
+def test_malformed_state_is_named_on_resume(tmp_path):
+    out = tmp_path / "ds"
+    prepare_dataset(ToySource(6), out, size=64, progress=False)
+    summary = out / "dataset_summary.json"
+    summary.write_text(summary.read_text()[:-20])  # truncated, e.g. by a full disk outside this writer
+    with pytest.raises(ValueError, match=r"dataset_summary\.json: malformed JSON"):
+        prepare_dataset(ToySource(6), out, size=64, progress=False)
+    summary.unlink()
+    record = out / ".state" / "T1.json"
+    record.write_text("{")
+    with pytest.raises(ValueError, match=r"\.state/T1\.json: malformed JSON at line 1, column 2"):
+        prepare_dataset(ToySource(6), out, size=64, progress=False)
+
+
 def test_negatives_equal_positives_per_split():
     source = ToySource(12)
     plans = plan_dataset([source.annotations(s) for s in source.subjects()], negative_margin=0, seed=0)
@@ -147,7 +217,13 @@ def test_round_trip_through_monai(tmp_path):
             n_pos += item["class"]
     # per subject with a nodule: local slices 0-4 have >= 2 experts overlapping, slice 5 has one expert only
     assert n_pos == 5 * 5
-    assert summary["slices"]["training"]["with_nodule"] + summary["slices"]["test"]["with_nodule"] <= n_pos
+    assert sum(summary["slices"][s]["with_nodule"] for s in SPLITS) == n_pos
+    for split in SPLITS:  # the summary counts what the datalist holds, split by split
+        items = load_split(out, split, required=("class",))
+        assert summary["slices"][split] == {
+            "with_nodule": sum(i["class"] for i in items),
+            "without_nodule": sum(1 - i["class"] for i in items),
+        }
     datalist = json.loads((out / "datalist.json").read_text())
     assert all(i["slice"] != 8 for items in datalist.values() for i in items if i["subject"] != "T5")
 
@@ -272,3 +348,21 @@ def test_matched_negatives_follow_the_positives_heights():
     assert sum(len(p.negatives) for p in plans) == sum(len(p.positives) for p in plans)
     with pytest.raises(ValueError, match="negative_sampling"):
         plan_dataset([ToySource(6).annotations("T0")], negative_sampling="nearby")
+
+
+def test_malformed_prediction_record_and_datalist_are_named(tmp_path):
+    from scripts.atomic import read_json
+    from scripts.contact_sheet import contact_sheet
+    from scripts.evaluate import _read_probability
+
+    records = tmp_path / "pred" / "records"
+    records.mkdir(parents=True)
+    (records / "S0_0001.json").write_text('{"probability": 0.7')
+    with pytest.raises(ValueError, match=r"records/S0_0001\.json: malformed JSON at line 1, column 20"):
+        _read_probability(tmp_path / "pred", "S0_0001")
+    (records / "S0_0002.json").write_bytes(b'{"probability": "\xff"}')
+    with pytest.raises(ValueError, match=r"S0_0002\.json: not a UTF-8 text file"):
+        read_json(records / "S0_0002.json")
+    _write_datalist(tmp_path / "ds", "{'training': []}")  # Python, not JSON
+    with pytest.raises(ValueError, match=r"ds/datalist\.json: malformed JSON at line 1, column 2"):
+        contact_sheet(str(tmp_path / "ds"))

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["write_atomically", "write_text", "write_json"]
+__all__ = ["write_atomically", "write_text", "write_json", "read_json"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -36,3 +36,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as JSON indented by 4 to ``path`` atomically."""
     write_text(path, json.dumps(data, indent=4))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON content of ``path``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not valid UTF-8 JSON; the message names the file, the line and the column (a bare
+            ``JSONDecodeError`` names neither the file nor what to fix).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 text file, so not JSON ({error.reason} at byte {error.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        raise ValueError(f"{path}: malformed JSON at {where}: {error.msg} (a truncated or hand-edited file?)") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import fire
@@ -13,7 +12,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import write_atomically  # noqa: E402
+from .atomic import read_json, write_atomically  # noqa: E402
 
 __all__ = ["contact_sheet"]
 
@@ -38,7 +37,7 @@ def contact_sheet(
     datalist_path = root / "datalist.json"
     if not datalist_path.is_file():
         raise FileNotFoundError(f"no prepared dataset at {root}: {datalist_path} is missing")
-    items = json.loads(datalist_path.read_text()).get(split, [])
+    items = read_json(datalist_path).get(split, [])
     if not items:
         raise ValueError(f"split {split!r} of {datalist_path} is empty")
     rng = np.random.default_rng(seed)

@@ -32,8 +32,9 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 from tqdm import tqdm
 
-from .atomic import write_atomically, write_json
+from .atomic import read_json, write_atomically, write_json
 from .cases import CaseAnnotations, CaseSource, CaseVolume
+from .crop import crop, crop_window
 from .labels import consensus_mask, slice_classes, slice_label
 from .lung_mask import segment_lungs
 
@@ -42,7 +43,6 @@ __all__ = [
     "SlicePlan",
     "split_subjects",
     "plan_dataset",
-    "crop_window",
     "prepare_dataset",
     "write_nifti",
     "load_split",
@@ -81,10 +81,16 @@ def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ..
 
     Subjects are ranked by share and dealt out in blocks of ``sum(ratios)``; each block is assigned by a seeded
     shuffle of the split pattern, so every split sees the same spread of shares. Each split gets at least one
-    subject when there are at least three; with fewer, some splits stay empty.
+    subject with nodule slices when at least three subjects have some, and at least one subject when there are at
+    least three: a split whose subjects have no nodule slice has no slices at all, since its negatives are drawn
+    to match its positives. With fewer subjects some splits stay empty (a warning says so).
     """
-    if len(share) < len(SPLITS):
-        logger.warning(f"{len(share)} subjects cannot fill {len(SPLITS)} splits: some splits will be empty")
+    with_nodules = [s for s in sorted(share, key=lambda s: (-share[s], s)) if share[s] > 0]
+    if len(with_nodules) < len(SPLITS):
+        logger.warning(
+            f"{len(with_nodules)} of {len(share)} subjects have slices with nodule, too few to fill "
+            f"{len(SPLITS)} splits: some splits will have no slices"
+        )
     rng = np.random.default_rng(seed)
     pattern = [split for split, n in zip(SPLITS, ratios) for _ in range(n)]
     ranked = sorted(share, key=lambda s: (-share[s], s))
@@ -94,12 +100,17 @@ def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ..
         order = rng.permutation(len(pattern))
         for subject, index in zip(block, order):
             assignment[subject] = pattern[index]
-    for split in SPLITS:  # small cohorts: make sure no split is empty
-        if split not in assignment.values() and len(share) >= len(SPLITS):
-            counts = {s: list(assignment.values()).count(s) for s in SPLITS}
-            donor = max(counts, key=lambda s: counts[s])
-            moved = next(s for s in reversed(ranked) if assignment[s] == donor)
-            assignment[moved] = split
+    # small cohorts: first every split gets a subject, then every split a subject with nodule slices; each move
+    # takes the donor's subject of least share from the split that has most, so no donor is left without one
+    for pool in (ranked, with_nodules):
+        if len(pool) < len(SPLITS):
+            continue
+        for split in SPLITS:
+            counts = {s: sum(assignment[k] == s for k in pool) for s in SPLITS}
+            if counts[split] == 0:
+                donor = max(counts, key=lambda s: counts[s])
+                moved = next(s for s in reversed(pool) if assignment[s] == donor)
+                assignment[moved] = split
     return assignment
 
 
@@ -159,43 +170,6 @@ def _matched_draw(
     return np.concatenate([chosen, rng.choice(rest, size=wanted - first, replace=False)]).astype(int)
 
 
-def crop_window(lung_mask: np.ndarray, size: int, keep: list[tuple[slice, slice]] = ()) -> tuple[int, int]:
-    """Top-left corner of the ``size`` x ``size`` crop centred on the lung mask, shifted to contain ``keep`` boxes.
-
-    The corner may be negative or run past the image: the crop is then padded with air.
-
-    Raises:
-        ValueError: when the boxes in ``keep`` do not fit in one crop.
-    """
-    rows, cols = lung_mask.shape[:2]
-    footprint = lung_mask.any(axis=2) if lung_mask.ndim == 3 else lung_mask
-    if footprint.any():
-        r = np.flatnonzero(footprint.any(axis=1))
-        c = np.flatnonzero(footprint.any(axis=0))
-        centre = ((r[0] + r[-1] + 1) / 2, (c[0] + c[-1] + 1) / 2)
-    else:
-        centre = (rows / 2, cols / 2)
-    corner = [int(round(centre[0] - size / 2)), int(round(centre[1] - size / 2))]
-    for axis in range(2):
-        if not keep:
-            break
-        low = min(box[axis].start for box in keep)
-        high = max(box[axis].stop for box in keep)
-        if high - low > size:
-            raise ValueError(f"the nodules span {high - low} pixels along axis {axis}, more than the crop size {size}")
-        corner[axis] = min(max(corner[axis], high - size), low)
-    return corner[0], corner[1]
-
-
-def _crop(array: np.ndarray, corner: tuple[int, int], size: int, fill: float) -> np.ndarray:
-    """``array[corner : corner + size]`` along the first two axes, padded with ``fill`` outside the image."""
-    out = np.full((size, size) + array.shape[2:], fill, dtype=array.dtype)
-    src = [slice(max(c, 0), min(c + size, n)) for c, n in zip(corner, array.shape[:2])]
-    dst = [slice(s.start - c, s.stop - c) for s, c in zip(src, corner)]
-    out[dst[0], dst[1]] = array[src[0], src[1]]
-    return out
-
-
 def _check_volume(case: CaseVolume) -> None:
     a = case.annotations
     where = f"subject {a.subject}"
@@ -239,11 +213,9 @@ def _write_subject(case: CaseVolume, plan: SlicePlan, out_dir: Path, size: int, 
         label = slice_label(a, classes, consensus, slice_index) if positive else np.zeros(a.shape[:2], dtype=bool)
         stem = _stem(a.subject, slice_index)
         hu = np.clip(np.rint(case.hu[..., slice_index]), -32768, 32767).astype(np.int16)
-        write_nifti(_crop(hu, corner, size, AIR_HU), a.spacing[:2], out_dir / "images" / f"{stem}.nii.gz")
-        write_nifti(
-            _crop(label.astype(np.uint8), corner, size, 0), a.spacing[:2], out_dir / "labels" / f"{stem}.nii.gz"
-        )
-        lung = _crop(lungs[..., slice_index].astype(np.uint8), corner, size, 0)
+        write_nifti(crop(hu, corner, size, AIR_HU), a.spacing[:2], out_dir / "images" / f"{stem}.nii.gz")
+        write_nifti(crop(label.astype(np.uint8), corner, size, 0), a.spacing[:2], out_dir / "labels" / f"{stem}.nii.gz")
+        lung = crop(lungs[..., slice_index].astype(np.uint8), corner, size, 0)
         write_nifti(lung, a.spacing[:2], out_dir / "lungs" / f"{stem}.nii.gz")
         items.append(
             {
@@ -295,7 +267,7 @@ def _check_output(out_dir: Path, settings: dict) -> bool:
         raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
     settings_path = out_dir / STATE_DIR / "settings.json"
     if settings_path.exists():
-        earlier = json.loads(settings_path.read_text())
+        earlier = read_json(settings_path)
         if earlier != settings:
             changed = sorted(k for k in settings if earlier.get(k) != settings[k])
             raise ValueError(f"output {out_dir} holds a dataset prepared with other settings ({', '.join(changed)})")
@@ -316,7 +288,7 @@ def _finished_summary(out_dir: Path, settings: dict) -> dict | None:
     summary_path = out_dir / "dataset_summary.json"
     if not summary_path.is_file():
         return None
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path)
     done = all((out_dir / STATE_DIR / f"{subject}.json").is_file() for subject in settings["subjects"])
     return summary if done and not summary["failed"] else None
 
@@ -426,7 +398,7 @@ def _prepare(
     for plan in plans:
         path = state / f"{plan.subject}.json"
         if path.exists():
-            records[plan.subject] = json.loads(path.read_text())
+            records[plan.subject] = read_json(path)
     todo = [p for p in plans if p.subject not in records]
     bar = tqdm(
         total=len(plans), initial=len(records), desc=f"prepare {source.name}", unit="subject", disable=not progress
@@ -497,19 +469,32 @@ def load_split(dataset_dir: str | os.PathLike, split: str = "test", required: It
     """The items of ``split`` in ``<dataset_dir>/datalist.json``, paths made absolute by MONAI's
     ``load_decathlon_datalist``.
 
+    The datalist is checked before MONAI reads it: MONAI fails on an empty ``test`` split with a bare IndexError
+    (it looks at the first item to tell a list of paths from a list of items) and on malformed JSON without the
+    file's name.
+
     Raises:
         FileNotFoundError: the datalist is missing.
-        ValueError: the split is missing or empty, or an item lacks a ``required`` key.
+        ValueError: the datalist is not valid JSON, the split is missing, not a list or empty, or an item lacks a
+            ``required`` key.
     """
     datalist = Path(dataset_dir) / "datalist.json"
     if not datalist.is_file():
         raise FileNotFoundError(f"no datalist: {datalist}")
-    splits = json.loads(datalist.read_text())
+    splits = read_json(datalist)
+    if not isinstance(splits, dict):
+        raise ValueError(f"{datalist}: expected an object of splits, got a JSON {type(splits).__name__}")
     if split not in splits:
         raise ValueError(f"{datalist} has no split {split!r} (it has {sorted(splits)})")
+    if not isinstance(splits[split], list):
+        raise ValueError(f"{datalist}: split {split!r} is a JSON {type(splits[split]).__name__}, not a list")
+    if not splits[split]:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items() if isinstance(v, list))
+        raise ValueError(
+            f"split {split!r} of {datalist} is empty (items per split: {sizes}); prepare more cases or choose "
+            "another split"
+        )
     items = load_decathlon_datalist(str(datalist), data_list_key=split, base_dir=str(dataset_dir))
-    if not items:
-        raise ValueError(f"split {split!r} of {datalist} is empty")
     for item in items:
         missing = set(required) - set(item)
         if missing:

@@ -9,7 +9,6 @@ The counting rules are in :mod:`scripts.metrics`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
-from .atomic import write_atomically, write_json, write_text
+from .atomic import read_json, write_atomically, write_json, write_text
 from .dataset import load_split, slice_stem
 from .metrics import (
     FP_NODULE_RULES,
@@ -74,7 +73,7 @@ def _read_probability(pred_dir: Path, stem: str) -> float | None:
     path = records / f"{stem}.json"
     if not path.is_file():
         raise FileNotFoundError(f"missing record (the folder {records} exists, so every slice needs one): {path}")
-    record = json.loads(path.read_text())
+    record = read_json(path)
     if "probability" not in record:
         raise ValueError(f"{path} has no 'probability'.")
     return float(record["probability"])
