@@ -4,7 +4,8 @@ import io
 
 import pytest
 import torch
-from scripts.networks import GAPClassifier, NAMInferer, checkpoint_config, load_checkpoint
+from scripts.checkpoint import load_checkpoint
+from scripts.networks import GAPClassifier, NAMInferer
 
 WIDTH = 1 / 16
 
@@ -147,28 +148,6 @@ def test_pretrained_errors_name_the_file(tmp_path):
         _model().load_backbone(partial)
 
 
-def test_checkpoint_round_trip_and_wrong_config(tmp_path):
-    trained = _model(2)
-    path = tmp_path / "model.pt"
-    torch.save(trained.state_dict(), path)
-    assert checkpoint_config(trained.state_dict()) == trained.config()
-    loaded = load_checkpoint(_model(2), path)
-    x = torch.rand(1, 1, 32, 32)
-    torch.testing.assert_close(loaded(x), trained(x))
-    # the "last" training checkpoint keeps the weights under "model"
-    torch.save({"model": trained.state_dict(), "optimizer": {}}, tmp_path / "last.pt")
-    torch.testing.assert_close(load_checkpoint(_model(2), tmp_path / "last.pt")(x), trained(x))
-    message = r"model\.pt was trained with gap_levels=2, width=0\.0625.*this model has gap_levels=1, width=1"
-    with pytest.raises(ValueError, match=message):
-        load_checkpoint(GAPClassifier(gap_levels=1, width=1.0), path)
-    with pytest.raises(
-        ValueError, match="gap_levels=2, width=0.0625, in_channels=1, head_channels=256, batch_norm=False; this"
-    ):
-        load_checkpoint(GAPClassifier(gap_levels=2, width=WIDTH, head_channels=512), path)
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
-        load_checkpoint(_model(), tmp_path / "nothing.pt")
-
-
 def test_torchscript_round_trip():
     model = _model(3)
     scripted = torch.jit.script(model)
@@ -215,5 +194,5 @@ def test_batch_norm_variant_follows_torchvision_vgg16_bn_layout(tmp_path):
     path = tmp_path / "bn.pt"
     torch.save(model.state_dict(), path)
     load_checkpoint(GAPClassifier(gap_levels=3, width=0.0625, batch_norm=True), path)
-    with pytest.raises(ValueError, match="batch_norm=True; this model has .*batch_norm=False"):
+    with pytest.raises(ValueError, match=r"batch_norm=True; this model .* has .*batch_norm=False"):
         load_checkpoint(GAPClassifier(gap_levels=3, width=0.0625), path)

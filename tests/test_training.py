@@ -17,7 +17,8 @@ import torch
 from dataset_factory import write_tiny_dataset
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from scripts.networks import GAPClassifier, load_checkpoint
+from scripts.checkpoint import load_checkpoint
+from scripts.networks import GAPClassifier
 from scripts.training import last_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from torch import nn
 
-__all__ = ["VGG16_CONFIG", "GAPClassifier", "NAMInferer", "load_checkpoint", "checkpoint_config"]
+__all__ = ["VGG16_CONFIG", "GAPClassifier", "NAMInferer"]
 
 # torchvision's VGG16 "D" layout: channel counts, "M" = 2x2 max pooling (pool5 left out).
 VGG16_CONFIG: tuple[int | str, ...] = (
@@ -268,56 +268,3 @@ class NAMInferer(Inferer):
         model = getattr(network, "module", network)  # DistributedDataParallel wraps the classifier
         logits, nam = model.forward_with_nam(inputs)
         return {"probability": torch.softmax(logits.float(), dim=1)[:, 1:], "nam": nam}
-
-
-def checkpoint_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Infer ``gap_levels``, ``width``, ``in_channels`` and ``head_channels`` from a classifier state dict's shapes."""
-    try:
-        conv1 = state_dict["features.0.weight"]
-        head = state_dict["heads.0.0.weight"]
-    except KeyError as err:
-        raise ValueError(f"not a GAPClassifier state dict: missing {err}") from None
-    width = conv1.shape[0] / 64
-    gap_levels = sum(1 for k in state_dict if k.startswith("heads.") and k.endswith(".0.weight"))
-    return {
-        "gap_levels": gap_levels,
-        "width": width,
-        "in_channels": int(conv1.shape[1]),
-        "head_channels": int(round(head.shape[0] / width)),
-        "batch_norm": "features.1.running_mean" in state_dict,
-    }
-
-
-def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassifier:
-    """Load a checkpoint saved by the training bundle into ``model`` and return it.
-
-    ``path`` holds either a plain state dict (``models/model.pt``) or a training checkpoint with the state dict
-    under ``"model"`` (the "last" checkpoint). A checkpoint of another configuration gives a ValueError naming
-    both configurations.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}.")
-    try:
-        found = checkpoint_config(state)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    expected = model.config()
-    shape_keys = ("gap_levels", "width", "in_channels")
-    if (
-        any(not math.isclose(found[k], expected[k], rel_tol=1e-3) for k in shape_keys)
-        or _scaled(found["head_channels"], found["width"]) != model.head_sizes[0]
-        or found["batch_norm"] != expected["batch_norm"]
-    ):
-
-        def describe(cfg: dict[str, Any]) -> str:
-            sizes = ", ".join(f"{k}={cfg[k]:g}" for k in (*shape_keys, "head_channels"))
-            return f"{sizes}, batch_norm={cfg['batch_norm']}"
-
-        raise ValueError(f"checkpoint {path} was trained with {describe(found)}; this model has {describe(expected)}.")
-    model.load_state_dict(state)
-    return model

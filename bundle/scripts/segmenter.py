@@ -109,6 +109,7 @@ class WeaklySupervisedSegmenter(Inferer):
             recomputing only the window each candidate changes, layer by layer (False: full image, the reference).
         batch_size: masked copies per forward in R-NAM (None: all at once).
         spacing: ``(row, col)`` mm used when the inputs carry no affine and none is passed.
+        amp: classify in mixed precision when the inputs are on CUDA (no effect on CPU).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class WeaklySupervisedSegmenter(Inferer):
         crop: bool = True,
         batch_size: int | None = None,
         spacing: Sequence[float] = (1.0, 1.0),
+        amp: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -152,6 +154,7 @@ class WeaklySupervisedSegmenter(Inferer):
         self.crop = crop
         self.batch_size = batch_size
         self.spacing = (float(spacing[0]), float(spacing[1]))
+        self.amp = bool(amp)
         self.last_results: list[SliceResult] = []
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -160,36 +163,64 @@ class WeaklySupervisedSegmenter(Inferer):
         Keyword args (optional): ``lung_mask`` ``(B, [1,] H, W)``; ``spacing`` ``(row, col)`` mm for all slices
         (else taken from the inputs' affine when they are a MetaTensor, else the constructor's ``spacing``).
         """
-        self._check_inputs(inputs)
-        network = getattr(network, "module", network)  # DistributedDataParallel wraps the classifier
-        with torch.no_grad():
-            logits, nams = logits_and_nam(network, inputs)
-            probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
-            multi_nams = None
-            if self.mode in MULTI_GAP_MODES and (probs >= self.threshold).any():
-                multi_nams = logits_and_nam(self.multi_gap_network, inputs)[1][:, 0].float().cpu().numpy()
-        nams = nams[:, 0].float().cpu().numpy()
-        lung_masks = kwargs.get("lung_mask")
-        results = []
-        for b in range(inputs.shape[0]):
-            lungs = None if lung_masks is None else np.asarray(torch.as_tensor(lung_masks[b]).cpu()).astype(bool)
-            lungs = lungs.reshape(inputs.shape[2:]) if lungs is not None else None
-            results.append(
-                self.segment(
-                    inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b],
-                    network,
-                    float(probs[b]),
-                    nams[b],
-                    self._spacing(inputs, b, kwargs.get("spacing")),
-                    lung_mask=lungs,
-                    multi_nam=None if multi_nams is None else multi_nams[b],
-                )
-            )
+        results = self.segment_batch(inputs, network, kwargs.get("lung_mask"), kwargs.get("spacing"))
         self.last_results = results
         masks = torch.as_tensor(np.stack([r.mask for r in results])[:, None], device=inputs.device)
         pred = torch.zeros_like(inputs[:, :1])  # keeps a MetaTensor's meta (affine, file name)
         pred.copy_(masks)
         return pred
+
+    def classify(
+        self, inputs: torch.Tensor, network: Callable
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Nodule probabilities ``(B,)``, raw NAMs ``(B, H, W)`` and, in the multi-GAP modes when a slice is called
+        "nodule", the multi-GAP NAMs ``(B, H, W)`` of a batch ``(B, C, H, W)`` of windowed slices, in one forward.
+
+        With ``amp`` on CUDA the batch is classified in mixed precision; the NAMs of the slices called "nodule"
+        are then recomputed in float32, so that R-NAM compares maps of one precision.
+        """
+        self._check_inputs(inputs)
+        network = getattr(network, "module", network)  # DistributedDataParallel wraps the classifier
+        amp = self.amp and inputs.is_cuda
+        with torch.no_grad():
+            with torch.autocast("cuda", enabled=amp):
+                logits, nams = logits_and_nam(network, inputs)
+            probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            positive = probs >= self.threshold
+            if amp and positive.any():
+                chosen = torch.as_tensor(positive, device=inputs.device)
+                nams = nams.float()
+                nams[chosen] = logits_and_nam(network, inputs[chosen])[1].float()
+            multi_nams = None
+            if self.mode in MULTI_GAP_MODES and positive.any():
+                multi_nams = logits_and_nam(self.multi_gap_network, inputs)[1][:, 0].float().cpu().numpy()
+        return probs, nams[:, 0].float().cpu().numpy(), multi_nams
+
+    def segment_batch(
+        self,
+        inputs: torch.Tensor,
+        network: Callable,
+        lung_mask: torch.Tensor | np.ndarray | None = None,
+        spacing: Sequence[float] | None = None,
+    ) -> list[SliceResult]:
+        """Classify a batch ``(B, C, H, W)`` of windowed slices (``classify``) and segment those called "nodule"."""
+        probs, nams, multi_nams = self.classify(inputs, getattr(network, "module", network))
+        results = []
+        for b in range(inputs.shape[0]):
+            lungs = None if lung_mask is None else np.asarray(torch.as_tensor(lung_mask[b]).cpu()).astype(bool)
+            lungs = lungs.reshape(inputs.shape[2:]) if lungs is not None else None
+            results.append(
+                self.segment(
+                    inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b],
+                    getattr(network, "module", network),
+                    float(probs[b]),
+                    nams[b],
+                    self._spacing(inputs, b, spacing),
+                    lung_mask=lungs,
+                    multi_nam=None if multi_nams is None else multi_nams[b],
+                )
+            )
+        return results
 
     def segment(
         self,

@@ -1,0 +1,271 @@
+"""Reading CT scans: a DICOM series folder, or a NIfTI, NRRD or MHA volume, checked before anything is computed.
+
+``LoadScand`` is MONAI's ``LoadImaged`` with the ITK reader (``ITKReader``: GDCM decodes the compressed DICOM
+transfer syntaxes, and the affine comes out in RAS, as MONAI's spatial transforms expect). Before the pixels are
+read, a DICOM folder is checked to hold one CT series with evenly spaced, parallel slices, since the ITK reader would
+otherwise read the first of two series, or space the slices of a series with a gap evenly, without a word.
+``CheckScand`` then refuses what is not a 3-D CT volume in HU. ``scan_datalist`` turns a scan, a folder of scans or
+a datalist file into the items the inference config runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from monai.data import ITKReader
+from monai.transforms import LoadImaged, MapTransform
+from pydicom.misc import is_dicom
+
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "ScanError",
+    "scan_name",
+    "dicom_series",
+    "LoadScand",
+    "CheckScand",
+    "scan_datalist",
+]
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Even spacing: consecutive slice positions may differ from the median step by this fraction of it.
+SPACING_TOLERANCE = 0.01
+# Slices whose position steps leave the slice normal by more than this are sheared (a gantry tilt).
+SHEAR_TOLERANCE_DEG = 1.0
+# A voxel axis this far from every patient axis makes the grid oblique beyond what "axial slices" can mean.
+MAX_OBLIQUITY_DEG = 20.0
+# Air is about -1000 HU: a scan whose lowest value is above this is not CT in HU (unrescaled, or not CT).
+MAX_AIR_HU = -500.0
+
+
+class ScanError(ValueError):
+    """A scan that cannot be segmented; the message names the file and the problem."""
+
+
+def scan_name(path: str | os.PathLike) -> str:
+    """The name a scan's outputs are named after: a volume's file name without its suffix, a DICOM folder's name."""
+    path = Path(path)
+    for suffix in VOLUME_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))))
+
+
+def dicom_series(folder: str | os.PathLike) -> tuple[Path, list[pydicom.Dataset]]:
+    """Check that ``folder`` holds one CT series of evenly spaced parallel slices; return its folder and headers.
+
+    The headers (no pixel data) are sorted along the slice normal. The series' files must lie in one folder
+    (the ITK reader reads a folder); they may be below ``folder``.
+
+    Raises:
+        ScanError: no DICOM files, two series, not CT, one slice, slices of different size or orientation,
+            two slices at one position, missing slices (uneven spacing), or a sheared (gantry-tilted) stack.
+    """
+    folder = Path(folder)
+    files = _dicom_files(folder)
+    if not files:
+        raise ScanError(f"{folder}: no DICOM files in this folder")
+    headers = []
+    for path in files:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception as err:  # pydicom raises many types for damaged files
+            raise ScanError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from None
+    series: dict[str, list[int]] = {}
+    for index, ds in enumerate(headers):
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(index)
+    if len(series) > 1:
+        found = ", ".join(f"{uid or '(none)'} ({len(idx)} files)" for uid, idx in series.items())
+        raise ScanError(f"{folder}: holds {len(series)} DICOM series: {found}; give each series its own folder")
+    modality = {str(ds.get("Modality", "")) for ds in headers}
+    if modality != {"CT"}:
+        raise ScanError(f"{folder}: modality {'/'.join(sorted(modality)) or 'unknown'}, not CT")
+    parents = {files[i].parent for i in range(len(files))}
+    if len(parents) > 1:
+        raise ScanError(f"{folder}: the series is spread over {len(parents)} folders; put its files in one")
+    if len(headers) < 2:
+        raise ScanError(f"{folder}: a single DICOM image, not a scan (a scan needs at least 2 slices)")
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns"):
+        missing = [files[i].name for i, ds in enumerate(headers) if key not in ds]
+        if missing:
+            raise ScanError(f"{folder}: {missing[0]} (and {len(missing) - 1} more) have no {key}")
+    if len({(int(ds.Rows), int(ds.Columns)) for ds in headers}) > 1:
+        raise ScanError(f"{folder}: the slices differ in size")
+    orientation = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
+    if np.abs(orientation - orientation[0]).max() > 1e-4:
+        raise ScanError(f"{folder}: the slices differ in orientation (ImageOrientationPatient)")
+    normal = np.cross(orientation[0][:3], orientation[0][3:])
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
+    order = np.argsort(positions @ normal)
+    positions, headers = positions[order], [headers[i] for i in order]
+    steps = np.diff(positions, axis=0)
+    along = steps @ normal
+    if (np.abs(along) < 1e-3).any():
+        at = positions[1:][np.abs(along) < 1e-3][0]
+        raise ScanError(f"{folder}: two slices at the same position {tuple(np.round(at, 2))}")
+    step = float(np.median(along))
+    uneven = np.abs(along - step) > SPACING_TOLERANCE * step
+    if uneven.any():
+        raise ScanError(
+            f"{folder}: uneven slice spacing ({along.min():.3g} to {along.max():.3g} mm, usually {step:.3g} mm): "
+            f"{int(uneven.sum())} gap(s), missing slices?"
+        )
+    off_normal = np.degrees(np.arccos(np.clip(along / np.linalg.norm(steps, axis=1), -1.0, 1.0)))
+    if off_normal.max() > SHEAR_TOLERANCE_DEG:
+        raise ScanError(
+            f"{folder}: the slices are sheared by {off_normal.max():.1f} degrees (gantry tilt); resample the series "
+            "to an orthogonal grid first"
+        )
+    return parents.pop(), headers
+
+
+class LoadScand(LoadImaged):
+    """``LoadImaged`` with MONAI's ITK reader for CT scans, checking a DICOM folder before its pixels are read.
+
+    ``data[key]`` is a volume file or a DICOM series folder. A series is read from the folder that holds its files
+    (a patient folder with the series below it will do) and must come out with one slice per file. Any failure is a
+    ``ScanError`` naming the file.
+    """
+
+    def __init__(self, keys: str = "image", **kwargs: Any) -> None:
+        kwargs.setdefault("ensure_channel_first", True)
+        kwargs.setdefault("image_only", True)
+        super().__init__(keys, reader=ITKReader(affine_lps_to_ras=True), **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        expected = {}
+        for key in self.key_iterator(d):
+            source = d[key]
+            if not isinstance(source, (str, os.PathLike)):
+                continue  # already loaded (MONAI Label may hand over a tensor)
+            path = Path(source)
+            if path.is_dir():
+                series_folder, headers = dicom_series(path)
+                d[key], expected[key] = str(series_folder), len(headers)
+            elif not path.is_file():
+                raise ScanError(f"{path}: no such file or folder")
+            elif not path.name.lower().endswith(VOLUME_SUFFIXES):
+                raise ScanError(f"{path}: not a scan (expected a DICOM folder or one of {', '.join(VOLUME_SUFFIXES)})")
+        try:
+            d = super().__call__(d, reader)
+        except ScanError:
+            raise
+        except Exception as err:  # ITK and nibabel raise many types for truncated or damaged files
+            names = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
+            raise ScanError(f"{names}: could not be read ({type(err).__name__}: {err})") from None
+        for key, slices in expected.items():
+            if d[key].shape[-1] != slices:
+                raise ScanError(f"{data[key]}: the ITK reader read {d[key].shape[-1]} of the series' {slices} slices")
+        return d
+
+
+class CheckScand(MapTransform):
+    """Refuse, naming the file, what is not a 3-D CT volume in HU on an axial-like grid (after ``LoadScand``).
+
+    Grids within ``max_obliquity_deg`` of the patient axes are processed in their own voxel grid, which
+    ``Orientationd`` only permutes and flips, and every output is written back on it exactly.
+    """
+
+    def __init__(self, keys: str = "image", max_obliquity_deg: float = MAX_OBLIQUITY_DEG) -> None:
+        super().__init__(keys)
+        self.max_obliquity_deg = float(max_obliquity_deg)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            name = image.meta.get("filename_or_obj", key) if hasattr(image, "meta") else key
+            spatial = tuple(image.shape[1:])
+            if image.ndim != 4 or image.shape[0] != 1 or min(spatial) < 2:
+                raise ScanError(f"{name}: expected a 3-D CT volume, got an image of shape {tuple(image.shape)}")
+            if image.dtype == torch.bool or image.is_complex():
+                raise ScanError(f"{name}: expected CT values in HU, got data of type {image.dtype}")
+            values = torch.as_tensor(image)
+            finite = torch.isfinite(values)
+            if not finite.all():
+                raise ScanError(f"{name}: {int((~finite).sum())} voxels are NaN or infinite")
+            low = float(values.min())
+            if low > MAX_AIR_HU:
+                raise ScanError(
+                    f"{name}: values from {low:g} to {float(values.max()):g} do not look like CT in HU (air is about "
+                    "-1000 HU); rescale it to HU first"
+                )
+            axes = np.asarray(image.affine, float)[:3, :3]
+            cosines = np.abs(axes / np.linalg.norm(axes, axis=0)).max(axis=0)
+            angle = float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
+            if angle > self.max_obliquity_deg:
+                raise ScanError(
+                    f"{name}: the grid is oblique, {angle:.1f} degrees from the patient axes (at most "
+                    f"{self.max_obliquity_deg:g}); resample it to axial slices first"
+                )
+        return d
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    return path.is_dir() and any(p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))) for p in path.rglob("*"))
+
+
+def _is_volume(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES) and not path.name.startswith(".tmp-")
+
+
+def _scans_in(folder: Path) -> list[Path]:
+    """A folder is one DICOM series when DICOM files lie directly in it, else a folder of scans."""
+    if any(p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))) for p in folder.iterdir()):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if _is_volume(p) or _is_dicom_folder(p))
+
+
+def scan_datalist(
+    source: str | os.PathLike, output_dir: str | os.PathLike = "", skip_done: bool = True
+) -> list[dict[str, str]]:
+    """Items ``{"image": path, "name": scan name}`` of a scan, a folder of scans, or a datalist file.
+
+    Args:
+        source: a volume file; a DICOM series folder; a folder whose entries are volumes and DICOM series folders;
+            or a JSON datalist (a list of paths or of ``{"image": path}``, or ``{"scans": [...]}``; relative paths are
+            taken from the datalist's folder).
+        output_dir: where outputs go; with ``skip_done``, scans whose nodule table is there already are left out.
+        skip_done: leave out finished scans (a re-run only does the rest).
+
+    Raises:
+        ScanError: the source does not exist, holds no scan, or two scans share a name.
+    """
+    source = Path(source)
+    if not str(source) or not source.exists():
+        raise ScanError(f"{source}: no such scan, folder or datalist (give input=<scan, folder or datalist.json>)")
+    if source.is_file() and source.suffix.lower() == ".json":
+        try:
+            listed = json.loads(source.read_text())
+        except json.JSONDecodeError as err:
+            raise ScanError(f"{source}: malformed JSON ({err})") from None
+        listed = listed.get("scans", []) if isinstance(listed, dict) else listed
+        paths = [Path(entry["image"] if isinstance(entry, dict) else entry) for entry in listed]
+        paths = [p if p.is_absolute() else source.parent / p for p in paths]
+    elif source.is_dir():
+        paths = _scans_in(source)
+    else:
+        paths = [source]
+    if not paths:
+        raise ScanError(f"{source}: holds no scan (DICOM series folders or {', '.join(VOLUME_SUFFIXES)} files)")
+    items, seen = [], {}
+    for path in paths:
+        name = scan_name(path)
+        if name in seen:
+            raise ScanError(f"two scans are named {name!r} ({seen[name]} and {path}); their outputs would collide")
+        seen[name] = path
+        if skip_done and output_dir and (Path(output_dir) / name / f"{name}_nodules.json").is_file():
+            continue
+        items.append({"image": str(path), "name": name})
+    return items

@@ -1,0 +1,152 @@
+"""The whole-scan inferer: a windowed CT volume in, its nodule mask and per-slice nodule probabilities out.
+
+``ScanSegmenter`` is a MONAI inferer, what ``configs/inference.json`` (and MONAI Label through it) calls as
+``inferer(volume, network)``. The method itself stays 2-D, as in the paper; this module only prepares the slices
+the way the dataset writer prepared the training slices and puts the results back:
+
+1. lungs: the 3-D lung mask of the scan (``scripts.lung_mask.segment_lungs``, as the writer does);
+2. crop: one ``image_size`` window per scan centred on the lungs (``scripts.crop``, the writer's rule);
+3. classify: the slices that hold lung, in batches of ``batch_size``, one forward per batch (slices without lung
+   are not sent through the network);
+4. segment: only the slices called "nodule" go through scope, ICM and R-NAM (``WeaklySupervisedSegmenter``);
+5. assemble: each slice's mask pasted back into the volume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+
+from .crop import crop, crop_window, uncrop
+from .lung_mask import segment_lungs
+from .read import ScanError
+from .segmenter import SliceResult, WeaklySupervisedSegmenter
+
+__all__ = ["OUTPUT_CHANNELS", "ScanResult", "ScanSegmenter"]
+
+# The channels of the inferer's output, in order.
+OUTPUT_CHANNELS = ("mask", "slice_probability", "lungs")
+STEPS = ("lungs", "crop", "classify", "segment", "assemble")
+
+
+@dataclass
+class ScanResult:
+    """What the segmenter found on one scan (arrays on the inferer's input grid, ``(rows, cols, slices)``).
+
+    Attributes:
+        mask: uint8 nodule mask.
+        probability: float32 nodule probability of each slice (0 where a slice holds no lung and is not classified).
+        lungs: bool lung mask.
+        slices: the ``SliceResult`` of each slice called "nodule", by slice index.
+        seconds: time spent in each step of the module docstring.
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    lungs: np.ndarray
+    slices: dict[int, SliceResult] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class ScanSegmenter(Inferer):
+    """Segment nodules on a whole CT volume slice by slice with a ``WeaklySupervisedSegmenter``.
+
+    Args:
+        segmenter: the slice segmenter (mode, threshold, HU window, scope/ICM/R-NAM settings).
+        image_size: side of the square window the classifier was trained on (its checkpoint record).
+        batch_size: slices per classifier forward.
+        lung_mask_fn: ``f(hu (rows, cols, slices), spacing (row, col, slice)) -> bool`` lungs of the volume.
+    """
+
+    def __init__(
+        self,
+        segmenter: WeaklySupervisedSegmenter,
+        image_size: int = 384,
+        batch_size: int = 8,
+        lung_mask_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray] = segment_lungs,
+    ) -> None:
+        if batch_size < 1 or image_size < 16:
+            raise ValueError(f"batch_size must be >= 1 and image_size >= 16, got {batch_size} and {image_size}")
+        self.segmenter = segmenter
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.lung_mask_fn = lung_mask_fn
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``(1, 3, rows, cols, slices)``: the mask, each slice's probability and the lungs (``OUTPUT_CHANNELS``)
+        of a windowed volume ``(1, 1, rows, cols, slices)`` in the axial convention (``scripts.orient``)."""
+        if inputs.ndim != 5 or inputs.shape[0] != 1 or inputs.shape[1] != 1:
+            raise ValueError(f"expected one windowed volume (1, 1, rows, cols, slices), got {tuple(inputs.shape)}")
+        volume = inputs[0]
+        result = self.segment_scan(volume, network)
+        channels = np.stack([result.mask.astype(np.float32), result.probability, result.lungs.astype(np.float32)])
+        out = torch.as_tensor(channels, device=inputs.device)[None]
+        return MetaTensor(out, meta=volume.meta) if isinstance(volume, MetaTensor) else out
+
+    def segment_scan(self, volume: torch.Tensor, network: Callable) -> ScanResult:
+        """Segment one windowed volume ``(1, rows, cols, slices)`` (see the module docstring)."""
+        name = volume.meta.get("filename_or_obj", "the scan") if isinstance(volume, MetaTensor) else "the scan"
+        spacing = _spacing(volume)
+        seconds = dict.fromkeys(STEPS, 0.0)
+        clock = time.perf_counter()
+        lo, hi = self.segmenter.intensity_range
+        window = volume[0].detach().float().cpu().numpy()
+        lungs = np.asarray(self.lung_mask_fn(lo + window.astype(np.float64) * (hi - lo), spacing), bool)
+        if not lungs.any():
+            raise ScanError(f"{name}: no lungs found (is it a chest CT?)")
+        seconds["lungs"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        rows, cols, n_slices = window.shape
+        corner = crop_window(lungs, self.image_size)
+        with_lung = np.flatnonzero(lungs.any(axis=(0, 1)))
+        images = crop(window[..., with_lung], corner, self.image_size, 0.0)  # 0 = -1000 HU, the writer's air
+        lung_windows = crop(lungs[..., with_lung], corner, self.image_size, False)
+        seconds["crop"] = time.perf_counter() - clock
+
+        mask = np.zeros(window.shape, np.uint8)
+        probability = np.zeros(n_slices, np.float32)
+        slices: dict[int, SliceResult] = {}
+        device = volume.device
+        for start in range(0, len(with_lung), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            clock = time.perf_counter()
+            batch = torch.as_tensor(np.moveaxis(images[..., chunk], -1, 0)[:, None].copy(), device=device)
+            probs, nams, multi_nams = self.segmenter.classify(batch, network)
+            seconds["classify"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            for b, index in enumerate(with_lung[chunk]):
+                probability[index] = probs[b]
+                if probs[b] < self.segmenter.threshold:
+                    continue  # only the slices called "nodule" are segmented
+                result = self.segmenter.segment(
+                    batch[b],
+                    getattr(network, "module", network),
+                    float(probs[b]),
+                    nams[b],
+                    spacing[:2],
+                    lung_mask=lung_windows[..., start + b],
+                    multi_nam=None if multi_nams is None else multi_nams[b],
+                )
+                slices[int(index)] = result
+                if result.mask.any():
+                    mask[..., index] = uncrop(result.mask, corner, (rows, cols))
+            seconds["segment"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        probability_volume = np.broadcast_to(probability, window.shape).astype(np.float32)
+        seconds["assemble"] = time.perf_counter() - clock
+        return ScanResult(mask, probability_volume, lungs, slices, seconds)
+
+
+def _spacing(volume: torch.Tensor) -> tuple[float, float, float]:
+    """Voxel spacing (row, col, slice) in mm from a MetaTensor's affine (1 mm without one)."""
+    if isinstance(volume, MetaTensor):
+        return tuple(float(v) for v in volume.pixdim[:3])
+    return (1.0, 1.0, 1.0)

@@ -1,0 +1,79 @@
+"""What a checkpoint records, and loading it: by the record, by flags for old checkpoints, and clear refusals."""
+
+import pytest
+import torch
+from scripts.checkpoint import TrainingRecord, load_checkpoint, read_checkpoint, resolve_settings
+from scripts.networks import GAPClassifier
+
+
+def _save(tmp_path, model, record=None, name="model.pt"):
+    path = tmp_path / name
+    torch.save(model.state_dict() if record is None else {"model": model.state_dict(), "config": record}, path)
+    return path
+
+
+def _record(model, spacings=((0.7, 0.7), (0.8, 0.8)), size=64):
+    items = [{"image": "unused", "spacing_mm": list(s)} for s in spacings]
+    return TrainingRecord(model, items, image_size=size, hu_window=(-1000, 400)).state_dict()
+
+
+@pytest.mark.parametrize("width", [0.1, 0.3, 0.0625])
+def test_widths_that_are_not_multiples_of_1_64_load(tmp_path, width):
+    # width 0.1 gives 6-channel first convs: a width reconstructed as 6 / 64 = 0.09375 used to be refused
+    trained = GAPClassifier(width=width, head_channels=64)
+    path = _save(tmp_path, trained, _record(trained))
+    settings = resolve_settings(path)
+    assert settings["width"] == width and settings["head_channels"] == 64
+    model = load_checkpoint(GAPClassifier(width=settings["width"], head_channels=settings["head_channels"]), path)
+    x = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(model(x), trained(x))
+
+
+def test_record_holds_the_training_settings(tmp_path):
+    trained = GAPClassifier(gap_levels=2, width=0.0625, head_channels=128, batch_norm=True)
+    record = _record(trained)
+    assert record["gap_levels"] == 2 and record["batch_norm"] is True and record["in_channels"] == 1
+    assert record["image_size"] == 64 and record["pixel_spacing_mm"] == [0.7, 0.8]
+    assert record["hu_window"] == [-1000.0, 400.0] and record["bundle_version"] != ""
+    path = _save(tmp_path, trained, record)
+    state, saved = read_checkpoint(path)
+    assert saved == record and "features.0.weight" in state
+
+
+def test_given_value_contradicting_the_record_is_an_error(tmp_path):
+    trained = GAPClassifier(width=0.0625, head_channels=64)
+    path = _save(tmp_path, trained, _record(trained))
+    with pytest.raises(ValueError, match=r"model\.pt was trained with image_size=64, but image_size=384 was given"):
+        resolve_settings(path, image_size=384)
+    with pytest.raises(ValueError, match="width=0.0625, but width=1.0 was given"):
+        resolve_settings(path, width=1.0)
+    with pytest.raises(ValueError, match="unknown model settings"):
+        resolve_settings(path, widht=1.0)
+    # the same value, or none, is fine
+    assert resolve_settings(path, image_size=64, width=None)["image_size"] == 64
+
+
+def test_old_bare_state_dict_loads_with_flags(tmp_path):
+    trained = GAPClassifier(gap_levels=2, width=0.0625, head_channels=256)
+    path = _save(tmp_path, trained)
+    settings = resolve_settings(path, gap_levels=2, width=0.0625, head_channels=256)
+    assert settings["image_size"] == 384 and settings["pixel_spacing_mm"] is None
+    model = GAPClassifier(**{k: settings[k] for k in ("gap_levels", "width", "head_channels")})
+    load_checkpoint(model, path)
+    # without the flags the defaults do not match the weights: the message describes both networks
+    with pytest.raises(ValueError, match=r"holds a network with 2 GAP head\(s\) of 16 channels.*this model"):
+        load_checkpoint(GAPClassifier(gap_levels=1, width=1.0), path)
+
+
+def test_last_checkpoint_and_bad_files(tmp_path):
+    trained = GAPClassifier(width=0.0625, head_channels=64)
+    torch.save({"model": trained.state_dict(), "optimizer": {}}, tmp_path / "last.pt")
+    load_checkpoint(GAPClassifier(width=0.0625, head_channels=64), tmp_path / "last.pt")
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_checkpoint(GAPClassifier(), tmp_path / "nothing.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pt: not a readable PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "broken.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not a GAPClassifier checkpoint"):
+        read_checkpoint(tmp_path / "other.pt")
