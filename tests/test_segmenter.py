@@ -209,7 +209,7 @@ def check_outputs(root: Path, out: Path, stems: list[str], panels: bool = True) 
         records.append(record)
     if panels:
         assert sorted(p.stem for p in (out / "panels").glob("*.png")) == sorted(stems)
-    assert not list(out.rglob(".*partial*"))
+    assert not list(out.rglob(".tmp-*"))  # the atomic writer's temporary names
     return records
 
 
