@@ -3,13 +3,16 @@
 ``SegmentationResultd`` (a postprocessing transform) copies the segmenter's per-slice details into the data
 dict (``result`` as JSON-ready dict, as MONAI Label returns it; ``nam``, ``scope`` and ``candidates`` as arrays
 that ``Invertd`` can take back to the input geometry). ``PredictionWriter`` (an Ignite handler) writes
-``masks/<stem>.nii.gz``, ``nams/<stem>.nii.gz``, ``records/<stem>.json`` and ``panels/<stem>.png`` under an
+``masks/<stem>.nii.gz``, ``nams/<stem>.nii.gz`` and ``records/<stem>.json`` for every slice, and
+``panels/<stem>.png`` for a sample across outcomes and subjects (listed in ``panels/index.json``) under an
 output folder, every file to a temporary name first and renamed when complete.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ __all__ = [
     "optional_classifier",
     "SegmentationResultd",
     "PredictionWriter",
+    "OUTCOMES",
+    "panel_outcome",
     "save_panel",
     "write_nifti",
 ]
@@ -64,8 +69,10 @@ def save_panel(
     label: np.ndarray | None = None,
     title: str = "",
     scores: Sequence[float | None] = (),
+    areas_mm2: Sequence[float] = (),
+    base_scope_box: Sequence[int] | None = None,
 ) -> None:
-    """A Fig. 2-like panel: image (+ ground truth), NAM with scope(s), candidates (chosen in red), final mask.
+    """A Fig. 2-like panel: image + ground truth, NAM with scope(s), numbered candidates with their scores, result.
 
     Args:
         hu: ``(H, W)`` slice in HU (shown in a lung window).
@@ -74,38 +81,111 @@ def save_panel(
         candidates: ``(H, W)`` int map, candidate j labelled ``j + 1``.
         chosen: indices of the chosen candidates.
         mask: ``(H, W)`` final mask.
-        label: optional ``(H, W)`` ground truth, drawn in green.
+        label: optional ``(H, W)`` ground truth, drawn in lime on the image and on the result.
         title: figure title.
-        scores: R-NAM score of each candidate (None where not computed), printed beside it.
+        scores: R-NAM score of each candidate (None where not computed), listed beside the candidates.
+        areas_mm2: area of each candidate, listed with its score.
+        base_scope_box: multi-GAP modes: C1's box ``[row_start, col_start, row_stop, col_stop]``, drawn dashed.
     """
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+    from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 5.4))
     window = {"cmap": "gray", "vmin": -1000, "vmax": 400}
     for ax in axes:
         ax.imshow(hu, **window)
         ax.set_axis_off()
 
-    def contour(ax, m, colour, style="solid") -> None:
+    def contour(ax, m, colour, style="solid", width=1.5) -> None:
         if m is not None and np.any(m):
-            ax.contour(np.asarray(m, float), levels=[0.5], colors=colour, linewidths=1.0, linestyles=style)
+            ax.contour(np.asarray(m, float), levels=[0.5], colors=colour, linewidths=width, linestyles=style)
 
-    axes[0].set_title("image + ground truth")
+    has_label = label is not None
+    truth = np.asarray(label, bool) if has_label else None
+    axes[0].set_title("image + ground truth" if has_label else "image (no ground truth given)")
+    if has_label and not truth.any():
+        axes[0].text(0.5, 0.03, "no nodule on this slice", color="white", ha="center", transform=axes[0].transAxes)
     axes[1].imshow(nam, cmap="jet", alpha=0.5)
     for k in range(1, int(scopes.max()) + 1 if scopes.size else 1):
         contour(axes[1], scopes == k, "white")
+    if base_scope_box is not None:
+        r0, c0, r1, c1 = base_scope_box
+        for ax in axes[1:3]:
+            ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, ec="cyan", ls="--", lw=1.2))
     axes[1].set_title("NAM + scope C")
-    for j in range(int(candidates.max()) if candidates.size else 0):
-        contour(axes[2], candidates == j + 1, "red" if j in chosen else "yellow")
-        if j < len(scores) and scores[j] is not None:
-            r, c = np.argwhere(candidates == j + 1).min(0)
-            axes[2].text(c, r - 2, f"{scores[j]:.3g}", color="yellow", fontsize=7)
-    axes[2].set_title("candidates (R-NAM scores)")
-    contour(axes[3], mask, "red")
+    n_candidates = int(candidates.max()) if candidates.size else 0
+    lines = []
+    finite = [s for s in scores if s is not None and np.isfinite(s)]
+    best = max(finite) if finite else None
+    for j in range(n_candidates):
+        where = candidates == j + 1
+        if not where.any():
+            continue
+        colour = "red" if j in chosen else "yellow"
+        contour(axes[2], where, colour)
+        r, c = np.argwhere(where).min(0)
+        axes[2].text(
+            c,
+            r - 1.5,
+            f"{j + 1}",
+            color=colour,
+            fontsize=10,
+            fontweight="bold",
+            va="bottom",
+            bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "edgecolor": "none"},
+        )
+        line = f"{j + 1}:"
+        if j < len(areas_mm2):
+            line += f" {areas_mm2[j]:6.1f} mm²"
+        if j < len(scores) and scores[j] is not None and np.isfinite(scores[j]):
+            line += f"  R-NAM {scores[j]:.3g}" + (f" ({scores[j] / best:.0%})" if best else "")
+        lines.append(line + ("  chosen" if j in chosen else ""))
+    if len(lines) > 8:  # the panel stays readable; the record has them all
+        lines = lines[:8] + [f"... {len(lines) - 8} more in the record"]
+    axes[2].set_title("candidates (R-NAM score, % of the best)" if finite else "candidates")
+    if lines:
+        axes[2].text(
+            0.02,
+            0.02,
+            "\n".join(lines),
+            transform=axes[2].transAxes,
+            fontsize=9,
+            family="monospace",
+            color="white",
+            va="bottom",
+            bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"},
+        )
+    else:
+        axes[2].text(0.5, 0.5, "no candidates", color="yellow", ha="center", transform=axes[2].transAxes)
+    # the result filled in translucent red, the ground truth's outline over it: both stay visible where they agree
+    axes[3].imshow(np.ma.masked_equal(np.asarray(mask, bool), False), cmap=ListedColormap(["red"]), alpha=0.45)
+    contour(axes[3], mask, "red", width=1.0)
+    for ax in (axes[0], axes[3]):  # lime is kept for the ground truth alone (tests look for it)
+        contour(ax, truth, "lime", width=2.0)
     axes[3].set_title("segmentation")
-    for ax in (axes[0], axes[3]):
-        contour(ax, label, "lime")
-    fig.suptitle(title)
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    if not np.any(mask):
+        axes[3].text(0.5, 0.03, "empty", color="red", ha="center", transform=axes[3].transAxes)
+    handles = [
+        Line2D([], [], color="lime", lw=2, label="ground truth"),
+        Line2D([], [], color="white", lw=1.5, label="scope C"),
+        Line2D([], [], color="yellow", lw=1.5, label="candidate"),
+        Line2D([], [], color="red", lw=1.5, label="chosen / segmentation"),
+    ]
+    if base_scope_box is not None:
+        handles.insert(2, Line2D([], [], color="cyan", lw=1.2, ls="--", label="C1 (1-GAP scope) box"))
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=len(handles),
+        frameon=True,
+        facecolor="0.3",
+        labelcolor="white",
+        fontsize=10,
+    )
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -163,16 +243,58 @@ class SegmentationResultd(MapTransform):
         return d
 
 
+# Panel outcomes, in the order panels are taken from them (one from each in turn): was the nodule found?
+OUTCOMES = (
+    "TP",  # a ground-truth nodule, and the mask overlaps it
+    "miss",  # a ground-truth nodule, an empty mask (called negative, or nothing segmented)
+    "wrong place",  # a ground-truth nodule, a mask elsewhere (FP_nodule)
+    "FP",  # no nodule on the slice, a mask
+    "segmented",  # a mask, no ground truth given
+    "nothing segmented",  # called "nodule", an empty mask, and no nodule on the slice (or no ground truth)
+)
+
+
+def panel_outcome(mask: np.ndarray, label: np.ndarray | None, status: str) -> str | None:
+    """The slice's :data:`OUTCOMES` entry, or None for a slice not worth a panel (called negative, no nodule)."""
+    found = bool(np.any(mask))
+    if label is not None and np.any(label):
+        return "TP" if np.any(np.logical_and(mask, label)) else ("wrong place" if found else "miss")
+    if found:
+        return "FP" if label is not None else "segmented"
+    return None if status == "negative" else "nothing segmented"
+
+
+def _pack(array: np.ndarray) -> tuple[tuple[int, ...], str, bytes]:
+    """A small map kept until the panels are drawn, compressed (scope and candidate maps are mostly zero)."""
+    array = np.ascontiguousarray(array)
+    return array.shape, array.dtype.str, zlib.compress(array.tobytes(), 1)
+
+
+def _unpack(packed: tuple[tuple[int, ...], str, bytes]) -> np.ndarray:
+    shape, dtype, data = packed
+    return np.frombuffer(zlib.decompress(data), dtype=dtype).reshape(shape)
+
+
 class PredictionWriter:
-    """Ignite handler writing each segmented item's mask, NAM, record and (for a sample) panel.
+    """Ignite handler writing each segmented item's mask, NAM and record, and panels for a sample of the slices.
 
     Files go to ``<output_dir>/{masks,nams,records,panels}/<stem>``, ``stem`` being the image file name without
     ``.nii.gz``; masks and NAMs get the source file's affine, and must have its shape (the postprocessing
     inverts any padding/cropping first).
 
+    Panels are drawn when the epoch completes, for up to ``max_panels`` slices sampled across outcomes
+    (:data:`OUTCOMES`: TP, miss, wrong place, FP, ...; one from each in turn) and, within an outcome, across
+    subjects (one slice of each subject in turn, slices in a fixed pseudo-random order by name, so not consecutive
+    slices of one nodule). ``panels/index.json`` lists them with the number of slices of each outcome. When every
+    slice was called negative, the writer says so (a warning, and ``all_negative`` in the index).
+
+    The ground truth (only drawn, never fed to the network) is read from the item's ``label`` or, since a
+    ``SupervisedEvaluator`` keeps a label file name only in its batch (its ``prepare_batch`` passes on tensors
+    alone), from the batch item's ``label`` file.
+
     Args:
         output_dir: output folder.
-        max_panels: panels written for the first this many slices that are segmented or hold a nodule.
+        max_panels: panels drawn per run.
         keys: ``(image, pred, nam, scope, candidates, result, label)`` keys of the decollated items.
     """
 
@@ -185,21 +307,33 @@ class PredictionWriter:
         self.output_dir = Path(output_dir)
         self.max_panels = max_panels
         self.keys = tuple(keys)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the slices seen (a new run)."""
         self.panels = 0
+        self._pending: list[dict] = []
+        self._seen = self._called_positive = 0
+        self._outcomes: dict[str, int] = {}
+        self._max_probability = float("-inf")
 
     def attach(self, engine) -> None:
-        """Write after every iteration of ``engine``."""
+        """Write after every iteration of ``engine``; draw the panels when its epoch completes."""
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: self.write_panels())
 
     def __call__(self, engine) -> None:
         outputs = engine.state.output
-        for item in outputs if isinstance(outputs, list) else [outputs]:
-            self.write_item(item)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [None] * len(outputs)
+        for item, batch_item in zip(outputs, batch):
+            self.write_item(item, batch_item)
 
-    def write_item(self, item: Mapping[str, Any]) -> None:
-        """Write one decollated item's files."""
+    def write_item(self, item: Mapping[str, Any], batch_item: Mapping[str, Any] | None = None) -> None:
+        """Write one decollated item's files (``batch_item``: its input item, where a label file may be named)."""
         image_key, pred_key, nam_key, scope_key, cand_key, result_key, label_key = self.keys
         source = str(item[image_key].meta["filename_or_obj"])
         stem = slice_stem(source)
@@ -210,26 +344,121 @@ class PredictionWriter:
         write_nifti(self.output_dir / "nams" / f"{stem}.nii.gz", nam, src.affine, np.float32)
         record = {"image": source, **item[result_key]}
         write_json(self.output_dir / "records" / f"{stem}.json", record)
-        # the ground truth is only drawn, never fed to the network: read it from its file, whichever way it came
-        label_item = item.get(label_key)
-        if isinstance(label_item, torch.Tensor) and hasattr(label_item, "meta"):
-            label_item = label_item.meta["filename_or_obj"]
-        label = np.asarray(nib.load(str(label_item)).dataobj) if isinstance(label_item, (str, Path)) else None
-        interesting = record["status"] != "negative" or (label is not None and label.any())
-        if self.panels < self.max_panels and interesting:
-            self.panels += 1
+
+        label = _ground_truth(item.get(label_key), None if batch_item is None else batch_item.get(label_key), src)
+        self._seen += 1
+        self._called_positive += record["status"] != "negative"
+        self._max_probability = max(self._max_probability, float(record["probability"]))
+        outcome = panel_outcome(mask, label, record["status"])
+        if outcome is None:
+            return
+        self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+        subject = batch_item.get("subject") if isinstance(batch_item, Mapping) else None
+        self._pending.append(
+            {
+                "stem": stem,
+                "subject": str(subject) if subject is not None else stem.rsplit("_", 1)[0],
+                "outcome": outcome,
+                "source": source,
+                "record": record,
+                "label": None if label is None else _pack(label.astype(np.uint8)),
+                "scope": _pack(_plane(item[scope_key], src.shape, source).round().astype(np.int16)),
+                "candidates": _pack(_plane(item[cand_key], src.shape, source).round().astype(np.int16)),
+                "order": zlib.crc32(stem.encode()),  # a fixed shuffle: neighbouring slices spread out
+            }
+        )
+
+    def sample(self) -> list[dict]:
+        """The slices to draw: one of each outcome in turn, within an outcome one of each subject in turn."""
+        queues = []
+        for outcome in OUTCOMES:
+            by_subject: dict[str, list[dict]] = {}
+            for entry in sorted((p for p in self._pending if p["outcome"] == outcome), key=lambda p: p["order"]):
+                by_subject.setdefault(entry["subject"], []).append(entry)
+            lists = list(by_subject.values())
+            queue = [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+            queues.append(queue)
+        chosen = []
+        for i in range(max(map(len, queues), default=0)):
+            chosen += [queue[i] for queue in queues if i < len(queue)]
+        return chosen[: max(self.max_panels, 0)]
+
+    def write_panels(self) -> dict:
+        """Draw the sampled panels and write ``panels/index.json``; returns what the index holds."""
+        panels = []
+        for entry in self.sample():
+            record, stem = entry["record"], entry["stem"]
+            src = nib.load(entry["source"])
+            nam = np.asarray(nib.load(str(self.output_dir / "nams" / f"{stem}.nii.gz")).dataobj, np.float32)
+            mask = np.asarray(nib.load(str(self.output_dir / "masks" / f"{stem}.nii.gz")).dataobj)
+            title = (
+                f"{stem} (subject {entry['subject']}): {entry['outcome']}; "
+                f"p(nodule) = {record['probability']:.3f}, {record['status']}"
+            )
             save_panel(
                 self.output_dir / "panels" / f"{stem}.png",
                 np.asarray(src.dataobj, dtype=np.float32),
                 nam,
-                _plane(item[scope_key], src.shape, source).round().astype(int),
-                _plane(item[cand_key], src.shape, source).round().astype(int),
+                _unpack(entry["scope"]).astype(int),
+                _unpack(entry["candidates"]).astype(int),
                 record["chosen"],
                 mask,
-                label,
-                title=f"{stem}: p(nodule) = {record['probability']:.3f}, {record['status']}",
+                None if entry["label"] is None else _unpack(entry["label"]),
+                title=title,
                 scores=[c["rnam_score"] for c in record["candidates"]],
+                areas_mm2=[c["area_mm2"] for c in record["candidates"]],
+                base_scope_box=record.get("base_scope_box") if record.get("scope_refined") else None,
             )
+            panels.append({"stem": stem, "subject": entry["subject"], "outcome": entry["outcome"]})
+        self.panels = len(panels)
+        all_negative = self._seen > 0 and self._called_positive == 0
+        message = None
+        if all_negative:
+            message = (
+                f"every one of the {self._seen} slices was called negative (highest p(nodule) "
+                f"{self._max_probability:.3f}): nothing was segmented"
+                + (
+                    f"; the panels show {self._outcomes['miss']} missed nodule slice(s)"
+                    if "miss" in self._outcomes
+                    else ""
+                )
+                + ". Check the model, its image_size and the threshold."
+            )
+            logging.getLogger(__name__).warning("%s: %s", self.output_dir, message)
+        index = {
+            "slices": self._seen,
+            "called_positive": self._called_positive,
+            "all_negative": all_negative,
+            "message": message,
+            "outcomes": {o: self._outcomes.get(o, 0) for o in OUTCOMES},
+            "panels": panels,
+        }
+        write_json(self.output_dir / "panels" / "index.json", index)
+        return index
+
+
+def _ground_truth(value: Any, fallback: Any, source_image: Any) -> np.ndarray | None:
+    """The ``(H, W)`` ground truth of a slice from a label file name, a MetaTensor naming its file, or an array;
+    None when neither ``value`` nor ``fallback`` gives one."""
+    for candidate in (value, fallback):
+        if isinstance(candidate, torch.Tensor) and "filename_or_obj" in getattr(candidate, "meta", {}):
+            candidate = candidate.meta["filename_or_obj"]  # the file: the tensor went through the preprocessing
+        if isinstance(candidate, (str, os.PathLike)) and str(candidate):
+            path = Path(candidate)
+            if not path.is_file():
+                raise FileNotFoundError(f"missing ground truth for {source_image.get_filename()}: {path}")
+            label = np.asarray(nib.load(str(path)).dataobj)
+            label = (
+                label.reshape(label.shape[:2]) if label.ndim > 2 and label.size == np.prod(label.shape[:2]) else label
+            )
+            if label.shape != source_image.shape[:2]:
+                raise ValueError(
+                    f"{path}: ground truth shape {label.shape} differs from the image's {source_image.shape}"
+                )
+            return label > 0
+        if isinstance(candidate, (np.ndarray, torch.Tensor)):
+            return _plane(candidate, source_image.shape, str(source_image.get_filename())) > 0
+    return None
 
 
 def _plane(value: Any, shape: tuple[int, ...], source: str) -> np.ndarray:
