@@ -80,7 +80,8 @@ def hand_made_item(root, stem, label, mask, status="segmented", probability=0.9)
         "probability": probability,
         "status": status,
         "chosen": [0] if mask.any() else [],
-        "candidates": [{"area_mm2": float(mask.sum() * 0.64), "bbox": [0, 0, 1, 1], "rnam_score": 1.0}] * int(mask.any()),
+        "candidates": [{"area_mm2": float(mask.sum() * 0.64), "bbox": [0, 0, 1, 1], "rnam_score": 1.0}]
+        * int(mask.any()),
         "scope_refined": False,
         "base_scope_box": None,
     }
