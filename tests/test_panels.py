@@ -149,20 +149,25 @@ def test_inference_config_panels_show_the_ground_truth(tmp_path, bundle_root):
         net.fc.bias[1] = 3.0  # every slice called "nodule": the whole pipeline runs
     torch.save(net.state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
-    run(
-        "run",
-        config_file=str(bundle_root / "configs" / "inference_slices.json"),
-        bundle_root=str(bundle_root),
-        dataset_dir=str(root),
-        ckpt_path=str(tmp_path / "model.pt"),
-        output_dir=str(out),
-        width=1 / 16,
-        image_size=64,
-        min_area_mm2=3.0,
-        use_lung_mask=False,
-        device="cpu",
-        mode="fine",
-    )
+
+    def infer(output_dir, **extra):
+        run(
+            "run",
+            config_file=str(bundle_root / "configs" / "inference_slices.json"),
+            bundle_root=str(bundle_root),
+            dataset_dir=str(root),
+            ckpt_path=str(tmp_path / "model.pt"),
+            output_dir=str(output_dir),
+            width=1 / 16,
+            image_size=64,
+            min_area_mm2=3.0,
+            use_lung_mask=False,
+            device="cpu",
+            mode="fine",
+            **extra,
+        )
+
+    infer(out)
     index = json.loads((out / "panels" / "index.json").read_text())
     assert index["slices"] == 4 and not index["all_negative"]
     drawn = {p["stem"]: p["outcome"] for p in index["panels"]}
@@ -171,3 +176,9 @@ def test_inference_config_panels_show_the_ground_truth(tmp_path, bundle_root):
         assert lime_pixels(out / "panels" / f"{stem}.png", "image") > 10, stem
     for stem in set(drawn) - {"P_0000", "Q_0000"}:  # clean slices: nothing in lime
         assert lime_pixels(out / "panels" / f"{stem}.png", "image") == 0, stem
+
+    # every slice called negative: said in the index, and the two nodule slices shown as misses
+    infer(tmp_path / "negative", threshold=1.01)
+    index = json.loads((tmp_path / "negative" / "panels" / "index.json").read_text())
+    assert index["all_negative"] and "every one of the 4 slices was called negative" in index["message"]
+    assert sorted((p["stem"], p["outcome"]) for p in index["panels"]) == [("P_0000", "miss"), ("Q_0000", "miss")]
