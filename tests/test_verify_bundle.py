@@ -1,5 +1,6 @@
 """The Model Zoo checks (scripts.verify_bundle): the bundle passes them, and each fails on a broken copy."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts.verify_bundle import CHECKS, main, standin_dataset, verify_bundle
+import torch.nn.functional as F
+from scripts.verify_bundle import CHECKS, SCHEMA_SHA256, main, standin_dataset, verify_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "schemas" / "meta_schema_20240725.json"
-# Small network and images keep the network checks fast on two CPU cores.
-SMALL = {"width": 0.0625, "image_size": 64}
+# Small networks and images keep the network checks fast on two CPU cores (features: the U-Net's channels).
+SMALL = {"width": 0.0625, "image_size": 64, "features": [4, 4, 8, 16, 32, 4]}
 
 
 @pytest.fixture
@@ -46,12 +48,77 @@ def test_repo_bundle_passes_every_check(bundle_root):
         assert "randomly initialised" in export.message
 
 
+def test_schema_copy_is_the_official_file():
+    # the copy under schemas/ is the file named in schemas/README.md, byte for byte
+    assert hashlib.sha256(SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256
+    assert SCHEMA_SHA256 in (SCHEMA.parent / "README.md").read_text()
+    schema = json.loads(SCHEMA.read_text())
+    assert schema["$schema"] == "https://json-schema.org/draft/2019-09/schema"
+    assert "^[_a-zA-Z0-9]+_data_format$" in schema["patternProperties"]
+
+
+def test_metadata_describes_what_the_networks_return(bundle_root):
+    meta = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert (image["num_channels"], image["spatial_shape"], image["value_range"]) == (1, [384, 384], [0, 1])
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert (pred["type"], pred["num_channels"], pred["value_range"]) == ("logits", 2, [])
+    mask = meta["network_data_format"]["post_processed_outputs"]["pred"]
+    assert (mask["format"], mask["num_channels"], mask["channel_def"]["1"]) == ("segmentation", 1, "nodule")
+    assert meta["unet_data_format"]["outputs"]["pred"]["type"] == "logits"
+    assert "monai-label" in meta["supported_apps"]
+
+
 def test_metadata_missing_required_key_fails(bundle_copy):
     assert run(bundle_copy, "metadata")["metadata"].passed
     edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.pop("network_data_format"))
     result = run(bundle_copy, "metadata")["metadata"]
     assert not result.passed
-    assert "network_data_format" in result.message and "required" in result.message
+    assert "'network_data_format' is a required property" in result.message
+
+
+@pytest.mark.parametrize(
+    "edit, where, reason",
+    [
+        # a tensor without value_range (the official schema's tensor needs it)
+        (
+            lambda m: m["network_data_format"]["outputs"]["pred"].pop("value_range"),
+            "$.network_data_format.outputs.pred",
+            "'value_range' is a required property",
+        ),
+        # the official schema wants one string of authors (the former stand-in also took a list)
+        (lambda m: m.update(authors=["A", "B"]), "$.authors", "['A', 'B'] is not of type 'string'"),
+        # the second network's description is validated too (the schema's <name>_data_format)
+        (lambda m: m["unet_data_format"].pop("inputs"), "$.unet_data_format", "'inputs' is a required property"),
+        (
+            lambda m: m["network_data_format"]["post_processed_outputs"]["pred"].update(num_channels="1"),
+            "$.network_data_format.post_processed_outputs.pred.num_channels",
+            "'1' is not of type 'integer'",
+        ),
+    ],
+    ids=["tensor_without_value_range", "authors_list", "unet_without_inputs", "mask_channels_string"],
+)
+def test_metadata_breaking_the_official_schema_fails(bundle_copy, edit, where, reason):
+    edit_json(bundle_copy / "configs" / "metadata.json", edit)
+    result = run(bundle_copy, "metadata")["metadata"]
+    assert not result.passed
+    assert f"configs/metadata.json at {where}: {reason}" in result.message
+
+
+def test_only_the_official_schema_validates(bundle_copy, tmp_path):
+    # a lenient stand-in under the official name (it requires nothing) is refused before anything validates
+    standin = tmp_path / "meta_schema_20240725.json"
+    standin.write_text(json.dumps({"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"}, indent=4))
+    result = verify_bundle(bundle_copy, schema=standin, checks=["metadata"])[0]
+    assert not result.passed and "is not the official meta_schema_20240725.json" in result.message
+    # the metadata must name the schema it is checked against
+    edit_json(
+        bundle_copy / "configs" / "metadata.json",
+        lambda m: m.update(schema=m["schema"].replace("meta_schema_20240725.json", "meta_schema_20220324.json")),
+    )
+    result = run(bundle_copy, "metadata")["metadata"]
+    assert not result.passed
+    assert "meta_schema_20220324.json" in result.message and "must be that file's URL" in result.message
 
 
 def test_missing_schema_is_named(bundle_copy, tmp_path):
@@ -69,14 +136,29 @@ def test_json_indented_by_2_fails(bundle_copy):
 
 
 def test_wrong_output_channel_count_fails(bundle_copy):
-    assert run(bundle_copy, "net_in_out")["net_in_out"].passed
+    result = run(bundle_copy, "net_in_out")["net_in_out"]
+    assert result.passed and "unet_data_format (configs/inference_unet.json)" in result.message
     edit_json(
         bundle_copy / "configs" / "metadata.json",
         lambda m: m["network_data_format"]["outputs"]["pred"].update(num_channels=3),
     )
     result = run(bundle_copy, "net_in_out")["net_in_out"]
     assert not result.passed
+    assert "network_data_format vs network_def of configs/inference.json" in result.message
     assert "output channel number `2` doesn't match: `3`" in result.message
+
+
+def test_second_network_is_checked_against_its_description(bundle_copy):
+    meta = bundle_copy / "configs" / "metadata.json"
+    edit_json(meta, lambda m: m["unet_data_format"]["outputs"]["pred"].update(num_channels=2))
+    result = run(bundle_copy, "net_in_out")["net_in_out"]
+    assert not result.passed
+    assert "unet_data_format vs network_def of configs/inference_unet.json" in result.message
+    assert "output channel number `1` doesn't match: `2`" in result.message
+    # a network described without a config to check it against is a failure, not a silent skip
+    edit_json(meta, lambda m: m.update(vnet_data_format=m["network_data_format"]))
+    result = run(bundle_copy, "net_in_out")["net_in_out"]
+    assert not result.passed and "['vnet_data_format']" in result.message and "no config is known" in result.message
 
 
 def test_config_missing_required_property_fails(bundle_copy):
@@ -105,9 +187,61 @@ def test_export_of_a_trained_checkpoint_and_of_a_mismatched_one(bundle_copy, tmp
     torch.save(GAPClassifier(width=SMALL["width"]).state_dict(), ckpt)
     result = run(bundle_copy, "export")["export"]
     assert result.passed and str(ckpt) in result.message and "random" not in result.message
+    assert "same forward and forward_with_nam" in result.message
     torch.save(GAPClassifier(width=0.125).state_dict(), ckpt)  # another width: the shapes do not fit
     result = run(bundle_copy, "export")["export"]
     assert not result.passed and "size mismatch" in result.message
+
+
+def record_checkpoint(path: Path, seed: int = 2) -> None:
+    """A checkpoint as training saves it: the weights under "model" beside a record of the training settings."""
+    from scripts.networks import GAPClassifier
+
+    torch.manual_seed(seed)
+    net = GAPClassifier(width=SMALL["width"])
+    record = {**net.config(), "image_size": SMALL["image_size"], "pixel_spacing_mm": None}
+    torch.save({"model": net.state_dict(), "config": {**record, "hu_window": [-1000.0, 400.0]}}, path)
+
+
+def test_exports_of_a_checkpoint_with_its_training_record(bundle_copy, tmp_path):
+    ckpt = bundle_copy / "models" / "model.pt"
+    record_checkpoint(ckpt)
+    results = run(bundle_copy, "export", "onnx", export_dir=tmp_path / "exports")
+    for name in ("export", "onnx"):
+        assert results[name].passed, results[name].message
+        assert str(ckpt) in results[name].message
+    scripted = torch.jit.load(str(tmp_path / "exports" / "model.ts"))
+    weights = torch.load(ckpt, weights_only=True)["model"]
+    assert torch.equal(scripted.state_dict()["fc.weight"], weights["fc.weight"])
+    assert (tmp_path / "exports" / "model.onnx").stat().st_size > 0
+
+
+def test_onnx_round_trip_gives_the_logits_and_nam(bundle_copy, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    result = run(bundle_copy, "onnx", export_dir=tmp_path)["onnx"]
+    assert result.passed, result.message
+    assert "same logits and NAM at inputs (1, 1, 384, 384) and (2, 1, 192, 192)" in result.message
+    # the file the check kept runs in onnxruntime on its own, with the names and shapes the check promises
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    logits, nam = session.run(["logits", "nam"], {"image": torch.rand(3, 1, 64, 96).numpy()})
+    assert logits.shape == (3, 2) and nam.shape == (3, 1, 64, 96)
+
+
+def test_onnx_export_with_a_size_frozen_by_tracing_fails(bundle_copy, monkeypatch):
+    # A realistic export bug: the NAM resized to Python ints, which tracing records as constants. The eager network is
+    # right at every size; the ONNX graph returns the traced size, which the check's second input exposes.
+    from scripts.networks import GAPClassifier
+
+    def forward_with_nam_frozen(self, x):
+        size = [int(s) for s in x.shape[2:]]
+        return self(x), F.interpolate(self.nam(x), size=size, mode="bilinear", align_corners=False)
+
+    monkeypatch.setattr(GAPClassifier, "forward_with_nam", forward_with_nam_frozen)
+    result = run(bundle_copy, "onnx")["onnx"]
+    assert not result.passed
+    assert "nam at input (2, 1, 192, 192) differs from eager mode" in result.message
+    assert "shapes (2, 1, 192, 192) and (2, 1, 384, 384)" in result.message
 
 
 def test_code_style_flags_the_bad_file(bundle_copy):

@@ -1,17 +1,21 @@
 """The MONAI Model Zoo's checks of this bundle: ``python -m scripts.verify_bundle`` (run in ``bundle/``).
 
-Each check runs MONAI's own tool where one exists (``verify_metadata``, ``verify_net_in_out``, ``ckpt_export``,
-``ConfigWorkflow.check_properties``) and the zoo's rules otherwise (JSON indented by 4, black/isort/flake8 on
-``scripts/``, the required files, ``large_files.yml`` and the 25 MB limit, version and changelog). Every check is
-reported as PASS or FAIL with its reason; the exit status is non-zero when any fails.
+Each check runs MONAI's own tool where one exists (``verify_metadata`` against an offline copy of the official
+``meta_schema_20240725.json``, ``verify_net_in_out`` for every network the metadata describes, ``ckpt_export``,
+``convert_to_onnx``, ``ConfigWorkflow.check_properties``) and the zoo's rules otherwise (JSON indented by 4,
+black/isort/flake8 on ``scripts/``, the required files, ``large_files.yml`` and the 25 MB limit, version and
+changelog). The exported TorchScript and ONNX models are run (the ONNX one by onnxruntime) and compared with the
+eager network. Every check is reported as PASS or FAIL with its reason; the exit status is non-zero when any fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,12 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jsonschema
+import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
-from monai.utils import OptionalImportError
+from monai.networks.utils import convert_to_onnx
+from monai.utils import OptionalImportError, optional_import
+from torch import nn
 
-from .atomic import write_json
+from .atomic import write_atomically, write_json
 from .dataset import write_nifti
 
 __all__ = [
@@ -34,9 +42,14 @@ __all__ = [
     "CHECKS",
     "README_SECTIONS",
     "MAX_FILE_MB",
+    "SCHEMA_NAME",
+    "SCHEMA_SHA256",
+    "NETWORK_CONFIGS",
+    "LogitsAndNAM",
     "check_metadata",
     "check_net_in_out",
     "check_export",
+    "check_onnx",
     "check_train_properties",
     "check_infer_properties",
     "check_json_format",
@@ -56,7 +69,17 @@ README_SECTIONS = ("Authors", "Tags", "Model Description", "Data", "Performance"
 REQUIRED_FILES = ("LICENSE", "docs/README.md", "docs/data_license.txt", "large_files.yml")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
-DEFAULT_SCHEMA = "../schemas/meta_schema_20240725.json"
+SCHEMA_NAME = "meta_schema_20240725.json"
+DEFAULT_SCHEMA = f"../schemas/{SCHEMA_NAME}"
+# sha256 of the official schema (Project-MONAI/project-monai.github.io, public/schema/; see schemas/README.md): a
+# stand-in or an edited copy under that name must not pass for it.
+SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"
+# The config that defines ``network_def`` for each network the metadata describes (``network_data_format`` and the
+# schema's ``<name>_data_format``); a described network without an entry here fails the net_in_out check.
+NETWORK_CONFIGS = {"network_data_format": "inference.json", "unet_data_format": "inference_unet.json"}
+DATA_FORMAT_KEY = re.compile(r"^[_a-zA-Z0-9]+_data_format$")  # the official schema's pattern for further networks
+# onnxruntime must give the eager outputs within this, relative to each output's largest magnitude (at least 1).
+ONNX_TOLERANCE = 1e-4
 
 
 class BundleCheckError(ValueError):
@@ -84,6 +107,7 @@ class CheckContext:
     override: dict[str, Any]
     device: str
     work: Path
+    export_dir: Path | None = None
 
     @property
     def meta_file(self) -> str:
@@ -115,57 +139,246 @@ def _checkpoint(ctx: CheckContext) -> tuple[Path, str]:
     return random_ckpt, f"randomly initialised network ({ckpt} is absent)"
 
 
+def _load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a checkpoint and its key: a plain state dict (key ``""``) or ``{"model": state_dict, ...}``.
+
+    Training checkpoints may carry more than the weights (``"config"``, the settings they were trained with), so the
+    weights are read as ``checkpoint.get("model", checkpoint)``, as MONAI Label does.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        return checkpoint["model"], "model"
+    if not isinstance(checkpoint, dict):
+        raise BundleCheckError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(checkpoint)}")
+    return checkpoint, ""
+
+
+def _network(ctx: CheckContext, ckpt: Path) -> tuple[ConfigParser, nn.Module]:
+    """``network_def`` of ``inference.json`` (with the metadata read) holding the weights of ``ckpt``, in eval mode."""
+    parser = ConfigParser()
+    parser.read_config(ctx.config("inference.json"))
+    parser.read_meta(ctx.meta_file)
+    parser.update({**ctx.bundle_override(), "ckpt_path": str(ckpt)})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(_load_weights(ckpt)[0])
+    return parser, net.eval()
+
+
+def _input_shape(parser: ConfigParser) -> tuple[int, list[int]]:
+    image = parser["_meta_"]["network_data_format"]["inputs"]["image"]
+    return int(image["num_channels"]), [int(s) for s in image["spatial_shape"]]
+
+
+def _keep(ctx: CheckContext, exported: Path) -> str:
+    """Copy a verified export to ``ctx.export_dir`` (atomically); the phrase for the check's message."""
+    if ctx.export_dir is None:
+        return ""
+    target = ctx.export_dir / exported.name
+    write_atomically(target, lambda tmp: shutil.copyfile(exported, tmp))
+    return f"; written to {target}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _schema_error_path(ctx: CheckContext) -> str:
+    """Where the metadata breaks the schema, as " at $.key.key" (jsonschema's best match), or "" if not found."""
+    schema = json.loads(ctx.schema.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(json.loads(Path(ctx.meta_file).read_text())))
+    return "" if error is None else f" at {error.json_path}"
+
+
 def check_metadata(ctx: CheckContext) -> str:
-    """``configs/metadata.json`` against the metadata schema (an offline copy; nothing is downloaded)."""
+    """``configs/metadata.json`` against the official ``meta_schema_20240725.json`` with MONAI's ``verify_metadata``.
+
+    The schema is an offline copy passed as ``verify_metadata``'s ``filepath`` (MONAI downloads nothing when the file
+    is there) together with the official file's sha256, so only that file validates; the metadata's ``schema`` URL
+    must name the same schema.
+    """
     if not ctx.schema.is_file():
         raise FileNotFoundError(f"metadata schema not found: {ctx.schema} (pass --schema)")
-    verify_metadata(meta_file=ctx.meta_file, filepath=str(ctx.schema))
-    return f"configs/metadata.json is valid against {ctx.schema.name}"
+    url = json.loads(Path(ctx.meta_file).read_text()).get("schema")
+    if not isinstance(url, str) or url.rsplit("/", 1)[-1] != SCHEMA_NAME:
+        raise BundleCheckError(
+            f"{ctx.meta_file}: 'schema' is {url!r}; the offline check validates against {SCHEMA_NAME}, so 'schema' "
+            "must be that file's URL"
+        )
+    digest = _sha256(ctx.schema)
+    if digest != SCHEMA_SHA256:
+        raise BundleCheckError(
+            f"{ctx.schema} is not the official {SCHEMA_NAME} (sha256 {digest}, expected {SCHEMA_SHA256}); "
+            "get it from Project-MONAI/project-monai.github.io, public/schema/ (see schemas/README.md)"
+        )
+    try:
+        verify_metadata(meta_file=ctx.meta_file, filepath=str(ctx.schema), hash_val=SCHEMA_SHA256, hash_type="sha256")
+    except ValueError as error:  # MONAI's message drops where in the file the error is: find it again
+        reason = str(error).replace("\n\n", "; ")  # one line: MONAI puts the schema's URL after a blank line
+        raise BundleCheckError(f"configs/metadata.json{_schema_error_path(ctx)}: {reason}") from error
+    return f"configs/metadata.json is valid against the official {SCHEMA_NAME} (verify_metadata, offline copy)"
 
 
 def check_net_in_out(ctx: CheckContext) -> str:
-    """``network_def`` of ``inference.json`` on a random input of the metadata's shape gives the metadata's output."""
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=ctx.meta_file,
-        config_file=ctx.config("inference.json"),
-        device=ctx.device,
-        **ctx.bundle_override(),
-    )
-    return "network_def's input and output match network_data_format"
+    """Every network the metadata describes, on a random input of its described shape, gives its described output.
+
+    ``network_data_format`` is checked on ``network_def`` of ``inference.json``; each ``<name>_data_format`` (the
+    official schema's form for further networks) on ``network_def`` of its config in ``NETWORK_CONFIGS``, by running
+    MONAI's ``verify_net_in_out`` on a copy of the metadata whose ``network_data_format`` is that description.
+    """
+    meta = json.loads(Path(ctx.meta_file).read_text())
+    described = [k for k in meta if k == "network_data_format" or DATA_FORMAT_KEY.match(k)]
+    unknown = [k for k in described if k not in NETWORK_CONFIGS]
+    if unknown:
+        raise BundleCheckError(
+            f"configs/metadata.json describes {unknown}, but no config is known for them (NETWORK_CONFIGS in "
+            "scripts/verify_bundle.py names the config whose network_def each describes)"
+        )
+    checked = []
+    for key in described:
+        meta_file = ctx.meta_file
+        if key != "network_data_format":
+            meta_file = str(ctx.work / f"metadata_{key}.json")
+            write_json(meta_file, {**meta, "network_data_format": meta[key]})
+        try:
+            verify_net_in_out(
+                net_id="network_def",
+                meta_file=meta_file,
+                config_file=ctx.config(NETWORK_CONFIGS[key]),
+                device=ctx.device,
+                **ctx.bundle_override(),
+            )
+        except Exception as error:  # name the description and config that disagree, whatever MONAI raised
+            raise BundleCheckError(
+                f"{key} vs network_def of configs/{NETWORK_CONFIGS[key]}: {type(error).__name__}: {error}"
+            ) from error
+        checked.append(f"{key} (configs/{NETWORK_CONFIGS[key]})")
+    return f"network_def's input and output match {', '.join(checked)}"
+
+
+def _compare(name: str, expected: torch.Tensor, got: torch.Tensor, atol: float, what: str) -> None:
+    if tuple(expected.shape) != tuple(got.shape) or not torch.allclose(expected, got, rtol=0.0, atol=atol):
+        diff = float((expected - got).abs().max()) if tuple(expected.shape) == tuple(got.shape) else float("nan")
+        raise BundleCheckError(
+            f"{what}: {name} differs from eager mode: shapes {tuple(expected.shape)} and {tuple(got.shape)}, "
+            f"max difference {diff:.3g} (tolerance {atol:.3g})"
+        )
 
 
 def check_export(ctx: CheckContext, atol: float = 1e-5) -> str:
-    """Export the checkpoint to TorchScript with ``ckpt_export``, reload it and compare its outputs with eager mode."""
+    """Export the checkpoint to TorchScript with ``ckpt_export``, reload it and compare its outputs with eager mode.
+
+    ``forward`` is compared, and ``forward_with_nam`` too when the network has it (it survives scripting as a
+    ``@torch.jit.export`` method).
+    """
     ckpt, source = _checkpoint(ctx)
     exported = ctx.work / "model.ts"
     ckpt_export(
         net_id="network_def",
         filepath=str(exported),
         ckpt_file=str(ckpt),
+        key_in_ckpt=_load_weights(ckpt)[1],
         meta_file=ctx.meta_file,
         config_file=ctx.config("inference.json"),
-        **ctx.bundle_override(),
+        **{**ctx.bundle_override(), "ckpt_path": str(ckpt)},
     )
-    parser = ConfigParser()
-    parser.read_config(ctx.config("inference.json"))
-    parser.read_meta(ctx.meta_file)
-    parser.update(ctx.bundle_override())
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    net.eval()
+    parser, net = _network(ctx, ckpt)
     scripted = torch.jit.load(str(exported), map_location="cpu")
-    image = parser["_meta_"]["network_data_format"]["inputs"]["image"]
-    shape = [int(s) for s in image["spatial_shape"]]
-    x = torch.rand(1, int(image["num_channels"]), *shape, generator=torch.Generator().manual_seed(0))
+    channels, shape = _input_shape(parser)
+    x = torch.rand(1, channels, *shape, generator=torch.Generator().manual_seed(0))
+    what = f"TorchScript export of {source} after reload"
+    compared = ["forward"]
     with torch.no_grad():
-        expected, got = net(x), scripted(x)
-    if expected.shape != got.shape or not torch.allclose(expected, got, atol=atol):
-        raise BundleCheckError(
-            f"TorchScript export of {source} differs from eager mode after reload: shapes {tuple(expected.shape)} "
-            f"and {tuple(got.shape)}, max difference {float((expected - got).abs().max()):.3g}"
-        )
-    return f"exported {source} to TorchScript; the reloaded model gives the same outputs"
+        _compare("forward", net(x), scripted(x), atol, what)
+        if hasattr(net, "forward_with_nam"):
+            if not hasattr(scripted, "forward_with_nam"):
+                raise BundleCheckError(
+                    f"{what}: forward_with_nam did not survive scripting (mark it @torch.jit.export)"
+                )
+            for name, a, b in zip(("logits", "NAM"), net.forward_with_nam(x), scripted.forward_with_nam(x)):
+                _compare(f"forward_with_nam's {name}", a, b, atol, what)
+            compared.append("forward_with_nam")
+    same = " and ".join(compared)
+    return f"exported {source} to TorchScript; the reloaded model gives the same {same}{_keep(ctx, exported)}"
+
+
+class LogitsAndNAM(nn.Module):
+    """The classifier as ONNX sees it: ``forward`` returns ``network.forward_with_nam(x)``, logits and raw NAM.
+
+    ONNX exports one method, ``forward``; this wrapper makes it the one that also gives the NAM, from one backbone
+    pass, as the bundle's inferers use it.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network.forward_with_nam(x)
+
+
+def _other_shape(shape: list[int], multiple: int = 16) -> list[int]:
+    """A second spatial size, about half of ``shape`` and a multiple of ``multiple`` (the classifier's NAM stride)."""
+    return [max(multiple, s // 2 // multiple * multiple) for s in shape]
+
+
+def check_onnx(ctx: CheckContext, tolerance: float = ONNX_TOLERANCE) -> str:
+    """Export the checkpoint's classifier to ONNX (logits and NAM) and run it with onnxruntime against eager mode.
+
+    The export is MONAI's ``convert_to_onnx`` (traced, TorchScript-based ``torch.onnx.export``) of
+    :class:`LogitsAndNAM` (of ``forward`` alone for a network without ``forward_with_nam``), with the batch and both
+    spatial sizes dynamic. It is traced on the metadata's input shape and then compared on that shape and on a batch
+    of 2 at about half the size, so a size or batch frozen by tracing fails. Each output must agree within
+    ``tolerance`` times its largest eager magnitude (at least 1).
+    """
+    ort, has_ort = optional_import("onnxruntime")
+    _, has_onnx = optional_import("onnx")
+    if not (has_ort and has_onnx):
+        raise BundleCheckError("the ONNX check needs onnx and onnxruntime (pip install -r requirements.txt)")
+    ckpt, source = _checkpoint(ctx)
+    parser, net = _network(ctx, ckpt)
+    with_nam = hasattr(net, "forward_with_nam")
+    model = LogitsAndNAM(net) if with_nam else net
+    names = ["logits", "nam"] if with_nam else ["logits"]
+    channels, shape = _input_shape(parser)
+    dynamic = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
+    if with_nam:
+        dynamic["nam"] = {0: "batch", 2: "height", 3: "width"}
+    exported = ctx.work / "model.onnx"
+    x = torch.rand(1, channels, *shape, generator=torch.Generator().manual_seed(0))
+    convert_to_onnx(
+        model,
+        inputs=[x],
+        input_names=["image"],
+        output_names=names,
+        dynamic_axes=dynamic,
+        filename=str(exported),
+        use_trace=True,
+        dynamo=False,  # the TorchScript-based exporter: the dynamo one needs onnxscript, not a dependency here
+    )
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    what = f"ONNX export of {source} in onnxruntime"
+    worst = 0.0
+    second = torch.rand(2, channels, *_other_shape(shape), generator=torch.Generator().manual_seed(1))
+    for inputs in (x, second):
+        with torch.no_grad():
+            expected = model(inputs)
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        got = session.run(names, {"image": inputs.numpy()})
+        for name, a, b in zip(names, expected, got):
+            atol = tolerance * max(1.0, float(a.abs().max()))
+            b = torch.from_numpy(b)
+            _compare(f"{name} at input {tuple(inputs.shape)}", a, b, atol, what)
+            worst = max(worst, float((a - b).abs().max()))
+    outputs = "logits and NAM" if with_nam else "logits (the network has no forward_with_nam)"
+    return (
+        f"exported {source} to ONNX; onnxruntime gives the same {outputs} at inputs {tuple(x.shape)} and "
+        f"{tuple(second.shape)} (max difference {worst:.2g}){_keep(ctx, exported)}"
+    )
 
 
 def standin_dataset(out_dir: str | os.PathLike, size: int = 64, spacing: float = 0.7) -> Path:
@@ -173,6 +386,8 @@ def standin_dataset(out_dir: str | os.PathLike, size: int = 64, spacing: float =
 
     ``check_properties`` instantiates the workflows' components, and their datasets read the datalist: this
     stand-in lets the check run before any real data is prepared. Slices are noise in HU with a disc as nodule.
+    Beside them lies one small CT volume, ``standin-scan.nii.gz`` (the slices stacked, 2.5 mm apart), for an
+    inference config that reads whole scans from the folder.
     """
     out_dir = Path(out_dir)
     for sub in ("images", "labels", "lungs"):
@@ -206,6 +421,12 @@ def standin_dataset(out_dir: str | os.PathLike, size: int = 64, spacing: float =
                 }
             )
     write_json(out_dir / "datalist.json", datalist)
+    volume = np.stack(
+        [nib.load(str(out_dir / item["image"])).get_fdata() for split in datalist.values() for item in split], axis=-1
+    ).astype(np.int16)
+    scan = nib.Nifti1Image(volume, np.diag([spacing, spacing, 2.5, 1.0]))
+    scan.header.set_xyzt_units("mm")
+    write_atomically(out_dir / "standin-scan.nii.gz", lambda tmp: nib.save(scan, tmp))
     return out_dir
 
 
@@ -368,6 +589,7 @@ CHECKS: dict[str, Callable[[CheckContext], str]] = {
     "metadata": check_metadata,
     "net_in_out": check_net_in_out,
     "export": check_export,
+    "onnx": check_onnx,
     "train_properties": check_train_properties,
     "infer_properties": check_infer_properties,
     "json_format": check_json_format,
@@ -386,6 +608,7 @@ def verify_bundle(
     override: dict[str, Any] | None = None,
     checks: Sequence[str] | None = None,
     device: str = "cpu",
+    export_dir: str | os.PathLike | None = None,
 ) -> list[CheckResult]:
     """Run the checks on a bundle and return one result per check; a failing check does not stop the others.
 
@@ -397,6 +620,8 @@ def verify_bundle(
         override: config id -> value, applied to every config read (e.g. ``{"width": 0.0625}``).
         checks: names of the checks to run (keys of ``CHECKS``); default all.
         device: device for the network checks.
+        export_dir: where the export and onnx checks copy the files they verified (``model.ts``, ``model.onnx``);
+            default nowhere (they are written to a temporary folder and removed).
     """
     root = Path(bundle_root).resolve()
     if not (root / "configs" / "metadata.json").is_file():
@@ -417,6 +642,7 @@ def verify_bundle(
             override=dict(override or {}),
             device=device,
             work=Path(work),
+            export_dir=Path(export_dir).resolve() if export_dir is not None else None,
         )
         for name in names:
             start = time.perf_counter()
@@ -451,10 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_argument("--override", action="append", default=[], metavar="ID=VALUE", help="config override (JSON)")
     cli.add_argument("--checks", nargs="+", default=None, choices=list(CHECKS), help="run only these checks")
     cli.add_argument("--device", default="cpu")
+    cli.add_argument("--export_dir", default=None, help="keep the verified model.ts and model.onnx in this folder")
     args = cli.parse_args(argv)
     override = _parse_override(args.override)
     results = verify_bundle(
-        args.bundle_root, args.schema, args.ckpt, args.dataset_dir, override, args.checks, args.device
+        args.bundle_root, args.schema, args.ckpt, args.dataset_dir, override, args.checks, args.device, args.export_dir
     )
     width = max(len(r.name) for r in results)
     for r in results:
