@@ -2,10 +2,13 @@
 
 import io
 
+import numpy as np
 import pytest
+import scripts.networks as networks
 import torch
 from scripts.checkpoint import load_checkpoint
-from scripts.networks import GAPClassifier, NAMInferer
+from scripts.networks import IMAGENET_MEAN, IMAGENET_STD, GAPClassifier, NAMInferer
+from scripts.rnam import rnam_scores
 
 WIDTH = 1 / 16
 
@@ -101,12 +104,12 @@ def test_nam_context_radius_is_exact():
             assert (delta > 0) == influences, offset
 
 
-def _torchvision_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A torchvision-layout VGG16 state dict at this width (random values), with the classifier keys too."""
+def _torchvision_state(seed: int = 0, width: float = WIDTH) -> dict[str, torch.Tensor]:
+    """A torchvision-layout VGG16 state dict at ``width`` (random values), with the classifier keys too."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for index, out, inp in TORCHVISION_CONVS:
-        out, inp = max(1, round(out * WIDTH)), (3 if index == 0 else max(1, round(inp * WIDTH)))
+        out, inp = max(1, round(out * width)), (3 if index == 0 else max(1, round(inp * width)))
         state[f"features.{index}.weight"] = torch.randn(out, inp, 3, 3, generator=g)
         state[f"features.{index}.bias"] = torch.randn(out, generator=g)
     state["classifier.0.weight"] = torch.randn(4, 4, generator=g)
@@ -121,18 +124,139 @@ def test_pretrained_loads_backbone_only(tmp_path):
     heads_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("features.")}
     model.load_backbone(path)
     loaded = model.state_dict()
-    # RGB conv1_1 summed over the colour axis: a grey slice repeated to RGB gives the same response
-    torch.testing.assert_close(loaded["features.0.weight"], state["features.0.weight"].sum(1, keepdim=True))
+    # RGB conv1_1 folded for a grey input (see test_imagenet_weights_compute_the_rgb_model_on_normalised_grey)
+    std = torch.tensor(IMAGENET_STD)[None, :, None, None]
+    expected = torch.tensor(IMAGENET_STD).mean() * (state["features.0.weight"] / std).sum(1, keepdim=True)
+    torch.testing.assert_close(loaded["features.0.weight"], expected)
     for index, _, _ in TORCHVISION_CONVS[1:]:
         torch.testing.assert_close(loaded[f"features.{index}.weight"], state[f"features.{index}.weight"])
         torch.testing.assert_close(loaded[f"features.{index}.bias"], state[f"features.{index}.bias"])
     for key, value in heads_before.items():
-        torch.testing.assert_close(loaded[key], value)
-    grey = torch.rand(1, 1, 8, 8)
-    conv_rgb = torch.nn.functional.conv2d(grey.repeat(1, 3, 1, 1), state["features.0.weight"], padding=1)
-    torch.testing.assert_close(model.features[0](grey), conv_rgb + state["features.0.bias"][None, :, None, None])
+        if not key.startswith("input_"):
+            torch.testing.assert_close(loaded[key], value)
     same = GAPClassifier(gap_levels=2, width=WIDTH, head_channels=256, pretrained=str(path))
     torch.testing.assert_close(same.features[0].weight, loaded["features.0.weight"])
+
+
+def _rgb_reference(state: dict[str, torch.Tensor], like: GAPClassifier) -> GAPClassifier:
+    """torchvision's RGB VGG16 with ``state``'s backbone and ``like``'s heads: 3 input channels, no normalisation."""
+    reference = GAPClassifier(
+        gap_levels=like.gap_levels, width=like.width, in_channels=3, head_channels=like.head_channels
+    ).double()
+    own = {k: v for k, v in like.state_dict().items() if not k.startswith(("features.", "input_"))}
+    reference.load_state_dict({**own, **{k: v for k, v in state.items() if k.startswith("features.")}}, strict=False)
+    assert reference.config()["input_norm"] is None
+    return reference.eval()
+
+
+def _imagenet_normalised(grey: torch.Tensor) -> torch.Tensor:
+    """A grey ``(B, 1, H, W)`` batch repeated to RGB and normalised per channel, as torchvision's weights expect."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=grey.dtype)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=grey.dtype)[None, :, None, None]
+    return (grey.repeat(1, 3, 1, 1) - mean) / std
+
+
+def test_imagenet_weights_compute_the_rgb_model_on_normalised_grey(tmp_path):
+    state = {k: v.double() for k, v in _torchvision_state().items()}
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    model = _model(2).double()  # float64 before loading: the comparison is not blurred by float32 rounding
+    model.load_backbone(path)
+    assert model.config()["input_norm"] == "imagenet"  # RGB ImageNet weights: the network normalises
+    reference = _rgb_reference(state, model)
+    torch.manual_seed(3)
+    grey = torch.rand(2, 1, 40, 48, dtype=torch.float64)
+    with torch.no_grad():
+        ours = model.features[:5](model.normalize_input(grey))  # conv1_1, conv1_2 and pool1
+        rgb = reference.features[:5](_imagenet_normalised(grey))
+        inner = (..., slice(1, -1), slice(1, -1))  # the pooled pixels whose 6x6 input window is inside the image
+        torch.testing.assert_close(ours[inner], rgb[inner], rtol=0, atol=1e-12)
+        # only at the border, where the RGB model's zero padding is the grey m_c and ours the grey mean of m_c
+        assert not torch.allclose(ours, rgb, rtol=0, atol=1e-6)
+        # with 3 input channels the RGB weights load as they are: the same network, borders included
+        model_rgb = GAPClassifier(gap_levels=2, width=WIDTH, in_channels=3, head_channels=256).double().eval()
+        model_rgb.load_backbone(path)
+        model_rgb.load_state_dict(
+            {k: v for k, v in reference.state_dict().items() if k.startswith(("heads.", "fc."))}, strict=False
+        )
+        assert model_rgb.config()["input_norm"] == "imagenet"
+        logits, nam = model_rgb.forward_with_nam(grey.repeat(1, 3, 1, 1))
+        ref_logits, ref_nam = reference.forward_with_nam(_imagenet_normalised(grey))
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=0)
+        torch.testing.assert_close(nam, ref_nam, rtol=1e-12, atol=1e-12)
+
+
+def test_input_normalisation_travels_with_the_weights(tmp_path):
+    path = tmp_path / "vgg16.pth"
+    torch.save(_torchvision_state(), path)
+    trained = _model(2, pretrained=path)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), checkpoint)
+    # inference builds the network with the defaults (no pretrained, no input_norm): the checkpoint brings it
+    loaded = load_checkpoint(_model(2), checkpoint)
+    assert loaded.config() == {**_model(2).config(), "input_norm": "imagenet"}
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.nam(x), trained.nam(x), rtol=0, atol=0)
+        unnormalised = _model(2)
+        unnormalised.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("input_")})
+        assert unnormalised.config()["input_norm"] is None  # a state dict from before the buffers: as it came
+        assert not torch.allclose(unnormalised(x), trained(x))
+        scripted = torch.jit.script(loaded)
+        torch.testing.assert_close(scripted.forward_with_nam(x)[1], trained.nam(x), rtol=0, atol=0)
+    foreign = {**trained.state_dict(), "input_std": torch.full((1, 1, 1), 0.5)}
+    with pytest.raises(ValueError, match="unknown input normalisation"):
+        _model(2).load_state_dict(foreign)
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        _model(1, input_norm="imagenet_rgb")
+    assert _model(1, input_norm="imagenet").config()["input_norm"] == "imagenet"
+
+
+@pytest.mark.parametrize("gap_levels", [1, 2])
+def test_incremental_rnam_normalises_like_the_network(tmp_path, gap_levels):
+    path = tmp_path / "vgg16.pth"
+    torch.save(_torchvision_state(seed=gap_levels), path)
+    net = _model(gap_levels, pretrained=path).double()
+    torch.manual_seed(gap_levels)
+    image = torch.rand(1, 80, 96, dtype=torch.float64)
+    masks = np.zeros((3, 80, 96), bool)
+    masks[0, 20:26, 30:37], masks[1, :3, :4], masks[2, 50:60, 70:80] = True, True, True
+    scope = np.ones((80, 96), bool)
+    with torch.no_grad():
+        nam = net.nam(image[None])[0, 0].numpy()
+    full = rnam_scores(net, image, nam, scope, masks, 0.1, crop=False)
+    incremental = rnam_scores(net, image, nam, scope, masks, 0.1, crop=True, incremental=True)
+    assert (full > 0).all()
+    np.testing.assert_allclose(incremental, full, rtol=1e-9)
+
+
+def test_pretrained_imagenet_through_torch_hub(tmp_path, monkeypatch):
+    """``pretrained="imagenet"`` reads torchvision's file from the torch.hub cache (made here: no download)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    state = _torchvision_state(width=1.0)
+    torch.save(state, cache / "vgg16-397923af.pth")
+    torch.manual_seed(0)
+    model = GAPClassifier(width=1.0, head_channels=8, pretrained="imagenet")
+    assert model.config()["input_norm"] == "imagenet"
+    torch.testing.assert_close(model.features[28].weight, state["features.28.weight"], rtol=0, atol=0)
+    from_file = GAPClassifier(width=1.0, head_channels=8)
+    from_file.load_backbone(cache / "vgg16-397923af.pth")
+    torch.testing.assert_close(model.features[0].weight, from_file.features[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.features[0].bias, from_file.features[0].bias, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs width=1, got 0.0625"):
+        _model(1, pretrained="imagenet")
+    # offline: nothing cached and the server unreachable (a closed local port stands in for no network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setitem(networks.IMAGENET_URLS, True, "http://127.0.0.1:9/models/vgg16_bn-6c64b313.pth")
+    message = (
+        r"cannot download torchvision's ImageNet VGG16 weights from http://127\.0\.0\.1:9/models/vgg16_bn-6c64b313"
+        r"\.pth .*copy it to .*empty/hub/checkpoints/vgg16_bn-6c64b313\.pth .*pretrained=/path/to/vgg16_bn"
+    )
+    with pytest.raises(RuntimeError, match=message):
+        GAPClassifier(width=1.0, head_channels=8, batch_norm=True, pretrained="imagenet")
 
 
 def test_pretrained_errors_name_the_file(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,15 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from torch import nn
 
-__all__ = ["VGG16_CONFIG", "GAPClassifier", "NAMInferer"]
+__all__ = [
+    "VGG16_CONFIG",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGENET_URLS",
+    "GAPClassifier",
+    "NAMInferer",
+    "imagenet_vgg16_state",
+]
 
 # torchvision's VGG16 "D" layout: channel counts, "M" = 2x2 max pooling (pool5 left out).
 VGG16_CONFIG: tuple[int | str, ...] = (
@@ -44,6 +53,59 @@ VGG16_CONFIG: tuple[int | str, ...] = (
 _TAP_CONVS = (13, 10, 7)
 _NUM_CLASSES = 2
 
+# The per-channel (RGB) statistics that torchvision's ImageNet weights expect on [0, 1] input.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's ImageNet VGG16 weights (``vgg16`` / ``vgg16_bn``), fetched through torch.hub for "imagenet".
+IMAGENET_URLS = {
+    False: "https://download.pytorch.org/models/vgg16-397923af.pth",
+    True: "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth",
+}
+INPUT_NORMS = (None, "imagenet")
+
+
+def _input_statistics(input_norm: str | None, in_channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation the network normalises its input with.
+
+    ``"imagenet"`` on one channel uses the means of ImageNet's RGB statistics (*inferred*: ImageNet has no grey
+    statistics); ``load_backbone`` folds the per-channel rest into conv1_1, so that the grey model computes what the
+    RGB model computes (see there).
+    """
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.")
+    if input_norm is None:
+        return [0.0] * in_channels, [1.0] * in_channels
+    if in_channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if in_channels == 1:
+        return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+    raise ValueError(f"input_norm='imagenet' needs in_channels 1 (grey) or 3 (RGB), got {in_channels}.")
+
+
+def imagenet_vgg16_state(batch_norm: bool = False) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet VGG16 (``batch_norm``: ``vgg16_bn``) state dict, from the torch.hub cache or the web.
+
+    Raises:
+        RuntimeError: the weights are not cached and cannot be downloaded (offline); the message says where to put
+            the file.
+    """
+    url = IMAGENET_URLS[bool(batch_norm)]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
+        )
+    except OSError as error:  # URLError (offline, refused, DNS) and HTTPError are OSErrors
+        raise RuntimeError(
+            f"pretrained='imagenet': cannot download torchvision's ImageNet VGG16 weights from {url} ({error}). "
+            f"Offline? Download that file on a machine that is online and copy it to {cached} (the torch.hub cache; "
+            "set TORCH_HOME to move it), or give its path instead: pretrained=/path/to/"
+            f"{os.path.basename(url)} (--pretrained on the command line)."
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{cached}: expected a state dict, got {type(state).__name__}.")
+    return state
+
 
 def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
@@ -61,9 +123,15 @@ class GAPClassifier(nn.Module):
         width: multiplier of every channel count (1.0 = the paper's VGG16 and 1024-channel heads).
         in_channels: input channels (1 for a CT slice).
         head_channels: channels of each head's 3x3 convolution at ``width`` 1.
-        pretrained: optional path to a torchvision-layout VGG16 state dict; see ``load_backbone``.
+        pretrained: optional torchvision-layout VGG16 weights for the backbone: a state dict's path, or
+            ``"imagenet"`` for torchvision's ImageNet weights through torch.hub (``vgg16_bn``'s with ``batch_norm``;
+            needs ``width`` 1). ImageNet (RGB) weights switch on ``input_norm="imagenet"``; see ``load_backbone``.
         batch_norm: batch normalisation after every backbone conv (torchvision's ``vgg16_bn`` layout). Not in the
             paper, which fine-tunes ImageNet weights; without them a plain VGG16 barely trains from scratch.
+        input_norm: ``None`` (the input as it comes, [0, 1] after the HU window) or ``"imagenet"``: the network
+            subtracts ImageNet's mean and divides by its standard deviation first. The statistics are buffers
+            (``input_mean``, ``input_std``), so they travel in every state dict and checkpoint: a model built with
+            the defaults and loaded from a checkpoint normalises as the trained model did, with no config change.
 
     Attributes:
         nam_stride: the largest head stride in input pixels (16, the conv5_3 head).
@@ -83,6 +151,7 @@ class GAPClassifier(nn.Module):
         head_channels: int = 1024,
         pretrained: str | os.PathLike | None = None,
         batch_norm: bool = False,
+        input_norm: str | None = None,
     ) -> None:
         super().__init__()
         if gap_levels not in (1, 2, 3):
@@ -96,6 +165,10 @@ class GAPClassifier(nn.Module):
         self.in_channels = in_channels
         self.head_channels = head_channels
         self.batch_norm = bool(batch_norm)
+        mean, std = _input_statistics(input_norm, in_channels)
+        # (C, 1, 1): broadcasts over (B, C, H, W) and (C, H, W) inputs alike
+        self.register_buffer("input_mean", torch.tensor(mean).view(-1, 1, 1))
+        self.register_buffer("input_std", torch.tensor(std).view(-1, 1, 1))
 
         layers: list[nn.Module] = []
         channels = in_channels
@@ -165,50 +238,109 @@ class GAPClassifier(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments that fix the parameter shapes."""
+        """The constructor arguments that fix the parameter shapes, and the input normalisation in use (read from
+        the buffers, so it is the loaded checkpoint's; it fixes no shape)."""
         return {
             "gap_levels": self.gap_levels,
             "width": self.width,
             "in_channels": self.in_channels,
             "head_channels": self.head_channels,
             "batch_norm": self.batch_norm,
+            "input_norm": self._input_norm(),
         }
 
-    def load_backbone(self, path: str | os.PathLike) -> None:
-        """Load conv1_1 ... conv5_3 from a torchvision-layout VGG16 state dict (``features.N.weight/bias``).
+    def _input_norm(self) -> str | None:
+        for name in INPUT_NORMS:
+            try:
+                mean, std = _input_statistics(name, self.in_channels)
+            except ValueError:
+                continue
+            if torch.allclose(self.input_mean.flatten().double(), torch.tensor(mean, dtype=torch.float64)) and (
+                torch.allclose(self.input_std.flatten().double(), torch.tensor(std, dtype=torch.float64))
+            ):
+                return name
+        raise ValueError(
+            f"unknown input normalisation: mean {self.input_mean.flatten().tolist()}, std "
+            f"{self.input_std.flatten().tolist()}"
+        )
 
-        The heads and ``fc`` keep their random initialisation; other keys of the file (pool5's classifier) are
-        ignored. When the file's conv1_1 has 3 input channels (ImageNet RGB) and this model has 1, the weights
-        are summed over the RGB axis: a grey slice repeated to RGB gives ``sum_c w_c * x = (sum_c w_c) * x``,
-        so the 1-channel model computes exactly what the RGB model computes on the repeated slice.
+    def _set_input_norm(self, input_norm: str | None) -> None:
+        mean, std = _input_statistics(input_norm, self.in_channels)
+        # built in the buffers' dtype: a float64 model gets float64 statistics, not float32 ones widened
+        self.input_mean.copy_(torch.tensor(mean, dtype=self.input_mean.dtype).view(-1, 1, 1))
+        self.input_std.copy_(torch.tensor(std, dtype=self.input_std.dtype).view(-1, 1, 1))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # a whole state dict saved before the normalisation buffers existed was trained on the input as it came; a
+        # partial one (a backbone, loaded with strict=False) leaves the normalisation as it is
+        buffers = [prefix + "input_mean", prefix + "input_std"]
+        others = [prefix + k for k in self.state_dict() if prefix + k not in buffers]
+        if not any(k in state_dict for k in buffers) and all(k in state_dict for k in others):
+            for key, value in zip(buffers, _input_statistics(None, self.in_channels)):
+                state_dict[key] = torch.tensor(value, dtype=self.input_mean.dtype).view(-1, 1, 1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._input_norm()  # a foreign normalisation is an error now, not a surprise in config()
+
+    def load_backbone(self, pretrained: str | os.PathLike) -> None:
+        """Load conv1_1 ... conv5_3 from torchvision-layout VGG16 weights (``features.N.weight/bias``).
+
+        ``pretrained`` is a state dict's path, or ``"imagenet"`` for torchvision's ImageNet weights through torch.hub
+        (see ``imagenet_vgg16_state``). The heads and ``fc`` keep their random initialisation; other keys (pool5's
+        classifier) are ignored. Weights whose conv1_1 has 3 input channels are ImageNet's (RGB), which expect input
+        normalised per channel: the model switches to ``input_norm="imagenet"``. With 3 input channels they load as
+        they are. With 1, conv1_1 is folded so that the model computes what the RGB model computes on a grey slice
+        ``g`` repeated to RGB and normalised per channel, ``sum_c w_c * (g - m_c) / s_c + b``: the model normalises
+        ``g`` with the channel averages ``m``, ``s`` and uses ``w = s * sum_c w_c / s_c`` and
+        ``b = b - sum_c (m_c - m) / s_c * sum(w_c)``. That is exact wherever the 3x3 window lies inside the slice;
+        on the one-pixel border the RGB model's zero padding stands for the grey ``m_c``, this model's for ``m``.
 
         Raises:
             FileNotFoundError: the file does not exist.
-            ValueError: a backbone key is missing or has the wrong shape.
+            RuntimeError: ``"imagenet"`` cannot be downloaded (offline); the message says what to do.
+            ValueError: ``"imagenet"`` with a width other than 1, or a backbone key is missing or has the wrong
+                shape.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained VGG16 state dict not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(pretrained) == "imagenet":
+            if self.width != 1.0:
+                raise ValueError(
+                    f"pretrained='imagenet' is torchvision's VGG16, which needs width=1, got {self.width}."
+                )
+            origin = f"torchvision's ImageNet VGG16 ({IMAGENET_URLS[self.batch_norm]})"
+            state = imagenet_vgg16_state(self.batch_norm)
+        else:
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(f"pretrained VGG16 state dict not found: {pretrained}")
+            origin = str(pretrained)
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}.")
+            raise ValueError(f"{origin}: expected a state dict, got {type(state).__name__}.")
         own = {k: v for k, v in self.state_dict().items() if k.startswith("features.")}
         missing = sorted(set(own) - set(state))
         if missing:
-            raise ValueError(f"{path}: not a torchvision-layout VGG16 state dict, missing keys {missing[:4]}.")
-        loaded = {}
+            raise ValueError(f"{origin}: not a torchvision-layout VGG16 state dict, missing keys {missing[:4]}.")
+        loaded = {key: state[key] for key in own}
+        rgb = loaded["features.0.weight"].ndim == 4 and loaded["features.0.weight"].shape[1] == 3
+        if rgb and self.in_channels == 1:
+            loaded["features.0.weight"], loaded["features.0.bias"] = _fold_rgb_conv(
+                loaded["features.0.weight"], loaded["features.0.bias"]
+            )
         for key, target in own.items():
-            value = state[key]
-            if key == "features.0.weight" and value.shape[1] == 3 and target.shape[1] == 1:
-                value = value.sum(dim=1, keepdim=True)
-            if value.shape != target.shape:
+            if loaded[key].shape != target.shape:
                 raise ValueError(
-                    f"{path}: {key} has shape {tuple(value.shape)}, this model (width={self.width}, "
+                    f"{origin}: {key} has shape {tuple(loaded[key].shape)}, this model (width={self.width}, "
                     f"in_channels={self.in_channels}) needs {tuple(target.shape)}."
                 )
-            loaded[key] = value
         self.load_state_dict(loaded, strict=False)
+        if rgb and self.in_channels in (1, 3):
+            self._set_input_norm("imagenet")
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the backbone sees it: ``(x - input_mean) / input_std`` (the identity without ImageNet
+        weights). Every forward path applies it; code that runs ``features`` itself (incremental R-NAM) must too."""
+        return (x - self.input_mean) / self.input_std
 
     def _head_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.normalize_input(x)
         taps: list[torch.Tensor] = []
         for index, layer in enumerate(self.features):
             x = layer(x)
@@ -255,6 +387,17 @@ class GAPClassifier(nn.Module):
         """Logits ``(B, 2)`` and raw NAM ``(B, 1, H, W)`` from one backbone pass."""
         activations = self._head_activations(x)
         return self._logits(activations), self._nam(activations, [x.shape[2], x.shape[3]])
+
+
+def _fold_rgb_conv(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv1_1 of RGB ImageNet weights for a grey input normalised with the RGB averages (see ``load_backbone``)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    (grey_mean,), (grey_std,) = _input_statistics("imagenet", 1)
+    w, b = weight.double(), bias.double()
+    folded = grey_std * (w / std[None, :, None, None]).sum(dim=1, keepdim=True)
+    shifted = b - (w.sum(dim=(2, 3)) * (mean - grey_mean) / std).sum(dim=1)
+    return folded.to(weight.dtype), shifted.to(bias.dtype)
 
 
 class NAMInferer(Inferer):

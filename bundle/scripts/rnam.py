@@ -198,9 +198,10 @@ class _IncrementalNAM:
 
     def __init__(self, network: GAPClassifier, image: torch.Tensor) -> None:
         self.size = tuple(image.shape[1:])
+        self.normalize = network.normalize_input  # elementwise: what forward does before ``features``
         self.taps = network.tap_indices
         self.layers = list(network.features[: max(self.taps) + 1])
-        self.inputs, _, taps = _cache_inputs(self.layers, image[None], keep=self.taps)
+        self.inputs, _, taps = _cache_inputs(self.layers, self.normalize(image[None]), keep=self.taps)
         self.heads = []  # per head: (layers, cached inputs, unmasked activations, NAM weights), in head order
         for head, tap, weight in zip(network.heads, self.taps, torch.split(network.fc.weight[1], network.head_sizes)):
             inputs, activations, _ = _cache_inputs(list(head), taps[tap])
@@ -209,6 +210,7 @@ class _IncrementalNAM:
     def __call__(self, changed: _Changed) -> torch.Tensor:
         """``(N, H, W)`` float64 change of the NAM, ``NAM_{I \\ R_j} - NAM_I``, given the changed input window."""
         delta = torch.zeros((len(changed.values), *self.size), dtype=torch.float64, device=changed.values.device)
+        changed = changed._replace(values=self.normalize(changed.values))
         _, at_taps = _advance_all(self.layers, self.inputs, changed, keep=self.taps)
         for tap, (layers, inputs, base, weight) in zip(self.taps, self.heads):
             head = _advance_all(layers, inputs, at_taps[tap])[0] if tap in at_taps else None
