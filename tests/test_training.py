@@ -171,6 +171,11 @@ def test_two_process_gloo_training_saves_once(dataset, tmp_path):
     assert log.count("Saved checkpoint at epoch: 1") == 1
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["last_checkpoint_epoch=1.pt", "model.pt"]
     assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 1
+    # split_batch (the default): batch_size is the effective batch, so each of the 2 processes takes 4 of the 8 and
+    # runs 4 iterations over its 16 of the 32 training slices (8 per process would run 2)
+    assert "multi-GPU training: 2 processes x batch 4 = effective batch 8 (split_batch=True)" in log
+    state = torch.load(tmp_path / "models" / "last_checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
+    assert state["trainer"]["epoch_length"] == 4 and state["trainer"]["iteration"] == 4
 
 
 def test_cli_from_repo_root(dataset, tmp_path):
