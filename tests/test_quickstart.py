@@ -1,14 +1,44 @@
-"""The quick start, end to end at a reduced size: every step's outputs exist and the metrics are complete."""
+"""The quick start, end to end at a reduced size: every step's outputs exist and the metrics are complete.
+
+The short quick start (two rows) and the full one (all seven rows of Table 1) share one tiny synthetic dataset: the
+full run reuses a copy of the short run's (a finished dataset of the same settings is reused as it is).
+"""
 
 import json
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
-from scripts.quickstart import QUICKSTART_SYNTHETIC, quickstart
+from conftest import BUNDLE
+from scripts.evaluate import PAPER_ORDER
+from scripts.quickstart import (
+    PAPER_ACCURACY,
+    PAPER_TABLE1,
+    QUICKSTART_SYNTHETIC,
+    StageProgress,
+    _quiet_handlers,
+    quickstart,
+    quiet_log,
+)
+
+TINY = {"cases": 8, "size": 96, "width": 0.0625, "epochs": 1, "batch_size": 8, "max_panels": 1}
+TINY_UNET = {"unet_features": (4, 4, 8, 8, 16, 4), "unet_batch_size": 8}
+SEVEN_ROWS = [name for name in PAPER_ORDER if name != "multi-GAP"]
 
 
-def test_quickstart_runs_every_step(tmp_path):
-    out = tmp_path / "qs"
-    metrics = quickstart(out=str(out), cases=8, size=96, width=0.0625, epochs=1, batch_size=8)
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """The short quick start at a tiny size, with everything it printed (Python and worker processes alike)."""
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    return out, quickstart(out=str(out), **TINY)
+
+
+def test_quickstart_runs_every_step(short_run):
+    out, metrics = short_run
     dataset = out / "dataset"
     assert (dataset / "datalist.json").is_file() and (dataset / "dataset_summary.json").is_file()
     assert (out / "models" / "model.pt").is_file()
@@ -37,8 +67,153 @@ def test_quickstart_runs_every_step(tmp_path):
     summary = json.loads((dataset / "dataset_summary.json").read_text())
     assert summary["source_settings"]["min_diameter_mm"] == QUICKSTART_SYNTHETIC["min_diameter_mm"]
     datalist = (dataset / "datalist.json").stat().st_mtime_ns
-    again = quickstart(out=str(out), cases=8, size=96, width=0.0625, epochs=1, batch_size=8)
+    # again from the command line, as a user would, with everything it prints (worker processes too) in one log
+    command = [sys.executable, "-m", "scripts.quickstart", "--out", str(out)]
+    for key, value in TINY.items():
+        command += [f"--{key}", str(value)]
+    done = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
     assert (dataset / "datalist.json").stat().st_mtime_ns == datalist  # reused, not rewritten
+    again = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert again["methods"].keys() == metrics["methods"].keys()
+    # one line per stage instead of a line per iteration; the warnings that do not concern the user are gone
+    assert "train 1-GAP: 7 iterations" in log and "segment coarse: " in log and "segment fine: " in log
+    for noise in (
+        "Iter:",
+        "parsing config_file",
+        "pkg_resources",
+        "GradScaler",
+        "autocast",
+        "nvImageCodec",
+        "input summary",
+    ):
+        assert noise not in log, noise
+    assert len(log) < 8000, len(log)
     with pytest.raises(ValueError, match="prepared with other settings"):
-        quickstart(out=str(out), cases=9, size=96, width=0.0625, epochs=1, batch_size=8)
+        quickstart(out=str(out), **{**TINY, "cases": 9})
+
+
+def test_quiet_handlers_replace_per_iteration_output():
+    config = {
+        "train": {
+            "handlers": [
+                {"_target_": "LrScheduleHandler"},
+                {"_target_": "StatsHandler", "tag_name": "train_loss"},
+                {"_target_": "ignite.handlers.ProgressBar", "persist": True},
+            ]
+        },
+        "validate": {
+            "handlers": [{"_target_": "StatsHandler", "iteration_log": False}, {"_target_": "CheckpointSaver"}]
+        },
+    }
+    lists = _quiet_handlers(config, "train x")
+    train, validate = lists["train#handlers"], lists["validate#handlers"]
+    assert [h.get("_disabled_") for h in train] == [None, True, True, None]
+    assert train[-1] == {
+        "_target_": "scripts.quickstart.StageProgress",
+        "desc": "train x",
+        "validator": "@validate#evaluator",
+    }
+    assert [h.get("_disabled_") for h in validate] == [True, None]
+    assert config["train"]["handlers"][1] == {"_target_": "StatsHandler", "tag_name": "train_loss"}  # not mutated
+    inference = _quiet_handlers({"handlers": [{"_target_": "PredictionWriter"}]}, "segment")
+    assert inference["handlers"][-1] == {"_target_": "scripts.quickstart.StageProgress", "desc": "segment"}
+    assert _quiet_handlers({"run": []}, "evaluate") == {}
+
+
+def test_quiet_log_silences_only_inside():
+    import logging
+
+    logger = logging.getLogger("monai.bundle.workflows")
+    before = logger.level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_log():
+            assert logger.level == logging.WARNING
+            warnings.warn("parsing config_file configs/train.json: any ...")
+            warnings.warn("pkg_resources is deprecated as an API.")
+            warnings.warn("a warning that concerns the user")
+        warnings.warn("parsing config_file again, outside")
+    assert [str(w.message) for w in caught] == [
+        "a warning that concerns the user",
+        "parsing config_file again, outside",
+    ]
+    assert logger.level == before
+
+
+def test_stage_progress_prints_one_line_per_epoch(capsys):
+    from ignite.engine import Engine
+
+    engine = Engine(lambda engine, batch: [{"loss": 0.5}])
+    StageProgress("train toy").attach(engine)
+    engine.run([0, 1, 2], max_epochs=2)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("train toy: epoch 1/2") and lines[1].startswith("train toy: epoch 2/2")
+    assert lines[2].startswith("train toy: 6 iterations in") and len(lines) == 3
+
+
+def _finite_row(row):
+    """Every Table 1 figure of a row is a finite number; TP Dice and TP DOA exist exactly when there are TP slices."""
+    for key in ("TPR", "FPR", "FPR_nodule"):
+        assert math.isfinite(row[key]), key
+    assert math.isfinite(row["dice"]["mean"]) and math.isfinite(row["dice"]["sd"])
+    has_tp = row["counts"]["TP"] > 0
+    for key in ("tp_dice", "tp_doa_mm2"):
+        if has_tp:
+            assert math.isfinite(row[key]["mean"]) and math.isfinite(row[key]["sd"]), key
+        else:
+            assert row[key]["mean"] is None, key
+
+
+def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsys):
+    out = tmp_path / "full"
+    # the short run's tiny dataset, reused as it is (same settings), saves preparing it again
+    shutil.copytree(short_run[0] / "dataset", out / "dataset")
+    summary = quickstart(out=str(out), full=True, **TINY, **TINY_UNET)
+    methods = summary["metrics"]["methods"]
+    assert list(methods) == SEVEN_ROWS
+    for name in SEVEN_ROWS:
+        _finite_row(methods[name])
+    test_items = json.loads((out / "dataset" / "datalist.json").read_text())["test"]
+    for name, row in methods.items():
+        assert row["counts"]["S+"] + row["counts"]["S-"] + row["two_nodules"]["slices"] == len(test_items), name
+    accuracy = summary["classifier_test_accuracy"]
+    assert list(accuracy) == ["1-GAP", "2-GAP", "3-GAP"]
+    assert all(0.0 <= a["accuracy"] <= 1.0 and a["n"] == len(test_items) for a in accuracy.values())
+    # the 2-/3-GAP rows ran the multi-GAP modes (their records keep the 1-GAP scope C1 beside the refined C), the
+    # 1-GAP rows the plain ones; a 2-/3-GAP checkpoint paired with the wrong multi_gap_levels would not load
+    for name, row in methods.items():
+        if name == "U-Net":
+            continue
+        records = [json.loads(p.read_text()) for p in sorted((Path(row["predictions"]) / "records").glob("*.json"))]
+        assert len(records) == len(test_items)
+        screened = [r for r in records if r["positive"]]
+        assert screened and all((r["base_scope_box"] is not None) == name.startswith(("2-", "3-")) for r in screened)
+    report = (out / "report.md").read_text()
+    assert report in capsys.readouterr().out  # printed, and written
+    for name, paper in PAPER_TABLE1.items():
+        assert f"| {name} | paper (LIDC-IDRI) | {paper[0]:.2f} |" in report
+    for k, acc in PAPER_ACCURACY.items():
+        assert f"| {k}-GAP | {accuracy[f'{k}-GAP']['accuracy']:.3f} | {acc:.3f} |" in report
+    assert "two-nodule slices" in report and "Fig. 3" in report and "all steps" in report
+    assert json.loads((out / "summary.json").read_text())["all_steps_s"] == summary["all_steps_s"]
+    steps = sorted(p.stem for p in (out / "steps").glob("*.json"))
+    assert len(steps) == 1 + 4 + 3 + 7 + 1 and summary["skipped_steps"] == []
+
+    # a rerun redoes nothing; after an interruption only the unfinished steps run, their partial outputs removed
+    checkpoint = out / "models" / "gap3" / "model.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    again = quickstart(out=str(out), full=True, **TINY, **TINY_UNET)
+    assert sorted(again["skipped_steps"]) == steps and checkpoint.stat().st_mtime_ns == stamp
+    assert again["metrics"] == summary["metrics"]
+    (out / "steps" / "segment_unet.json").unlink()
+    (out / "steps" / "evaluate.json").unlink()
+    stale = out / "predictions" / "unet" / "masks" / "left-by-an-interrupted-run.nii.gz"
+    stale.write_bytes(b"")
+    resumed = quickstart(out=str(out), full=True, **TINY, **TINY_UNET)
+    assert set(steps) - set(resumed["skipped_steps"]) == {"segment_unet", "evaluate"}
+    assert not stale.exists() and checkpoint.stat().st_mtime_ns == stamp
+    assert resumed["metrics"]["methods"]["U-Net"]["TPR"] == methods["U-Net"]["TPR"]
+    with pytest.raises(ValueError, match="other settings"):
+        quickstart(out=str(out), full=True, **{**TINY, "epochs": 2}, **TINY_UNET)

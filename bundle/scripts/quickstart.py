@@ -1,37 +1,70 @@
 """The whole method on the embedded synthetic default, in one command: ``python -m scripts.quickstart`` (in bundle/).
 
-It runs the bundle's own configs, in order: prepare a synthetic dataset (or reuse the one there), train a small 1-GAP
-classifier (``configs/train.json``), segment the test split coarse and fine (``configs/inference_slices.json``) and score
-both (``configs/evaluate.json``), then prints the Table 1 rows.
+The short quick start runs the bundle's own configs, in order: prepare a synthetic dataset (or reuse the one there),
+train a small 1-GAP classifier (``configs/train.json``), segment the test split coarse and fine
+(``configs/inference_slices.json``) and score both (``configs/evaluate.json``), then prints the Table 1 rows.
+
+``python -m scripts.quickstart --full`` gives all seven rows of Table 1 on one synthetic dataset: it trains the 1-, 2-
+and 3-GAP classifiers and the U-Net (``configs/train_unet.json``), measures each classifier's test accuracy
+(``configs/classify.json``), segments the test split in the six weakly supervised modes and with the U-Net
+(``configs/inference_unet.json``), evaluates, and prints Table 1, Fig. 3, the two-nodule result and the accuracies
+beside the paper's figures. Every finished step leaves a marker in ``<out>/steps/``, so a rerun after an
+interruption skips the finished steps and redoes only the unfinished one (its partial outputs removed first).
 """
 
 from __future__ import annotations
 
+import csv
+import datetime
 import json
+import logging
+import math
+import shutil
+import sys
 import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import fire
+import torch
+from ignite.engine import Engine, Events
 from monai.bundle import run
+from tqdm import tqdm
 
-from .atomic import write_json
-from .dataset import prepare_dataset
+from .atomic import write_json, write_text
+from .dataset import load_split, prepare_dataset
+from .metrics import classification_summary
 from .synthetic import SyntheticSource
 
-__all__ = ["quickstart"]
+__all__ = ["quickstart", "quickstart_full", "StageProgress", "quiet_log", "PAPER_TABLE1", "PAPER_ACCURACY"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = BUNDLE_ROOT / "configs"
 
-
-def _run_config(run_id: str, config: str, **overrides) -> None:
-    """``python -m monai.bundle run <run_id> --config_file configs/<config>`` with the bundle's logging config."""
-    configs = BUNDLE_ROOT / "configs"
-    run(run_id, config_file=str(configs / config), logging_file=str(configs / "logging.conf"), **overrides)
-
-
-def _stage(title: str) -> float:
-    print(f"\n=== {title}", flush=True)
-    return time.perf_counter()
+# Warnings that do not concern a quick-start user, silenced while it runs (messages matched at their start):
+# MONAI's notice that a config is evaluated (the quick start runs only this bundle's own configs), pylidc's import of
+# the deprecated pkg_resources (a dependency's affair; setuptools is pinned below 82 for it), and the DICOM GPU codec
+# MONAI looks for when it builds its image readers (the bundle reads NIfTI slices).
+QUIET_WARNINGS = (
+    "parsing config_file",
+    "pkg_resources is deprecated",
+    "NvImgCodecPydicomReader",
+)
+# Loggers whose INFO lines repeat on every config and every epoch (the inputs MONAI echoes, the engines' start, epoch
+# and checkpoint lines): WARNING and above still come through. The stage's progress bar says what they said.
+# MONAI's get_logger sets INFO on each module's logger, so they are named one by one. The GPU DICOM codec's notice
+# (the bundle reads NIfTI) is a WARNING that does not concern the user: ERROR for that one.
+QUIET_LOGGERS = {
+    "monai.bundle.scripts": logging.WARNING,
+    "monai.bundle.workflows": logging.WARNING,
+    "ignite.engine.engine": logging.WARNING,
+    "monai.data.nvimgcodec_pydicom_plugin": logging.ERROR,
+}
+# Handlers of the configs that write a line per iteration or a bar per epoch; StageProgress replaces them.
+_NOISY_HANDLERS = ("StatsHandler", "ignite.handlers.ProgressBar", "ProgressBar")
 
 
 # The synthetic chest the quick start learns from. At 128 px a pixel is 2.25 mm, so a 5 mm nodule is a 2-3 pixel dot
@@ -45,9 +78,193 @@ QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
 # normalisation and Adam do, so the quick start uses them, one learning rate for backbone, heads and FC.
 ADAM = {"_target_": "torch.optim.Adam", "params": "$@network_def.parameters()", "lr": "@learning_rate"}
 
+# The paper's Table 1 (LIDC-IDRI test set): TPR, FPR, FPR_nodule, (mean, SD) of Dice, TP Dice and TP DOA (mm^2);
+# None where the paper prints "-".
+PAPER_TABLE1: dict[str, tuple] = {
+    "1-GAP coarse": (0.77, 0.11, 0.08, (0.46, 0.31), (0.61, 0.20), (57.6, 71.1)),
+    "2-GAP coarse": (0.76, None, 0.09, (0.50, 0.34), (0.66, 0.18), (41.6, 53.6)),
+    "3-GAP coarse": (0.75, None, 0.11, (0.50, 0.32), (0.67, 0.18), (40.1, 50.9)),
+    "1-GAP fine": (0.75, None, 0.11, (0.54, 0.34), (0.73, 0.15), (30.7, 52.8)),
+    "2-GAP fine": (0.75, None, 0.11, (0.55, 0.33), (0.74, 0.14), (29.2, 46.8)),
+    "3-GAP fine": (0.74, None, 0.12, (0.54, 0.34), (0.74, 0.14), (29.3, 46.4)),
+    "U-Net": (0.74, 0.29, 0.26, (0.56, 0.38), (0.76, 0.19), (28.3, 44.8)),
+}
+# The paper's test accuracy of the 1-, 2- and 3-GAP classifiers.
+PAPER_ACCURACY = {1: 0.884, 2: 0.866, 3: 0.844}
+# Table 1's weakly supervised rows: (gap levels of the scope network, inference mode). 1-GAP uses the plain modes;
+# 2-/3-GAP refine the 1-GAP scope with the multi-GAP network (METHOD.md, segmentation step 4).
+WEAK_ROWS = {
+    "1-GAP coarse": (1, "coarse"),
+    "2-GAP coarse": (2, "multi_gap_coarse"),
+    "3-GAP coarse": (3, "multi_gap_coarse"),
+    "1-GAP fine": (1, "fine"),
+    "2-GAP fine": (2, "multi_gap"),
+    "3-GAP fine": (3, "multi_gap"),
+}
+# The quick start's U-Net: MONAI's BasicUNet at half the bundle's channels, so that on a CPU one U-Net training step
+# costs about what a width-0.125 classifier step costs (*inferred*: the paper does not give the U-Net's widths).
+QUICKSTART_UNET_FEATURES = (16, 16, 32, 64, 128, 16)
+
+
+class StageProgress:
+    """One progress bar for a whole engine run (every epoch), instead of a bar per epoch and a line per iteration.
+
+    On a terminal the bar shows the last loss and the validator's metrics; when the output is not a terminal (a log
+    file, CI) there is no bar, one line per epoch of a multi-epoch run, and one line at the end.
+
+    Args:
+        desc: the stage's name, printed before the bar.
+        validator: the engine run at the end of each epoch (``ValidationHandler``), whose metrics are shown.
+    """
+
+    def __init__(self, desc: str, validator: Engine | None = None) -> None:
+        self.desc, self.validator = desc, validator
+        self.bar: tqdm | None = None
+        self.start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        """Register the bar's events on ``engine``."""
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _metrics(self, engine: Engine) -> dict[str, float]:
+        metrics = {}
+        for source in (engine, self.validator):
+            if source is not None:
+                metrics.update({k: v for k, v in source.state.metrics.items() if isinstance(v, (int, float))})
+        return metrics
+
+    @staticmethod
+    def _format(metrics: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+    def _started(self, engine: Engine) -> None:
+        self.start = time.perf_counter()
+        total = engine.state.max_epochs * (engine.state.epoch_length or 0)
+        self.bar = tqdm(
+            total=total or None,
+            initial=engine.state.iteration,
+            desc=self.desc,
+            unit="it",
+            disable=not sys.stderr.isatty(),  # \r updates in a log file are noise: the epoch lines say it there
+            dynamic_ncols=True,
+            leave=True,
+        )
+
+    def _iteration(self, engine: Engine) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        output = engine.state.output
+        if isinstance(output, list) and output and isinstance(output[0], dict) and "loss" in output[0]:
+            self.bar.set_postfix_str(f"loss {float(output[0]['loss']):.4f}", refresh=False)
+
+    def _epoch(self, engine: Engine) -> None:
+        if engine.state.max_epochs <= 1:
+            return
+        text = f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {self._format(self._metrics(engine))}"
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_postfix_str(text, refresh=True)
+        else:
+            print(f"{self.desc}: {text}", flush=True)
+
+    def _completed(self, engine: Engine) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        line = f"{self.desc}: {engine.state.iteration} iterations in {time.perf_counter() - self.start:.0f} s"
+        best = self.validator if self.validator is not None else engine
+        name = getattr(best.state, "key_metric_name", None)
+        if name and getattr(best.state, "best_metric_epoch", -1) > 0:
+            line += f"; best {name} {best.state.best_metric:.4f} at epoch {best.state.best_metric_epoch}"
+        print(line, flush=True)
+
+
+@contextmanager
+def quiet_log() -> Iterator[None]:
+    """Silence :data:`QUIET_WARNINGS` and raise :data:`QUIET_LOGGERS` to their levels for the ``with`` block only."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def _quiet_handlers(config: dict, desc: str) -> dict[str, list]:
+    """Overrides of the config's handler lists: per-iteration loggers and per-epoch bars off, one StageProgress on
+    the main engine (the trainer, else the evaluator), given the validator when there is one."""
+    lists = {}
+    for key in ("train#handlers", "validate#handlers", "handlers"):
+        node: Any = config
+        for part in key.split("#"):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, list):
+            lists[key] = [
+                {**h, "_disabled_": True} if isinstance(h, dict) and h.get("_target_") in _NOISY_HANDLERS else h
+                for h in node
+            ]
+    main = "train#handlers" if "train#handlers" in lists else "handlers"
+    if main in lists:
+        progress = {"_target_": "scripts.quickstart.StageProgress", "desc": desc}
+        if main == "train#handlers" and "validate" in config:
+            progress["validator"] = "@validate#evaluator"
+        lists[main] = lists[main] + [progress]
+    return lists
+
+
+def _run_config(run_id: str, config: str, desc: str | None = None, **overrides) -> None:
+    """``python -m monai.bundle run <run_id> --config_file configs/<config>`` with the bundle's logging config; with
+    ``desc``, one progress bar for the run (see :class:`StageProgress`) instead of the config's own log lines."""
+    path = CONFIGS / config
+    if desc is not None:
+        overrides = {**_quiet_handlers(json.loads(path.read_text()), desc), **overrides}
+    run(run_id, config_file=str(path), logging_file=str(CONFIGS / "logging.conf"), **overrides)
+
+
+def _stage(title: str) -> float:
+    print(f"\n=== {title}", flush=True)
+    return time.perf_counter()
+
+
+# AMP only where it does something: on a CPU MONAI's engines would disable it with a warning on every config.
+def _amp() -> bool:
+    return torch.cuda.is_available()
+
+
+def _train_classifier(
+    out_dir: Path, name: str, gap_levels: int, common: dict, epochs: int, batch_size: int, lr: float, seed: int
+) -> Path:
+    """``configs/train.json`` for one classifier into ``<out>/models/<name>``; returns its best checkpoint."""
+    ckpt_dir = out_dir / "models" / name if name else out_dir / "models"
+    _run_config(
+        "training",
+        "train.json",
+        desc=f"train {gap_levels}-GAP",
+        ckpt_dir=str(ckpt_dir),
+        output_dir=str(out_dir / "logs" / name if name else out_dir / "logs"),
+        gap_levels=gap_levels,
+        optimizer=ADAM,
+        learning_rate=lr,
+        lr_decay=0.95,
+        max_epochs=epochs,
+        batch_size=batch_size,
+        num_workers=0,
+        seed=seed,
+        amp=_amp(),
+        **common,
+    )
+    return ckpt_dir / "model.pt"
+
 
 def quickstart(
-    out: str = "../runs/quickstart",
+    out: str | None = None,
     cases: int = 400,
     size: int = 128,
     width: float = 0.125,
@@ -56,11 +273,17 @@ def quickstart(
     learning_rate: float = 1e-3,
     seed: int = 0,
     workers: int = 2,
+    full: bool = False,
+    unet_epochs: int | None = None,
+    unet_batch_size: int = 20,
+    unet_features: tuple[int, ...] = QUICKSTART_UNET_FEATURES,
+    max_panels: int = 16,
 ) -> dict:
     """Prepare, train, segment (coarse and fine) and evaluate on synthetic chest CT; return the metrics.
 
     Args:
-        out: folder for everything the run makes (dataset, model, predictions, evaluation).
+        out: folder for everything the run makes (dataset, model, predictions, evaluation); default
+            ``../runs/quickstart`` (``../runs/quickstart_full`` with ``full``).
         cases: synthetic subjects to generate.
         size: slice size in pixels; the paper's 384 is the bundle's default, 128 keeps this run to minutes on a CPU.
         width: channel multiplier of the VGG16 classifier (1.0 = the paper's).
@@ -69,7 +292,66 @@ def quickstart(
         learning_rate: Adam's learning rate, decayed by 5 % an epoch.
         seed: seeds the data, the split and the training.
         workers: processes preparing the data.
+        full: all seven rows of Table 1 (:func:`quickstart_full`); the ``unet_*`` options apply only then.
+        unet_epochs: U-Net training epochs (default: ``epochs``).
+        unet_batch_size: U-Net batch size (the paper: 20).
+        unet_features: BasicUNet channel counts.
+        max_panels: figure panels (like the paper's Fig. 2) written per segmentation mode.
     """
+    with quiet_log():
+        if full:
+            return quickstart_full(
+                out or "../runs/quickstart_full",
+                cases,
+                size,
+                width,
+                epochs,
+                batch_size,
+                learning_rate,
+                seed,
+                workers,
+                unet_epochs if unet_epochs is not None else epochs,
+                unet_batch_size,
+                tuple(unet_features),
+                max_panels,
+            )
+        return _quickstart_short(
+            out or "../runs/quickstart",
+            cases,
+            size,
+            width,
+            epochs,
+            batch_size,
+            learning_rate,
+            seed,
+            workers,
+            max_panels,
+        )
+
+
+def _prepare(dataset_dir: Path, cases: int, size: int, seed: int, workers: int) -> dict:
+    source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
+    # a finished dataset of these settings is reused as it is; one of other settings (an earlier quick start's,
+    # other --cases, --size or --seed) is refused. Negatives are matched to the positives' slice heights: on the
+    # synthetic chunks the height alone would otherwise separate the classes (AUC about 0.6) and the classifier
+    # would learn that instead of nodules.
+    summary = prepare_dataset(source, dataset_dir, size=size, seed=seed, workers=workers, negative_sampling="matched")
+    print(json.dumps(summary["slices"]))
+    return summary
+
+
+def _quickstart_short(
+    out: str,
+    cases: int,
+    size: int,
+    width: float,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    workers: int,
+    max_panels: int,
+) -> dict:
     out_dir = Path(out).resolve()
     dataset_dir = out_dir / "dataset"
     common = {
@@ -82,32 +364,11 @@ def quickstart(
     timings = {}
 
     start = _stage(f"1/4 synthetic dataset: {cases} cases at {size} px -> {dataset_dir}")
-    source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
-    # a finished dataset of these settings is reused as it is; one of other settings (an earlier quick start's,
-    # other --cases, --size or --seed) is refused. Negatives are matched to the positives' slice heights: on the
-    # synthetic chunks the height alone would otherwise separate the classes (AUC about 0.6) and the classifier
-    # would learn that instead of nodules.
-    summary = prepare_dataset(source, dataset_dir, size=size, seed=seed, workers=workers, negative_sampling="matched")
-    print(json.dumps(summary["slices"]))
+    _prepare(dataset_dir, cases, size, seed, workers)
     timings["prepare_s"] = time.perf_counter() - start
 
     start = _stage(f"2/4 train a 1-GAP classifier (width {width}, batch norm, Adam, {epochs} epochs)")
-    ckpt_dir = out_dir / "models"
-    _run_config(
-        "training",
-        "train.json",
-        ckpt_dir=str(ckpt_dir),
-        output_dir=str(out_dir / "logs"),
-        gap_levels=1,
-        optimizer=ADAM,
-        learning_rate=learning_rate,
-        lr_decay=0.95,
-        max_epochs=epochs,
-        batch_size=batch_size,
-        num_workers=0,
-        seed=seed,
-        **common,
-    )
+    ckpt = _train_classifier(out_dir, "", 1, common, epochs, batch_size, learning_rate, seed)
     timings["train_s"] = time.perf_counter() - start
 
     predictions = {}
@@ -117,8 +378,10 @@ def quickstart(
         _run_config(
             "run",
             "inference_slices.json",
+            desc=f"segment {mode}",
             mode=mode,
-            ckpt_path=str(ckpt_dir / "model.pt"),
+            ckpt_path=str(ckpt),
+            max_panels=max_panels,
             output_dir=predictions[f"1-GAP {mode}"],
             **common,
         )
@@ -126,23 +389,298 @@ def quickstart(
 
     start = _stage("4/4 evaluate (the paper's Table 1 and Fig. 3)")
     evaluation_dir = out_dir / "evaluation"
+    _evaluate(dataset_dir, predictions, evaluation_dir)  # evaluate.json prints the table and its files
+    timings["evaluate_s"] = time.perf_counter() - start
+
+    metrics = json.loads((evaluation_dir / "metrics.json").read_text())
+    print(f"outputs: {out_dir}")
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    write_json(out_dir / "timings.json", timings)
+    return metrics
+
+
+def _evaluate(dataset_dir: Path, predictions: dict[str, str], output_dir: Path) -> None:
     _run_config(
         "run",
         "evaluate.json",
         bundle_root=str(BUNDLE_ROOT),
         dataset_dir=str(dataset_dir),
         predictions=predictions,
-        output_dir=str(evaluation_dir),
+        output_dir=str(output_dir),
     )
-    timings["evaluate_s"] = time.perf_counter() - start
 
-    metrics = json.loads((evaluation_dir / "metrics.json").read_text())
-    print("\n" + (evaluation_dir / "table1.md").read_text())
-    print(f"outputs: {out_dir}  (Fig. 3: {evaluation_dir / 'fig3.png'})")
-    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    write_json(out_dir / "timings.json", timings)
-    return metrics
+
+def _json_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete it to redo that step.") from None
+
+
+def _step(out_dir: Path, name: str, settings: dict, outputs: list[Path], fn: Callable[[], Any]) -> dict:
+    """Run ``fn`` unless ``<out>/steps/<name>.json`` says it finished with these ``settings``; return the marker.
+
+    The marker is written only after ``fn`` returns, so a step interrupted midway has none and is redone, its
+    ``outputs`` (folders or files) removed first so that nothing of the interrupted attempt is mixed in.
+    """
+    marker = out_dir / "steps" / f"{name}.json"
+    if marker.is_file():
+        record = _json_file(marker)
+        if record.get("settings") != settings:
+            raise ValueError(f"{marker}: this step was run with other settings; use another --out or delete {out_dir}.")
+        print(f"--- {name}: finished in an earlier run ({record['seconds']:.0f} s), skipped", flush=True)
+        return {**record, "skipped": True}
+    for path in outputs:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    start = time.perf_counter()
+    print(f"\n=== {name}", flush=True)
+    fn()
+    record = {
+        "step": name,
+        "seconds": time.perf_counter() - start,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+    }
+    write_json(marker, record)
+    return {**record, "skipped": False}
+
+
+def _test_accuracy(dataset_dir: Path, csv_path: Path) -> dict:
+    """Accuracy and AUC at 0.5 of ``classify.json``'s ``nodule_probability.csv`` against the test split's classes."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"missing classifier output: {csv_path}")
+    with open(csv_path, newline="") as f:
+        probability = {Path(row[0]).name: float(row[1]) for row in csv.reader(f) if row}
+    items = load_split(dataset_dir, "test", required=("image", "class"))
+    missing = [Path(i["image"]).name for i in items if Path(i["image"]).name not in probability]
+    if missing:
+        raise ValueError(f"{csv_path}: no probability for {len(missing)} test slices, e.g. {missing[0]}.")
+    names = [Path(i["image"]).name for i in items]
+    return classification_summary([probability[n] for n in names], [int(i["class"]) for i in items], 0.5)
+
+
+def quickstart_full(
+    out: str,
+    cases: int,
+    size: int,
+    width: float,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    workers: int,
+    unet_epochs: int,
+    unet_batch_size: int,
+    unet_features: tuple[int, ...],
+    max_panels: int = 16,
+) -> dict:
+    """All seven rows of Table 1 on one synthetic dataset, resumable; see the module docstring.
+
+    Returns ``<out>/summary.json``'s content: the evaluation's metrics, the classifiers' test accuracy, the steps'
+    times and this call's elapsed time.
+    """
+    began = time.perf_counter()
+    out_dir = Path(out).resolve()
+    dataset_dir = out_dir / "dataset"
+    # what every step's marker records; a rerun with other values is refused rather than mixing two runs
+    settings = json.loads(
+        json.dumps(
+            {
+                "cases": cases,
+                "size": size,
+                "width": width,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "seed": seed,
+                "unet_epochs": unet_epochs,
+                "unet_batch_size": unet_batch_size,
+                "unet_features": list(unet_features),
+            }
+        )
+    )
+    common = {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(dataset_dir),
+        "width": width,
+        "image_size": size,
+        "batch_norm": True,
+    }
+    unet = {"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(dataset_dir), "image_size": size}
+    unet.update({"features": list(unet_features), "num_workers": 0, "amp": _amp()})
+    models, predictions_dir = out_dir / "models", out_dir / "predictions"
+    steps = {}
+
+    def step(name: str, outputs: list[Path], fn: Callable[[], Any]) -> None:
+        steps[name] = _step(out_dir, name, settings, outputs, fn)
+
+    print(f"Table 1 on synthetic data: {cases} cases at {size} px -> {out_dir}", flush=True)
+    step("dataset", [], lambda: _prepare(dataset_dir, cases, size, seed, workers))
+    for k in (1, 2, 3):
+        step(
+            f"train_{k}gap",
+            [models / f"gap{k}", out_dir / "logs" / f"gap{k}"],
+            lambda k=k: _train_classifier(out_dir, f"gap{k}", k, common, epochs, batch_size, learning_rate, seed),
+        )
+    step(
+        "train_unet",
+        [models / "unet", out_dir / "logs" / "unet"],
+        lambda: _run_config(
+            "training",
+            "train_unet.json",
+            desc="train U-Net",
+            ckpt_dir=str(models / "unet"),
+            output_dir=str(out_dir / "logs" / "unet"),
+            max_epochs=unet_epochs,
+            batch_size=unet_batch_size,
+            **unet,
+        ),
+    )
+    unet_ckpt = models / "unet" / "unet.pt"
+    classify_dir = out_dir / "classification"
+    for k in (1, 2, 3):
+        step(
+            f"classify_{k}gap",
+            [classify_dir / f"gap{k}"],
+            lambda k=k: _run_config(
+                "run",
+                "classify.json",
+                desc=f"classify {k}-GAP",
+                ckpt_path=str(models / f"gap{k}" / "model.pt"),
+                gap_levels=k,
+                output_dir=str(classify_dir / f"gap{k}"),
+                num_overlays=0,
+                num_workers=0,
+                amp=_amp(),
+                **common,
+            ),
+        )
+    predictions = {}
+    for row, (k, mode) in WEAK_ROWS.items():
+        folder = predictions_dir / f"{k}gap_{mode}"
+        predictions[row] = str(folder)
+        extra = {"multi_gap_levels": k, "multi_gap_ckpt_path": str(models / f"gap{k}" / "model.pt")} if k > 1 else {}
+        step(
+            f"segment_{k}gap_{mode}",
+            [folder],
+            lambda folder=folder, mode=mode, extra=extra, row=row: _run_config(
+                "run",
+                "inference_slices.json",
+                desc=f"segment {row}",
+                mode=mode,
+                ckpt_path=str(models / "gap1" / "model.pt"),  # the 1-GAP model classifies and screens (R-NAM)
+                output_dir=str(folder),
+                max_panels=max_panels,
+                **extra,
+                **common,
+            ),
+        )
+    predictions["U-Net"] = str(predictions_dir / "unet")
+
+    def segment_unet() -> None:
+        if not unet_ckpt.is_file():
+            raise FileNotFoundError(f"the U-Net's training left no best checkpoint: {unet_ckpt}")
+        _run_config(
+            "run",
+            "inference_unet.json",
+            desc="segment U-Net",
+            ckpt_path=str(unet_ckpt),
+            output_dir=predictions["U-Net"],
+            **unet,
+        )
+
+    step("segment_unet", [predictions_dir / "unet"], segment_unet)
+    evaluation_dir = out_dir / "evaluation"
+    step("evaluate", [evaluation_dir], lambda: _evaluate(dataset_dir, predictions, evaluation_dir))
+
+    metrics = _json_file(evaluation_dir / "metrics.json")
+    accuracy = {k: _test_accuracy(dataset_dir, classify_dir / f"gap{k}" / "nodule_probability.csv") for k in (1, 2, 3)}
+    seconds = {name: record["seconds"] for name, record in steps.items()}
+    summary = {
+        "settings": settings,
+        "device": (
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+        ),
+        "metrics": metrics,
+        "classifier_test_accuracy": {f"{k}-GAP": accuracy[k] for k in (1, 2, 3)},
+        "steps_s": seconds,
+        "all_steps_s": sum(seconds.values()),
+        "skipped_steps": [name for name, record in steps.items() if record["skipped"]],
+        "this_call_s": time.perf_counter() - began,
+    }
+    report = format_full_report(summary, evaluation_dir / "fig3.png")
+    print("\n" + report, flush=True)
+    write_text(out_dir / "report.md", report)
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _mean_sd(stats: dict | tuple, digits: int) -> str:
+    mean, sd = (stats["mean"], stats["sd"]) if isinstance(stats, dict) else stats
+    return "-" if mean is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def format_full_report(summary: dict, fig3: Path) -> str:
+    """Markdown: Table 1 beside the paper's, Fig. 3 per row as numbers, two-nodule results, accuracies, times."""
+    methods = summary["metrics"]["methods"]
+    lines = [
+        "| Method | source | TPR | FPR | FPR_nodule | Dice | TP Dice | TP DOA (mm^2) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in methods.items():
+        cells = [_num(s["TPR"], 2), _num(s["FPR"], 2), _num(s["FPR_nodule"], 2)]
+        cells += [_mean_sd(s["dice"], 2), _mean_sd(s["tp_dice"], 2), _mean_sd(s["tp_doa_mm2"], 1)]
+        lines.append(f"| {name} | this run | " + " | ".join(cells) + " |")
+        if name in PAPER_TABLE1:
+            tpr, fpr, fpr_nodule, dice, tp_dice, doa = PAPER_TABLE1[name]
+            cells = [_num(tpr, 2), _num(fpr, 2), _num(fpr_nodule, 2), _mean_sd(dice, 2), _mean_sd(tp_dice, 2)]
+            lines.append(f"| {name} | paper (LIDC-IDRI) | " + " | ".join(cells + [_mean_sd(doa, 1)]) + " |")
+    first = next(iter(methods.values()))["counts"]
+    lines += [
+        "",
+        f"Test split: {first['S+']} slices with one nodule, {first['S-']} without; mean ± SD. The paper's FPR is given"
+        " only for 1-GAP coarse and the U-Net.",
+        "",
+        f"Fig. 3 ({fig3}): TP Dice / TP DOA (mm^2) by nodule diameter, mean ± SD (n TP slices)",
+        "",
+    ]
+    bins = next(iter(methods.values()))["by_diameter"]["tp_dice"]
+    lines.append("| Method | " + " | ".join(f"{b['low_mm']:g}-{b['high_mm']:g} mm" for b in bins) + " |")
+    lines.append("|---|" + "---|" * len(bins))
+    for name, s in methods.items():
+        cells = [
+            f"{_mean_sd(d, 2)} / {_mean_sd(a, 1)} ({d['n']})" if d["n"] else "0 TP"
+            for d, a in zip(s["by_diameter"]["tp_dice"], s["by_diameter"]["tp_doa_mm2"])
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| Method | two-nodule slices | both found | one found | none found |", "|---|---|---|---|---|"]
+    for name, s in methods.items():
+        two = s["two_nodules"]
+        lines.append(f"| {name} | {two['slices']} | {two['both']} | {two['one']} | {two['none']} |")
+    lines += ["", "| Classifier | test accuracy | paper | test AUC | slices |", "|---|---|---|---|---|"]
+    for k in (1, 2, 3):
+        acc = summary["classifier_test_accuracy"][f"{k}-GAP"]
+        lines.append(
+            f"| {k}-GAP | {_num(acc['accuracy'], 3)} | {PAPER_ACCURACY[k]:.3f} | {_num(acc['auc'], 3)} | {acc['n']} |"
+        )
+    steps = summary["steps_s"]
+    skipped = summary["skipped_steps"]
+    lines += [
+        "",
+        f"Time on {summary['device']}: all steps {summary['all_steps_s'] / 60:.1f} min ("
+        + ", ".join(f"{name} {s:.0f} s" for name, s in steps.items())
+        + f"); this call {summary['this_call_s'] / 60:.1f} min"
+        + (f", {len(skipped)} steps reused from an earlier run ({', '.join(skipped)})." if skipped else "."),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    fire.Fire(quickstart, serialize=lambda metrics: "")  # the table is printed; the metrics are in metrics.json
+    fire.Fire(quickstart, serialize=lambda metrics: "")  # the tables are printed; the metrics are in JSON files
