@@ -22,7 +22,8 @@ Checks (each runs on its own: one that fails or raises is reported as such, and 
   384 px, width 1, AMP. Target: >= 200 slices/s.
 - ``bench_scan``: ``bench/bench_scan.py`` (the whole-scan benchmark) with ``--scan-args``, when the file exists.
 
-Targets are judged on a GPU only; on a CPU a check that ran reports ``measured``. The JSON goes to
+Each subprocess gets ``--timeout`` seconds, cut to what is left of ``--budget`` (450 s), so the whole run stays
+under 8 minutes. Targets are judged on a GPU only; on a CPU a check that ran reports ``measured``. The JSON goes to
 ``bench/results/gpu_check.json`` (``--out``); the exit status is 1 when any check failed or raised.
 """
 
@@ -251,7 +252,7 @@ def _tail(text: str, n: int = 2000) -> str:
     return text[-n:]
 
 
-def check_torchrun_nccl(timeout: int = 240) -> dict:
+def check_torchrun_nccl(timeout: Callable[[], int] = lambda: 240) -> dict:
     """torchrun with NCCL on one GPU: this script's worker, then the bundle's multi-GPU training for one epoch."""
     if not torch.cuda.is_available():
         raise Skip(
@@ -264,7 +265,7 @@ def check_torchrun_nccl(timeout: int = 240) -> dict:
         [*torchrun, str(Path(__file__).resolve()), "--nccl-worker"],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout(),
         env=env,
     )
     lines = [line for line in raw.stdout.splitlines() if line.startswith("NCCL_WORKER ")]
@@ -297,7 +298,7 @@ def check_torchrun_nccl(timeout: int = 240) -> dict:
         for key, value in overrides.items():
             command += [f"--{key}", str(value)]
         start = time.perf_counter()
-        bundle = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout, env=env)
+        bundle = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout(), env=env)
         result["bundle_rc"], result["bundle_s"] = bundle.returncode, time.perf_counter() - start
         saved = sorted(p.name for p in (tmp_path / "models").glob("*.pt"))
         result["bundle_checkpoints"] = saved
@@ -505,13 +506,19 @@ def run_checks(args: argparse.Namespace) -> dict:
     """Every selected check in turn, each caught on its own; the whole report."""
     sizes = TINY_SIZE if args.tiny else PAPER_SIZE
     iters = 2 if args.tiny else 10
+    began = time.perf_counter()
+
+    def timeout() -> int:
+        # each subprocess gets --timeout, cut to what is left of --budget so that the whole run stays inside it
+        return int(max(30, min(args.timeout, args.budget - (time.perf_counter() - began))))
+
     runners: dict[str, Callable[[], dict]] = {
         "amp_training": lambda: check_amp_training(sizes),
-        "torchrun_nccl": lambda: check_torchrun_nccl(args.timeout),
+        "torchrun_nccl": lambda: check_torchrun_nccl(timeout),
         "training_throughput": lambda: check_training_throughput(sizes, args.peak_tflops, iters),
         "rnam_batched": lambda: check_rnam_batched(sizes, repeats=3 if args.tiny else 10),
         "classification_throughput": lambda: check_classification_throughput(sizes, iters),
-        "bench_scan": lambda: check_bench_scan(args.scan_args, args.timeout),
+        "bench_scan": lambda: check_bench_scan(args.scan_args, timeout()),
     }
     report: dict[str, Any] = {
         "benchmark": "gpu_check",
@@ -522,7 +529,6 @@ def run_checks(args: argparse.Namespace) -> dict:
         "tiny": args.tiny,
         "checks": {},
     }
-    began = time.perf_counter()
     for name in args.only or CHECKS:
         start = time.perf_counter()
         print(f"--- {name}", flush=True)
@@ -553,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not listed")
     parser.add_argument("--scan-args", default="", help="arguments for bench/bench_scan.py")
     parser.add_argument("--timeout", type=int, default=240, help="seconds allowed to each subprocess")
+    parser.add_argument("--budget", type=int, default=450, help="seconds for the whole run (subprocesses are cut)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check.json"))
     parser.add_argument("--nccl-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
