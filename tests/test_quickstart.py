@@ -217,3 +217,35 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
     assert resumed["metrics"]["methods"]["U-Net"]["TPR"] == methods["U-Net"]["TPR"]
     with pytest.raises(ValueError, match="other settings"):
         quickstart(out=str(out), full=True, **{**TINY, "epochs": 2}, **TINY_UNET)
+
+
+def test_step_markers_skip_finished_steps_and_clear_unfinished_ones(tmp_path, capsys):
+    from scripts.quickstart import _step
+
+    calls = []
+    partial = tmp_path / "predictions" / "unet"
+    partial.mkdir(parents=True)
+    (partial / "half-written.nii.gz").write_bytes(b"")
+
+    def work():
+        assert not partial.exists()  # what an interrupted attempt left is gone before the step runs again
+        partial.mkdir(parents=True)
+        calls.append(1)
+
+    first = _step(tmp_path, "segment_unet", {"epochs": 1}, [partial], work)
+    assert calls == [1] and not first["skipped"] and (tmp_path / "steps" / "segment_unet.json").is_file()
+    again = _step(tmp_path, "segment_unet", {"epochs": 1}, [partial], work)
+    assert calls == [1] and again["skipped"] and again["seconds"] == first["seconds"]
+    assert "segment_unet: finished in an earlier run" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="other settings"):
+        _step(tmp_path, "segment_unet", {"epochs": 2}, [partial], work)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _step(tmp_path, "evaluate", {"epochs": 1}, [], interrupted)
+    assert not (tmp_path / "steps" / "evaluate.json").exists()  # no marker: the next run redoes it
+    (tmp_path / "steps" / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        _step(tmp_path, "broken", {"epochs": 1}, [], work)
