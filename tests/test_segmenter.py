@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run
 from monai.data import MetaTensor
+from scripts.checkpoint import TrainingRecord
 from scripts.networks import GAPClassifier
 from scripts.segmenter import WeaklySupervisedSegmenter
 from test_rnam import RegionNet
@@ -176,7 +178,9 @@ def tiny_bundle(tmp_path_factory):
         net = GAPClassifier(gap_levels=levels, width=1 / 16)
         with torch.no_grad():
             net.fc.bias[1] = 3.0  # most slices positive: the whole pipeline runs
-        torch.save(net.state_dict(), root / name)
+        # the checkpoint records its training settings, so inference needs no flags
+        record = TrainingRecord(net, [{"image": "", "spacing_mm": [SPACING, SPACING]}], SIZE, (-1000, 400))
+        torch.save({"model": net.state_dict(), "config": record.state_dict()}, root / name)
     return root
 
 
@@ -186,8 +190,6 @@ def overrides(root: Path, out: Path, **extra) -> dict:
         "ckpt_path": str(root / "model.pt"),
         "multi_gap_ckpt_path": str(root / "model_2gap.pt"),
         "output_dir": str(out),
-        "width": 1 / 16,
-        "image_size": SIZE,
         "min_area_mm2": 3.0,
         "device": "cpu",
         **extra,
@@ -229,17 +231,53 @@ def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode)
     assert any(r["status"] != "negative" for r in records)
 
 
-def test_config_padding_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_root):
-    """image_size larger than the slices (pad, then invert), every slice negative, slices from a folder."""
+def test_config_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_root):
+    """Every slice negative, slices from a folder."""
     out = tmp_path / "neg"
     run(
         "run",
         config_file=str(bundle_root / "configs" / "inference_slices.json"),
         bundle_root=str(bundle_root),
-        **overrides(tiny_bundle, out, image_size=80, threshold=1.01, input_dir=str(tiny_bundle / "images")),
+        **overrides(tiny_bundle, out, threshold=1.01, input_dir=str(tiny_bundle / "images")),
     )
     records = check_outputs(tiny_bundle, out, STEMS, panels=False)
     assert all(r["status"] == "negative" for r in records)
+
+
+def _fails_saying(pattern: str, **kwargs) -> None:
+    """The bundle run fails with ``pattern`` in its error or in an error it was raised from (MONAI's config
+    parser re-raises what a component raised as a RuntimeError naming the component)."""
+    with pytest.raises(Exception) as caught:
+        run("run", **kwargs)
+    error, messages = caught.value, []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any(re.search(pattern, m) for m in messages), messages
+
+
+def test_slices_or_settings_other_than_the_model_s_are_refused(tiny_bundle, tmp_path, bundle_root):
+    """A model trained on 64 px slices is not fed 80 px ones (it would call every slice clean without a word)."""
+    config = {"config_file": str(bundle_root / "configs" / "inference_slices.json"), "bundle_root": str(bundle_root)}
+    _fails_saying(
+        r"model\.pt was trained with image_size=64, but image_size=80 was given",
+        **config,
+        **overrides(tiny_bundle, tmp_path, image_size=80),
+    )
+    folder = tmp_path / "big"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(np.full((80, 80), -800, np.int16), np.diag([SPACING, SPACING, 1, 1])), folder / "b.nii.gz")
+    _fails_saying(
+        "b.nii.gz: a 80 x 80 slice, but the model was trained on 64 x 64 slices",
+        **config,
+        **overrides(tiny_bundle, tmp_path, input_dir=str(folder)),
+    )
+    nib.save(nib.Nifti1Image(np.full((64, 64), -800, np.int16), np.diag([0.7, 0.7, 1, 1])), folder / "b.nii.gz")
+    _fails_saying(
+        r"pixel spacing \[0\.69.* mm lies outside the model's training range \[1\.6, 1\.6\] mm",
+        **config,
+        **overrides(tiny_bundle, tmp_path, input_dir=str(folder)),
+    )
 
 
 def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
@@ -258,9 +296,10 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
     """What MONAI Label's BundleInferTask uses: network_def, preprocessing, inferer, postprocessing; result JSON."""
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference_slices.json"))
-    parser.update({"bundle_root": str(bundle_root), "width": 1 / 16, "image_size": SIZE, "use_lung_mask": False})
+    parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(tiny_bundle / "model.pt"), "use_lung_mask": False})
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(tiny_bundle / "model.pt", weights_only=True))
+    checkpoint = torch.load(tiny_bundle / "model.pt", weights_only=True)
+    network.load_state_dict(checkpoint.get("model", checkpoint))  # what MONAI Label does
     network.eval()
     data = parser.get_parsed_content("preprocessing")({"image": str(tiny_bundle / "images" / "S0_10.nii.gz")})
     with torch.no_grad():

@@ -74,9 +74,7 @@ def _largest_axial_diameter(component: np.ndarray, affine: np.ndarray, axis: int
     return best
 
 
-def nodule_table(
-    mask: np.ndarray, affine: np.ndarray, probability: np.ndarray, mode: str
-) -> list[dict[str, Any]]:
+def nodule_table(mask: np.ndarray, affine: np.ndarray, probability: np.ndarray, mode: str) -> list[dict[str, Any]]:
     """One row per 3-D nodule (connected component) of ``mask`` on a grid with RAS ``affine``.
 
     Args:

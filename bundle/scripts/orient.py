@@ -51,10 +51,13 @@ class ModelSpacingd(Spacingd):
         self.pixel_spacing_range = None if pixel_spacing_range is None else [float(v) for v in pixel_spacing_range]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
+        # Spacingd copies the resampled meta into "<key>_meta_dict" for NIfTI files; MONAI Label writes its result
+        # with that dict's affine, which must stay the input's (the result is on the input grid)
+        kept = {k: dict(v) for k, v in data.items() if isinstance(k, str) and k.endswith("_meta_dict")}
         key = self.first_key(dict(data))
         current = [float(v) for v in data[key].pixdim[:2]]
         target = target_pixel_spacing(current, self.pixel_spacing_range)
         # -1 keeps an axis' spacing as it is (the slice axis always), and a scan already in range is not resampled
         pixdim = [t if t != c else -1.0 for t, c in zip(target, current)]
         self.spacing_transform.pixdim = np.array([*pixdim, -1.0], dtype=np.float64)
-        return super().__call__(data, lazy)
+        return {**super().__call__(data, lazy), **kept}

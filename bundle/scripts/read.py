@@ -16,6 +16,7 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import torch
@@ -129,6 +130,21 @@ def dicom_series(folder: str | os.PathLike) -> tuple[Path, list[pydicom.Dataset]
     return parents.pop(), headers
 
 
+def _check_nifti_values(path: Path) -> None:
+    """ITK's NIfTI reader turns NaN into 0 and reads a truncated ``.nii.gz`` without a word (the missing voxels
+    come out as 0), so a NIfTI file's data are read through once with nibabel first, which refuses both."""
+    try:
+        values = np.asarray(nib.load(str(path)).dataobj)
+        if values.dtype.kind == "f":
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            if bad:
+                raise ScanError(f"{path}: {bad} voxels are NaN or infinite")
+    except ScanError:
+        raise
+    except Exception as err:  # nibabel raises many types for truncated files
+        raise ScanError(f"{path}: could not be read ({type(err).__name__}: {err})") from None
+
+
 class LoadScand(LoadImaged):
     """``LoadImaged`` with MONAI's ITK reader for CT scans, checking a DICOM folder before its pixels are read.
 
@@ -157,6 +173,8 @@ class LoadScand(LoadImaged):
                 raise ScanError(f"{path}: no such file or folder")
             elif not path.name.lower().endswith(VOLUME_SUFFIXES):
                 raise ScanError(f"{path}: not a scan (expected a DICOM folder or one of {', '.join(VOLUME_SUFFIXES)})")
+            elif path.name.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_values(path)
         try:
             d = super().__call__(d, reader)
         except ScanError:
@@ -213,7 +231,9 @@ class CheckScand(MapTransform):
 
 
 def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))) for p in path.rglob("*"))
+    return path.is_dir() and any(
+        p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))) for p in path.rglob("*")
+    )
 
 
 def _is_volume(path: Path) -> bool:
@@ -230,7 +250,8 @@ def _scans_in(folder: Path) -> list[Path]:
 def scan_datalist(
     source: str | os.PathLike, output_dir: str | os.PathLike = "", skip_done: bool = True
 ) -> list[dict[str, str]]:
-    """Items ``{"image": path, "name": scan name}`` of a scan, a folder of scans, or a datalist file.
+    """Items ``{"image": path, "source": path, "name": scan name}`` of a scan, a folder of scans, or a datalist
+    file (``image`` becomes the loaded volume; ``source`` keeps the path for the writers).
 
     Args:
         source: a volume file; a DICOM series folder; a folder whose entries are volumes and DICOM series folders;
@@ -267,5 +288,5 @@ def scan_datalist(
         seen[name] = path
         if skip_done and output_dir and (Path(output_dir) / name / f"{name}_nodules.json").is_file():
             continue
-        items.append({"image": str(path), "name": name})
+        items.append({"image": str(path), "source": str(path), "name": name})
     return items

@@ -3,13 +3,12 @@
 ``ScanRunner`` is the ``evaluator`` of ``configs/inference.json``: for each item of its dataset (whose transform is
 the config's ``preprocessing``) it runs the inferer, the ``postprocessing`` and the writer, with a progress bar and
 one line per scan. A scan that fails with a ``ScanError`` (unreadable, two series, not CT, no lungs ...) is reported
-by name with the reason, and the others go on. With ``torch.distributed`` initialised (``torchrun``), process ``r``
-of ``n`` takes the scans ``r, r + n, ...``.
+by name with the reason and the others go on; the run then ends with an error listing the failed scans. With
+``torch.distributed`` initialised (``torchrun``), process ``r`` of ``n`` takes the scans ``r, r + n, ...``.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +22,6 @@ from .atomic import write_json
 from .read import ScanError
 
 __all__ = ["ScanRunner"]
-
-logger = logging.getLogger(__name__)
 
 
 class ScanRunner:
@@ -88,7 +85,10 @@ class ScanRunner:
         summary = {"done": done, "failed": failed}
         if self.summary_path:
             path = self.summary_path if world == 1 else self.summary_path.replace(".json", f".rank{rank}.json")
-            write_json(path, {**summary, "done": [{**d, "outputs": {k: str(v) for k, v in d["outputs"].items()}} for d in done]})
-        if failed:
-            logger.warning(f"{len(failed)} scan(s) failed: " + "; ".join(f["name"] for f in failed))
+            write_json(
+                path,
+                {**summary, "done": [{**d, "outputs": {k: str(v) for k, v in d["outputs"].items()}} for d in done]},
+            )
+        if failed:  # after the others are done, so that one bad scan costs only itself
+            raise ScanError(f"{len(failed)} of {len(indices)} scan(s) failed: " + "; ".join(f["name"] for f in failed))
         return summary

@@ -22,11 +22,25 @@ HU_WINDOW = (-1000.0, 400.0)
 
 
 class CheckSliced(MapTransform):
-    """Stop early, naming the file, when a loaded image is not a channel-first 2-D CT slice of real numbers.
+    """Stop early, naming the file, when a loaded image is not a channel-first 2-D CT slice of real numbers, or
+    not the slices the model was trained on.
 
     Placed right after ``LoadImaged(ensure_channel_first=True)``: without it a volume or a mask given by mistake
-    fails deep inside a later transform or the network with a message that names neither the file nor the problem.
+    fails deep inside a later transform or the network with a message that names neither the file nor the problem,
+    and slices of another size or pixel spacing than the training slices' run without a word and find nothing.
+
+    Args:
+        keys: the image key.
+        spatial_size: the model's slice side (its checkpoint record); None: any.
+        pixel_spacing_range: ``[least, largest]`` pixel spacing (mm) of the training slices; None: any.
     """
+
+    def __init__(
+        self, keys: str = "image", spatial_size: int | None = None, pixel_spacing_range: list | None = None
+    ) -> None:
+        super().__init__(keys)
+        self.spatial_size = spatial_size
+        self.pixel_spacing_range = pixel_spacing_range
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -40,6 +54,20 @@ class CheckSliced(MapTransform):
                 raise ValueError(f"{name}: expected CT values in HU, got data of type {image.dtype}")
             if not torch.isfinite(torch.as_tensor(image)).all():
                 raise ValueError(f"{name}: the image has NaN or infinite values")
+            size = self.spatial_size
+            if size is not None and tuple(image.shape[1:]) != (size, size):
+                raise ValueError(
+                    f"{name}: a {image.shape[1]} x {image.shape[2]} slice, but the model was trained on {size} x "
+                    f"{size} slices: prepare the data with --size {size} (or run configs/inference.json on the scans)"
+                )
+            if self.pixel_spacing_range is not None and hasattr(image, "pixdim"):
+                low, high = self.pixel_spacing_range
+                spacing = [float(v) for v in image.pixdim[:2]]
+                if any(not low * 0.99 <= s <= high * 1.01 for s in spacing):
+                    raise ValueError(
+                        f"{name}: pixel spacing {spacing} mm lies outside the model's training range "
+                        f"[{low:g}, {high:g}] mm: run configs/inference.json on the scan, which resamples it"
+                    )
         return d
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 __all__ = ["ScanWriter", "output_paths", "write_mask_nifti", "write_dicom_seg", "write_csv", "save_overview"]
 
 MAX_CLOSE_UPS = 6
+MAX_LABELS = 20
 CLOSE_UP_MM = 60.0
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
 
 
 def output_paths(output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
@@ -89,7 +92,9 @@ def write_dicom_seg(
         segmented_property_type=codes.SCT.Nodule,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="weakly supervised lung nodule segmentation", version=version, family=codes.cid7162.ArtificialIntelligence
+            name="weakly supervised lung nodule segmentation",
+            version=version,
+            family=codes.cid7162.ArtificialIntelligence,
         ),
     )
     seg = hd.seg.Segmentation(
@@ -117,7 +122,9 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], column
     writer.writerow(columns)
     for row in rows:
         values = [row.get(c) for c in columns]
-        writer.writerow(["" if v is None else " ".join(str(x) for x in v) if isinstance(v, list) else v for v in values])
+        writer.writerow(
+            ["" if v is None else " ".join(str(x) for x in v) if isinstance(v, list) else v for v in values]
+        )
     write_text(path, buffer.getvalue())
 
 
@@ -132,8 +139,8 @@ def save_overview(
     threshold: float,
     title: str,
 ) -> None:
-    """A picture read at a glance: coronal projection with the nodules numbered, per-slice probability, and an
-    axial close-up of each nodule (up to ``MAX_CLOSE_UPS``) with its outline.
+    """A picture read at a glance: coronal projection with the nodules numbered (the ``MAX_LABELS`` largest),
+    per-slice probability, and an axial close-up of the ``MAX_CLOSE_UPS`` largest nodules with their outline.
 
     Args:
         window: ``(rows, cols, slices)`` windowed image in [0, 1], in the axial convention (``scripts.orient``).
@@ -145,18 +152,20 @@ def save_overview(
         threshold: the "nodule" threshold, drawn on the probability plot.
         title: figure title.
     """
+    by_size = sorted(range(len(nodules)), key=lambda j: -nodules[j]["volume_mm3"])
+    nodules, nodule_voxels = [nodules[j] for j in by_size], [nodule_voxels[j] for j in by_size]
     shown = min(len(nodules), MAX_CLOSE_UPS)
     fig = plt.figure(figsize=(4 * max(3, shown), 8.5))
     grid = fig.add_gridspec(2, max(3, shown))
     coronal = fig.add_subplot(grid[0, :2])
-    # anterior-posterior maximum projection: the lungs' vessels and the nodules show as on a chest radiograph
-    projection = window.max(axis=0).T[::-1]
+    # anterior-posterior mean projection: the lungs, their vessels and the nodules show as on a chest radiograph
+    projection = window.mean(axis=0).T[::-1]
     extent = (0, window.shape[1] * spacing[1], 0, window.shape[2] * spacing[2])
     coronal.imshow(projection, cmap="gray", extent=extent, aspect="equal")
     outline = mask.max(axis=0).T[::-1]
     if outline.any():
         coronal.contour(outline, levels=[0.5], colors="red", linewidths=0.8, extent=extent, origin="upper")
-    for row, (r, c, s) in zip(nodules, nodule_voxels):
+    for row, (r, c, s) in zip(nodules[:MAX_LABELS], nodule_voxels[:MAX_LABELS]):
         coronal.annotate(
             str(row["id"]),
             (c * spacing[1], s * spacing[2]),

@@ -1,0 +1,166 @@
+"""Whole-scan inference speed: seconds per scan split into its steps, and batched vs one-by-one classification.
+
+    python bench/bench_scan.py [--lidc_root ../shared/data/lidc] [--width 1.0] [--image_size 384] [--batch_size 8]
+
+Runs ``configs/inference.json``'s preprocessing, inferer, postprocessing and writer on the real LIDC-IDRI scans (as
+DICOM) with a randomly initialised classifier at the paper's size. A random network's probabilities say nothing, so
+the slices segmented are chosen by a threshold at the ``--positive_share`` quantile of the probabilities of a
+sample of the scan's slices (0.1 by default, more than LIDC's share of nodule slices, so the figure is pessimistic).
+One-by-one classification is timed on that sample (``--sample`` slices). Prints a table and writes
+``bench/results/bench_scan.json``. Targets (2-core CPU): everything but the classifier forwards under 20 % of them;
+batched classification at least 1.3x faster per slice than one at a time; on a GPU, >= 200 slices/s with AMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bundle"))
+
+from monai.bundle import ConfigParser  # noqa: E402
+from scripts.atomic import write_json  # noqa: E402
+from scripts.networks import GAPClassifier  # noqa: E402
+
+STEPS = ("read", "lungs", "crop", "classify", "segment", "assemble", "write")
+
+
+def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    settings = {
+        "gap_levels": 1,
+        "width": args.width,
+        "in_channels": 1,
+        "head_channels": 1024,
+        "batch_norm": False,
+        "image_size": args.image_size,
+        "pixel_spacing_mm": None,
+        "hu_window": [-1000.0, 400.0],
+    }
+    torch.manual_seed(0)
+    network = GAPClassifier(width=args.width).to(args.device).eval()
+    parser.update(
+        {
+            "bundle_root": str(REPO / "bundle"),
+            "model_settings": settings,
+            "network": network,
+            "output_dir": output_dir,
+            "batch_size": args.batch_size,
+            "device": args.device,
+        }
+    )
+    return parser
+
+
+def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> dict:
+    seconds = dict.fromkeys(STEPS, 0.0)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    inferer = parser.get_parsed_content("inferer")
+    network = parser.get_parsed_content("network")
+    clock = time.perf_counter()
+    data = preprocessing({"image": str(scan), "source": str(scan), "name": scan.name})
+    volume = data["image"].to(args.device)
+    seconds["read"] = time.perf_counter() - clock
+
+    # one by one, on a sample of the lung slices: per-slice time, and the probabilities that set the threshold
+    segmenter = inferer.segmenter
+    segmenter.threshold = 2.0  # nothing positive: classification only
+    one_by_one = type(inferer)(segmenter, inferer.image_size, 1, inferer.lung_mask_fn)
+    lungs = segmenter_lungs(volume, inferer)
+    sample = np.linspace(lungs[0], lungs[-1], args.sample).round().astype(int)
+    timed = one_by_one.segment_scan(volume[..., sample], network)
+    per_slice_single = timed.seconds["classify"] / len(sample)
+    probabilities = timed.probability[0, 0]
+    segmenter.threshold = float(np.quantile(probabilities, 1.0 - args.positive_share))
+
+    result = inferer.segment_scan(volume, network)
+    for step, value in result.seconds.items():
+        seconds[step] += value
+    n_classified = int(result.lungs.any(axis=(0, 1)).sum())
+    data["pred"] = _as_output(result, data["image"])  # what the inferer's __call__ returns, without a second run
+    clock = time.perf_counter()
+    data = parser.get_parsed_content("postprocessing")(data)
+    seconds["assemble"] += time.perf_counter() - clock
+    clock = time.perf_counter()
+    parser.get_parsed_content("writer")(data)
+    seconds["write"] = time.perf_counter() - clock
+    others = sum(v for k, v in seconds.items() if k != "classify")
+    per_slice_batched = seconds["classify"] / max(n_classified, 1)
+    return {
+        "scan": scan.name,
+        "slices": int(volume.shape[-1]),
+        "classified": n_classified,
+        "segmented": len(result.slices),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "total_s": round(sum(seconds.values()), 2),
+        "non_forward_share": round(others / seconds["classify"], 4),
+        "classify_s_per_slice": {"batched": round(per_slice_batched, 4), "one_by_one": round(per_slice_single, 4)},
+        "batching_speedup": round(per_slice_single / per_slice_batched, 3),
+        "slices_per_s": round(1.0 / per_slice_batched, 2),
+    }
+
+
+def segmenter_lungs(volume: torch.Tensor, inferer) -> np.ndarray:
+    """Indices of the slices that hold lung (what the inferer classifies)."""
+    from scripts.scan import _spacing
+
+    lo, hi = inferer.segmenter.intensity_range
+    window = volume[0].detach().float().cpu().numpy().astype(np.float64)
+    lungs = inferer.lung_mask_fn(lo + window * (hi - lo), _spacing(volume))
+    return np.flatnonzero(np.asarray(lungs).any(axis=(0, 1)))
+
+
+def _as_output(result, image: torch.Tensor) -> torch.Tensor:
+    from monai.data import MetaTensor
+
+    channels = np.stack([result.mask.astype(np.float32), result.probability, result.lungs.astype(np.float32)])
+    return MetaTensor(torch.as_tensor(channels), meta=image.meta)
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--lidc_root", default=str(REPO.parent / "shared" / "data" / "lidc"))
+    cli.add_argument("--width", type=float, default=1.0)
+    cli.add_argument("--image_size", type=int, default=384)
+    cli.add_argument("--batch_size", type=int, default=8)
+    cli.add_argument("--sample", type=int, default=16, help="slices timed one by one")
+    cli.add_argument("--positive_share", type=float, default=0.1)
+    cli.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_scan.json"))
+    args = cli.parse_args()
+    scans = sorted(p for p in Path(args.lidc_root).iterdir() if p.is_dir())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        parser = parse_config(args, tmp)
+        for scan in scans:
+            rows.append(bench_scan(parser, scan, args))
+            row = rows[-1]
+            print(
+                f"{row['scan']}: {row['total_s']:.1f} s in all ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in row["seconds"].items())
+                + f"); non-forward {100 * row['non_forward_share']:.1f} % of the forwards; "
+                f"classification {row['slices_per_s']:.2f} slices/s batched, {row['batching_speedup']:.2f}x one by one"
+            )
+    report = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "device": args.device,
+        "settings": vars(args),
+        "scans": rows,
+        "targets": {"non_forward_share": "< 0.2", "batching_speedup": ">= 1.3", "gpu_slices_per_s": ">= 200"},
+    }
+    write_json(args.out, report)
+    print(json.dumps({r["scan"]: r["seconds"] for r in rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The scan inference as a user runs it: `python -m monai.bundle run --config_file configs/inference.json` on a folder
+holding a DICOM series, a NIfTI volume and bad inputs; every bad input is reported by name, nothing half-written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from scripts.checkpoint import TrainingRecord
+from scripts.networks import GAPClassifier
+from scripts.read import CheckScand, LoadScand, ScanError, scan_datalist
+
+SPACING = 4.0  # coarse pixels keep the run short
+
+
+def _copy_slices(source, target, every=1, count=None):
+    target.mkdir(parents=True)
+    files = sorted(source.iterdir())[::every][:count]
+    for path in files:
+        shutil.copy(path, target / path.name)
+    return sorted(target.iterdir())
+
+
+@pytest.fixture(scope="module")
+def scans(lidc_root, tmp_path_factory):
+    """A folder as a user might have it: two good scans and six bad inputs."""
+    folder = tmp_path_factory.mktemp("scans")
+    shutil.copytree(lidc_root / "LIDC-IDRI-0003", folder / "LIDC-IDRI-0003")  # patient folder: DICOM + XML below
+    image = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(lidc_root / "LIDC-IDRI-0001" / "ct"))[::2])
+    sitk.WriteImage(image, str(folder / "chest.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full((64, 64), -1000, np.int16), np.eye(4)), folder / "flat.nii.gz")
+    nan = np.full((32, 32, 8), -1000.0, np.float32)
+    nan[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), folder / "nan.nii.gz")
+    whole = (folder / "chest.nii.gz").read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(whole[: len(whole) // 3])
+    for path in _copy_slices(lidc_root / "LIDC-IDRI-0001" / "ct", folder / "mr", count=4):
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    _copy_slices(lidc_root / "LIDC-IDRI-0001" / "ct", folder / "gap", count=12)
+    sitk_order = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder / "gap"))
+    (folder / "gap" / sitk_order[6].split("/")[-1]).unlink()
+    _copy_slices(lidc_root / "LIDC-IDRI-0001" / "ct", folder / "two" / "a", count=3)
+    for path in sorted((lidc_root / "LIDC-IDRI-0003").rglob("*.dcm"))[:3]:
+        shutil.copy(path, folder / "two" / "a" / f"other-{path.name}")
+    return folder
+
+
+BAD = {
+    "flat": "expected a 3-D CT volume",
+    "nan": "NaN or infinite",
+    "truncated": "could not be read",
+    "mr": "modality MR, not CT",
+    "gap": "uneven slice spacing",
+    "two": "holds 2 DICOM series",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_is_refused_naming_the_file(scans, name):
+    path = next(p for p in scans.iterdir() if p.name.split(".")[0] == name)
+    with pytest.raises(ScanError, match=BAD[name]) as error:
+        CheckScand("image")(LoadScand("image")({"image": str(path)}))
+    assert path.name in str(error.value)
+
+
+def test_datalist_sources(scans, tmp_path):
+    names = [item["name"] for item in scan_datalist(scans)]
+    assert names == ["LIDC-IDRI-0003", "chest", "flat", "gap", "mr", "nan", "truncated", "two"]
+    assert scan_datalist(scans / "chest.nii.gz") == [
+        {"image": str(scans / "chest.nii.gz"), "source": str(scans / "chest.nii.gz"), "name": "chest"}
+    ]
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps({"scans": [str(scans / "chest.nii.gz"), {"image": str(scans / "LIDC-IDRI-0003")}]}))
+    assert [i["name"] for i in scan_datalist(listed)] == ["chest", "LIDC-IDRI-0003"]
+    listed.write_text("{not json")
+    with pytest.raises(ScanError, match="list.json: malformed JSON"):
+        scan_datalist(listed)
+    with pytest.raises(ScanError, match="no such scan"):
+        scan_datalist(tmp_path / "missing")
+
+
+def test_cli_on_a_folder_of_scans(bundle_root, scans, tmp_path):
+    model = GAPClassifier(width=0.0625, head_channels=64)
+    record = TrainingRecord(model, [{"image": "", "spacing_mm": [SPACING, SPACING]}], 96, (-1000, 400), bundle_root)
+    torch.save({"model": model.state_dict(), "config": record.state_dict()}, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(bundle_root / "configs" / "inference.json"),
+        "--bundle_root",
+        str(bundle_root),
+        "--ckpt_path",
+        str(tmp_path / "model.pt"),
+        "--input",
+        str(scans),
+        "--output_dir",
+        str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, "a run with failed scans must end with an error"
+    assert "6 of 8 scan(s) failed" in log, log[-4000:]
+    for name, reason in BAD.items():
+        assert f"{name}: FAILED:" in log and reason in log, name
+        assert not (out / name).exists(), f"{name}: a failed scan left outputs"
+    for name, grid in (("LIDC-IDRI-0003", None), ("chest", scans / "chest.nii.gz")):
+        result = json.loads((out / name / f"{name}_nodules.json").read_text())
+        assert result["scan"] == name and result["mode"] == "fine" and len(result["slices"]) > 50
+        mask = sitk.ReadImage(str(out / name / f"{name}_mask.nii.gz"))
+        reference = sitk.ReadImage(str(grid)) if grid else None
+        if reference is not None:
+            assert mask.GetSize() == reference.GetSize()
+            np.testing.assert_allclose(mask.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+            np.testing.assert_allclose(mask.GetSpacing(), reference.GetSpacing(), rtol=1e-5)
+            np.testing.assert_allclose(mask.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert (out / "LIDC-IDRI-0003" / "LIDC-IDRI-0003_seg.dcm").is_file()
+    assert not list(out.rglob(".tmp-*")), "temporary files left behind"
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(d["name"] for d in summary["done"]) == ["LIDC-IDRI-0003", "chest"]
+    assert sorted(f["name"] for f in summary["failed"]) == sorted(BAD)
+    # the re-run skips the finished scans and meets the bad ones again
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert "6 of 6 scan(s) failed" in again.stdout + again.stderr
