@@ -46,7 +46,7 @@ def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True)
     """``model`` with the checkpoint at ``path`` loaded when ``enabled``, else None (a config switch)."""
     if not enabled:
         return None
-    from .networks import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     return load_checkpoint(model, path).eval()
 
