@@ -281,7 +281,7 @@ def check_torchrun_nccl(timeout: Callable[[], int] = lambda: 240) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         start = time.perf_counter()
-        prepare_dataset(SyntheticSource(n_cases=6, seed=0, size=128), tmp_path / "data", size=128, seed=0, workers=4)
+        prepare_dataset(SyntheticSource(n_cases=8, seed=0, size=128), tmp_path / "data", size=128, seed=0, workers=4)
         result["dataset_s"] = time.perf_counter() - start
         configs = "['configs/train.json','configs/multi_gpu_train.json']"
         command = [*torchrun, "-m", "monai.bundle", "run", "training", "--config_file", configs]
