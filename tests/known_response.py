@@ -2,7 +2,7 @@
 
 ``SpotNet`` looks at given places of the slice window (the test computes them from the ground truth, independently
 of the pipeline): its NAM is the dense tissue there, weighted by a Gaussian around each place, and it calls a slice
-"nodule" when that NAM peaks above one half, i.e. when dense tissue fills the place. It offers ``forward_with_nam``
+"nodule" when dense tissue fills ``fill`` of a place's Gaussian weight (a vessel crossing the place fills less). It offers ``forward_with_nam``
 like ``GAPClassifier``, so the segmenter and R-NAM run on it unchanged: masking the candidate that covers a place
 with the parenchyma value removes its dense pixels and collapses the NAM there, so R-NAM picks it.
 """
@@ -28,19 +28,19 @@ class SpotNet(nn.Module):
         dense_hu: HU above which a pixel counts as dense.
     """
 
-    def __init__(self, spots, size: int, sigma_px: float = 3.0, dense_hu: float = -300.0):
+    def __init__(self, spots, size: int, sigma_px: float = 3.0, dense_hu: float = -300.0, fill: float = 0.5):
         super().__init__()
         self.spots = [(float(r), float(c)) for r, c in spots]
         y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-        weight = sum(np.exp(-((y - r) ** 2 + (x - c) ** 2) / (2 * sigma_px**2)) for r, c in spots)
-        self.register_buffer("weight", torch.as_tensor(np.asarray(weight, np.float32))[None, None])
-        self.dense = window(dense_hu)
+        weights = np.stack([np.exp(-((y - r) ** 2 + (x - c) ** 2) / (2 * sigma_px**2)) for r, c in spots])
+        self.register_buffer("weight", torch.as_tensor(weights, dtype=torch.float32)[None])  # (1, spots, H, W)
+        self.dense, self.fill = window(dense_hu), fill
 
     def forward_with_nam(self, x):
-        nam = torch.sigmoid((x[:, :1] - self.dense) * 60.0) * self.weight
-        peak = nam.amax(dim=(1, 2, 3))
-        logits = torch.stack([torch.zeros_like(peak), (peak - 0.5) * 40.0], dim=1)
-        return logits, nam
+        dense = torch.sigmoid((x[:, :1] - self.dense) * 60.0)
+        share = (dense * self.weight).sum(dim=(2, 3)) / self.weight.sum(dim=(2, 3))  # (B, spots)
+        logits = torch.stack([torch.zeros(len(x)), (share.amax(dim=1) - self.fill) * 40.0], dim=1)
+        return logits, dense * self.weight.amax(dim=1, keepdim=True)
 
     def forward(self, x):
         return self.forward_with_nam(x)[0]

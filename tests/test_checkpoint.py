@@ -65,6 +65,15 @@ def test_old_bare_state_dict_loads_with_flags(tmp_path):
         load_checkpoint(GAPClassifier(gap_levels=1, width=1.0), path)
 
 
+def test_state_dict_from_before_the_normalisation_buffers_loads(tmp_path):
+    trained = GAPClassifier(width=0.0625, head_channels=64)
+    state = {k: v for k, v in trained.state_dict().items() if k not in ("input_mean", "input_std")}
+    torch.save(state, tmp_path / "old.pt")
+    model = load_checkpoint(GAPClassifier(width=0.0625, head_channels=64), tmp_path / "old.pt")
+    x = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(model(x), trained(x))
+
+
 def test_last_checkpoint_and_bad_files(tmp_path):
     trained = GAPClassifier(width=0.0625, head_channels=64)
     torch.save({"model": trained.state_dict(), "optimizer": {}}, tmp_path / "last.pt")

@@ -161,7 +161,9 @@ def resolve_settings(path: str | os.PathLike, **given: Any) -> dict[str, Any]:
 
 
 def _describe(state: Mapping[str, torch.Tensor]) -> str:
-    convs = [v.shape[0] for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4]
+    convs = [
+        v.shape[0] for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4
+    ]
     heads = [v.shape[0] for k, v in state.items() if k.startswith("heads.") and k.endswith(".0.weight")]
     batch_norm = any(k.endswith("running_mean") for k in state)
     in_channels = state["features.0.weight"].shape[1]
@@ -180,6 +182,9 @@ def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassif
     """
     state, _ = read_checkpoint(path)
     own = model.state_dict()
+    if model.config().get("input_norm") is None:
+        # checkpoints saved before the input normalisation buffers existed had none: the identity, as the model's
+        state = {**{k: own[k] for k in ("input_mean", "input_std") if k in own and k not in state}, **state}
     if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
         config = ", ".join(f"{k}={v}" for k, v in model.config().items())
         raise ValueError(

@@ -16,11 +16,20 @@ import numpy as np
 import torch
 from monai.transforms import Spacingd
 
-__all__ = ["AXIAL_AXCODES", "target_pixel_spacing", "ModelSpacingd"]
+__all__ = ["AXIAL_AXCODES", "axial_affine", "target_pixel_spacing", "ModelSpacingd"]
 
 AXIAL_AXCODES = "PLS"
 # A scan's pixel spacing within this fraction of the training range counts as inside it.
 SPACING_TOLERANCE = 0.01
+
+
+def axial_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """The voxel-to-RAS affine of a ``(rows, cols, slices)`` array in the axial convention (``AXIAL_AXCODES``):
+    rows run to posterior, columns to the patient's left, slices upwards; ``origin`` is voxel 0's RAS position."""
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[0, 1], affine[2, 2] = -float(spacing[0]), -float(spacing[1]), float(spacing[2])
+    affine[:3, 3], affine[3, 3] = [float(v) for v in origin], 1.0
+    return affine
 
 
 def target_pixel_spacing(current: Sequence[float], training_range: Sequence[float] | None) -> list[float]:
@@ -51,13 +60,25 @@ class ModelSpacingd(Spacingd):
         self.pixel_spacing_range = None if pixel_spacing_range is None else [float(v) for v in pixel_spacing_range]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
-        # Spacingd copies the resampled meta into "<key>_meta_dict" for NIfTI files; MONAI Label writes its result
-        # with that dict's affine, which must stay the input's (the result is on the input grid)
-        kept = {k: dict(v) for k, v in data.items() if isinstance(k, str) and k.endswith("_meta_dict")}
-        key = self.first_key(dict(data))
-        current = [float(v) for v in data[key].pixdim[:2]]
-        target = target_pixel_spacing(current, self.pixel_spacing_range)
-        # -1 keeps an axis' spacing as it is (the slice axis always), and a scan already in range is not resampled
-        pixdim = [t if t != c else -1.0 for t, c in zip(target, current)]
-        self.spacing_transform.pixdim = np.array([*pixdim, -1.0], dtype=np.float64)
-        return {**super().__call__(data, lazy), **kept}
+        d = dict(data)
+        for key, mode, padding_mode, align_corners, dtype, scale_extent in self.key_iterator(
+            d, self.mode, self.padding_mode, self.align_corners, self.dtype, self.scale_extent
+        ):
+            current = [float(v) for v in d[key].pixdim[:2]]
+            target = target_pixel_spacing(current, self.pixel_spacing_range)
+            # -1 keeps an axis' spacing as it is (the slice axis always), and a scan already in range is not resampled
+            pixdim = [t if t != c else -1.0 for t, c in zip(target, current)]
+            self.spacing_transform.pixdim = np.array([*pixdim, -1.0], dtype=np.float64)
+            # the array transform, not Spacingd's loop: that one also writes the resampled meta into every
+            # "<key>_*" entry, which breaks on MONAI Label's "image_path" and would change the affine MONAI Label
+            # writes its result with (the result is on the input grid)
+            d[key] = self.spacing_transform(
+                d[key],
+                mode=mode,
+                padding_mode=padding_mode,
+                align_corners=align_corners,
+                dtype=dtype,
+                scale_extent=scale_extent,
+                lazy=self.lazy if lazy is None else lazy,
+            )
+        return d

@@ -10,7 +10,7 @@ import fire
 
 from .dataset import prepare_dataset
 
-__all__ = ["synthetic", "lidc"]
+__all__ = ["synthetic", "lidc", "scans"]
 
 
 def synthetic(
@@ -94,6 +94,42 @@ def lidc(
     return _report(summary)
 
 
+def scans(out: str, cases: int = 2, seed: int = 0, size: int = 128, **source_options: Any) -> list[str]:
+    """Write synthetic chest CT cases as whole scans for ``configs/inference.json``: ``<out>/<subject>.nii.gz`` (int16
+    HU, in the axial convention of ``scripts.orient``) and the truth, ``<out>/labels/<subject>.nii.gz`` (the union of
+    the nodules' STAPLE masks). The quick start's model was trained on ``size`` 128 slices: keep ``size`` for it.
+
+    Args:
+        out: output folder.
+        cases: number of synthetic subjects.
+        seed: seeds the generator.
+        size: the slice size the cases are made for (pixel spacing 288 mm / ``size``).
+        source_options: further :class:`scripts.synthetic.SyntheticSource` arguments.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from .atomic import write_atomically
+    from .labels import consensus_mask
+    from .orient import axial_affine
+    from .synthetic import SyntheticSource
+
+    source = SyntheticSource(n_cases=cases, seed=seed, size=size, **source_options)
+    written = []
+    for subject in source.subjects():
+        case = source.load(subject)
+        truth = np.zeros(case.hu.shape, np.uint8)
+        for nodule in case.annotations.nodules:
+            truth[nodule.box()] |= consensus_mask(nodule)
+        affine = axial_affine(case.annotations.spacing, origin=(150.0, 120.0, -200.0))
+        for array, path in ((case.hu, f"{out}/{subject}.nii.gz"), (truth, f"{out}/labels/{subject}.nii.gz")):
+            image = nib.Nifti1Image(np.asarray(array, np.int16 if array is case.hu else np.uint8), affine)
+            write_atomically(path, lambda tmp, image=image: nib.save(image, tmp))
+        written.append(f"{out}/{subject}.nii.gz")
+        print(f"{subject}: {len(case.annotations.nodules)} nodule(s) -> {written[-1]}")
+    return written
+
+
 def _report(summary: dict) -> dict:
     logging.getLogger(__name__).info(json.dumps(summary["slices"]))
     for subject, error in summary["failed"].items():
@@ -103,4 +139,4 @@ def _report(summary: dict) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    fire.Fire({"synthetic": synthetic, "lidc": lidc})
+    fire.Fire({"synthetic": synthetic, "lidc": lidc, "scans": scans})
