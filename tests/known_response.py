@@ -2,9 +2,10 @@
 
 ``SpotNet`` looks at given places of the slice window (the test computes them from the ground truth, independently
 of the pipeline): its NAM is the dense tissue there, weighted by a Gaussian around each place, and it calls a slice
-"nodule" when dense tissue fills ``fill`` of a place's Gaussian weight (a vessel crossing the place fills less). It offers ``forward_with_nam``
-like ``GAPClassifier``, so the segmenter and R-NAM run on it unchanged: masking the candidate that covers a place
-with the parenchyma value removes its dense pixels and collapses the NAM there, so R-NAM picks it.
+"nodule" when dense tissue fills ``fill`` of a place's Gaussian weight (a vessel crossing the place fills less).
+It offers ``forward_with_nam`` like ``GAPClassifier``, so the segmenter and R-NAM run on it unchanged: masking the
+candidate that covers a place with the parenchyma value removes its dense pixels and collapses the NAM there, so
+R-NAM picks it.
 """
 
 import numpy as np
