@@ -24,6 +24,15 @@ from .read import ScanError
 __all__ = ["ScanRunner"]
 
 
+def _scan_error(error: BaseException | None) -> ScanError | None:
+    """The ``ScanError`` an error is, or was raised from; None for any other error (a bug is not a bad scan)."""
+    while error is not None:
+        if isinstance(error, ScanError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class ScanRunner:
     """Segment every scan of ``dataset`` and write its outputs.
 
@@ -70,9 +79,12 @@ class ScanRunner:
                     data["pred"] = self.inferer(volume[None].to(self.device), network)[0]
                 data = self.postprocessing(data)
                 written = self.writer(data)
-            except ScanError as err:
-                failed.append({"name": name, "reason": str(err)})
-                tqdm.write(f"{name}: FAILED: {err}")
+            except Exception as err:  # MONAI's Compose re-raises a transform's error as a RuntimeError from it
+                cause = _scan_error(err)
+                if cause is None:
+                    raise
+                failed.append({"name": name, "reason": str(cause)})
+                tqdm.write(f"{name}: FAILED: {cause}")
                 continue
             seconds = time.perf_counter() - start
             nodules = data["result"]["nodules"]
