@@ -71,6 +71,39 @@ def test_bad_input_is_refused_naming_the_file(scans, name):
     assert path.name in str(error.value)
 
 
+def test_compressed_dicom_reads_as_the_uncompressed_series(lidc_root, tmp_path):
+    """A series in a compressed transfer syntax (RLE lossless, written by pydicom) reads to the same HU volume."""
+    from pydicom.uid import RLELossless
+
+    plain = _copy_slices(lidc_root / "LIDC-IDRI-0001" / "ct", tmp_path / "plain", count=6)
+    for path in _copy_slices(lidc_root / "LIDC-IDRI-0001" / "ct", tmp_path / "rle", count=6):
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
+    assert pydicom.dcmread(next((tmp_path / "rle").iterdir())).file_meta.TransferSyntaxUID == RLELossless
+    assert len(plain) == 6
+    read = [LoadScand("image")({"image": str(tmp_path / name)})["image"] for name in ("plain", "rle")]
+    assert read[0].shape == (1, 512, 512, 6)
+    np.testing.assert_array_equal(read[0].numpy(), read[1].numpy())
+    np.testing.assert_allclose(read[0].affine, read[1].affine)
+
+
+def test_oblique_grid_is_refused(tmp_path):
+    """A grid 30 degrees off the patient axes is refused; 10 degrees is processed on its own grid."""
+    for degrees, refused in ((30.0, True), (10.0, False)):
+        angle = np.radians(degrees)
+        affine = np.eye(4)
+        affine[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+        path = tmp_path / f"oblique{int(degrees)}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((32, 32, 8), -1000, np.int16), affine), path)
+        data = LoadScand("image")({"image": str(path)})
+        if refused:
+            with pytest.raises(ScanError, match=r"oblique, 30\.0 degrees from the patient axes"):
+                CheckScand("image")(data)
+        else:
+            CheckScand("image")(data)
+
+
 def test_datalist_sources(scans, tmp_path):
     names = [item["name"] for item in scan_datalist(scans)]
     assert names == ["LIDC-IDRI-0003", "chest", "flat", "gap", "mr", "nan", "truncated", "two"]

@@ -141,3 +141,37 @@ def test_two_processes_share_the_scans(bundle_root, tmp_path):
         tables = [json.loads((tmp_path / d / name / f"{name}_nodules.json").read_text()) for d in ("one", "two")]
         assert tables[0]["nodules"] == tables[1]["nodules"] and tables[0]["slices"] == tables[1]["slices"]
     assert sum(json.loads((tmp_path / "one" / "summary.json").read_text())["done"][i]["nodules"] for i in range(3)) > 0
+
+
+@pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule"])
+def test_every_mode_runs_on_a_scan(bundle_root, tmp_path_factory, mode):
+    folder = tmp_path_factory.getbasetemp() / "modes"
+    if not (folder / "SYN-0000.nii.gz").exists():
+        scans(str(folder), cases=1, seed=3, size=64, n_slices=12)
+        torch.manual_seed(0)
+        for levels, name in ((1, "model.pt"), (2, "model_2gap.pt")):
+            model = GAPClassifier(gap_levels=levels, width=0.0625, head_channels=64)
+            record = TrainingRecord(model, [{"image": "", "spacing_mm": [4.5, 4.5]}], 64, (-1000, 400), bundle_root)
+            torch.save({"model": model.state_dict(), "config": record.state_dict()}, folder / name)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    out = folder / f"out-{mode}"
+    parser.update(
+        {
+            "bundle_root": str(bundle_root),
+            "ckpt_path": str(folder / "model.pt"),
+            "multi_gap_ckpt_path": str(folder / "model_2gap.pt"),
+            "input": str(folder / "SYN-0000.nii.gz"),
+            "output_dir": str(out),
+            "mode": mode,
+            "threshold": 0.0,  # every slice with lung is segmented
+            "overview": False,
+        }
+    )
+    summary = parser.get_parsed_content("evaluator").run()
+    assert [d["name"] for d in summary["done"]] == ["SYN-0000"]
+    result = json.loads((out / "SYN-0000" / "SYN-0000_nodules.json").read_text())
+    assert result["mode"] == mode and all(n["mode"] == mode for n in result["nodules"])
+    assert sum(s["called_nodule"] for s in result["slices"]) == sum(s["classified"] for s in result["slices"]) > 0
+    mask, image = nib.load(out / "SYN-0000" / "SYN-0000_mask.nii.gz"), nib.load(folder / "SYN-0000.nii.gz")
+    assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
