@@ -1,7 +1,9 @@
 """A slice classifier whose response is known, for testing the scan path without training one.
 
 ``SpotNet`` looks at given places of the slice window (the test computes them from the ground truth, independently
-of the pipeline): its NAM is the dense tissue there, weighted by a Gaussian around each place, and it calls a slice
+of the pipeline): its NAM is the dense tissue there, blurred as a real NAM is (a GAP head's map is upsampled from
+a 16-pixel grid, so the scope holds the nodule and the lung around it), weighted by a Gaussian around each place;
+it calls a slice
 "nodule" when dense tissue fills ``fill`` of a place's Gaussian weight (a vessel crossing the place fills less).
 It offers ``forward_with_nam`` like ``GAPClassifier``, so the segmenter and R-NAM run on it unchanged: masking the
 candidate that covers a place with the parenchyma value removes its dense pixels and collapses the NAM there, so
@@ -25,23 +27,42 @@ class SpotNet(nn.Module):
     Args:
         spots: (row, col) pixel places in the slice window the network sees.
         size: side of that window.
-        sigma_px: spread of each place's Gaussian weight.
+        sigma_px: spread of each place's Gaussian weight, for calling a slice "nodule".
         dense_hu: HU above which a pixel counts as dense.
+        fill: share of a place's weight dense tissue must fill.
+        blur_px: the NAM's blur (0: none).
+        reach_px: spread of the NAM around each place.
     """
 
-    def __init__(self, spots, size: int, sigma_px: float = 3.0, dense_hu: float = -300.0, fill: float = 0.5):
+    def __init__(
+        self,
+        spots,
+        size: int,
+        sigma_px: float = 3.0,
+        dense_hu: float = -300.0,
+        fill: float = 0.5,
+        blur_px: float = 4.0,
+        reach_px: float = 12.0,
+    ):
         super().__init__()
         self.spots = [(float(r), float(c)) for r, c in spots]
         y, x = np.mgrid[0:size, 0:size].astype(np.float32)
         weights = np.stack([np.exp(-((y - r) ** 2 + (x - c) ** 2) / (2 * sigma_px**2)) for r, c in spots])
         self.register_buffer("weight", torch.as_tensor(weights, dtype=torch.float32)[None])  # (1, spots, H, W)
+        reach = np.max([np.exp(-((y - r) ** 2 + (x - c) ** 2) / (2 * reach_px**2)) for r, c in spots], axis=0)
+        self.register_buffer("reach", torch.as_tensor(reach, dtype=torch.float32)[None, None])
         self.dense, self.fill = window(dense_hu), fill
+        r = int(np.ceil(3 * blur_px))
+        g = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * max(blur_px, 1e-6) ** 2))  # blur_px 0: no blur
+        kernel = np.outer(g, g) / np.outer(g, g).sum()
+        self.register_buffer("blur", torch.as_tensor(kernel, dtype=torch.float32)[None, None])
 
     def forward_with_nam(self, x):
         dense = torch.sigmoid((x[:, :1] - self.dense) * 60.0)
         share = (dense * self.weight).sum(dim=(2, 3)) / self.weight.sum(dim=(2, 3))  # (B, spots)
         logits = torch.stack([torch.zeros(len(x)), (share.amax(dim=1) - self.fill) * 40.0], dim=1)
-        return logits, dense * self.weight.amax(dim=1, keepdim=True)
+        nam = torch.nn.functional.conv2d(dense, self.blur, padding=self.blur.shape[-1] // 2)
+        return logits, nam * self.reach
 
     def forward(self, x):
         return self.forward_with_nam(x)[0]
