@@ -208,6 +208,8 @@ def extract_candidates(
     lungs = labels > 0 if lung_mask is None or refit is not None else np.asarray(lung_mask, bool)
     phase = parenchyma_phase(labels, lungs)
     parenchyma = float(means[phase - 1]) if phase else float("nan")
+    if rule == "relative" and not np.isfinite(parenchyma):  # no labelled lung pixel: nothing to compare with
+        return []
     dense = np.isin(labels, dense_phases(means, min_value, rule, parenchyma, margin_hu)) & region
     pixel_mm2 = float(spacing[0]) * float(spacing[1])
     components = connected_components(dense, connectivity=2)

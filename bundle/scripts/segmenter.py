@@ -104,6 +104,14 @@ class WeaklySupervisedSegmenter(Inferer):
         phases, beta, max_sweeps: ICM parameters (``scripts.icm.icm_segmentation``).
         dense_hu: phases with a mean above it (HU) make candidates.
         min_area_mm2: smaller candidates are dropped.
+        dense_rule: ``"relative"`` (phases denser than the parenchyma phase by ``dense_margin_hu``) or ``"fixed"``
+            (phases above ``dense_hu``) make candidates (``scripts.candidates.dense_phases``).
+        dense_margin_hu: see ``dense_rule``.
+        icm_in_scope: fit the ICM phases of the candidates again on the lungs within each scope.
+        trim_partial_volume: cut candidates at half way between parenchyma and their own median HU, three times
+            at most (``scripts.candidates.trim_partial_volume``).
+        split_mm: split candidates at necks thinner than a disk of this radius, dropping those thinner everywhere
+            (vessels along their length, rims along the pleura); 0: off.
         n_nodules: scopes segmented in ``"two_nodule"`` mode.
         crop: compute R-NAMs on the exact stride-aligned crop around the scope, and for a ``GAPClassifier`` by
             recomputing only the window each candidate changes, layer by layer (False: full image, the reference).
@@ -128,6 +136,11 @@ class WeaklySupervisedSegmenter(Inferer):
         max_sweeps: int = 15,
         dense_hu: float = -600.0,
         min_area_mm2: float = 7.0,
+        dense_rule: str = "relative",
+        dense_margin_hu: float = 100.0,
+        icm_in_scope: bool = True,
+        trim_partial_volume: bool = True,
+        split_mm: float = 1.0,
         n_nodules: int = 2,
         crop: bool = True,
         batch_size: int | None = None,
@@ -150,6 +163,15 @@ class WeaklySupervisedSegmenter(Inferer):
         self.icm_args = {"phases": phases, "beta": beta, "max_sweeps": max_sweeps}
         self.dense_hu = float(dense_hu)
         self.min_area_mm2 = float(min_area_mm2)
+        self.candidate_args = {
+            "rule": dense_rule,
+            "margin_hu": float(dense_margin_hu),
+            "refit": self.icm_args if icm_in_scope else None,
+            "trim": bool(trim_partial_volume),
+            "trim_iterations": 3,
+            "split_mm": float(split_mm),
+            "drop_thin": True,
+        }
         self.n_nodules = int(n_nodules)
         self.crop = crop
         self.batch_size = batch_size
@@ -261,7 +283,9 @@ class WeaklySupervisedSegmenter(Inferer):
             raise ValueError(f"lung mask shape {lung_mask.shape} differs from the slice shape {shape}")
         labels, means = icm_segmentation(hu, lung_mask, **self.icm_args)
         for scope in scopes:
-            found = extract_candidates(labels, means, scope, lung_mask, spacing, self.dense_hu, self.min_area_mm2)
+            found = extract_candidates(
+                labels, means, scope, lung_mask, spacing, self.dense_hu, self.min_area_mm2, hu=hu, **self.candidate_args
+            )
             if not found:
                 continue
             first = len(result.candidates)

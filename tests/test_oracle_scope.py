@@ -1,0 +1,43 @@
+"""The segmentation-stage benchmark (bench/oracle_scope.py) at a reduced size: one real scan, nine hybrid slices.
+
+Only what is stable at this size is asserted: on the 8 slices of LIDC-IDRI-0001's solid juxtapleural nodule the
+bundle's defaults find the nodule on every slice with a candidate of about its size (the paper-era pipeline makes it
+1.4x too large), and the displaced NAM loses little; the hybrid slices are built and scored.
+"""
+
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import oracle_scope  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report(lidc_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("oracle") / "oracle.json"
+    argv = ["--lidc-root", str(lidc_root), "--subjects", "LIDC-IDRI-0001", "--lung-step", "8", "--hybrid", "9"]
+    oracle_scope.main(argv + ["--variants", "paper", "current", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_real_solid_nodule(report):
+    paper, current = (report["variants"][v]["ideal"]["real solid"] for v in ("paper", "current"))
+    assert current["n"] == paper["n"] == 8
+    assert current["detection"] == 1.0
+    assert 0.85 <= current["median_area_ratio"] <= 1.15 < paper["median_area_ratio"]
+    assert current["best_tp_dice"] >= 0.85 > paper["best_tp_dice"]
+    assert current["truth_in_lung_mask"] > 0.99  # it touches the chest wall and stays in the lung mask
+    displaced = report["variants"]["current"]["displaced"]["real solid"]
+    assert current["best_tp_dice"] - displaced["best_tp_dice"] <= 0.05
+
+
+def test_hybrid_slices_are_built_and_scored(report):
+    ideal = report["variants"]["current"]["ideal"]
+    assert report["slices"] == 8 + 9
+    assert [ideal[f"hybrid {kind}"]["n"] for kind in oracle_scope.KINDS] == [3, 3, 3]
+    assert [ideal[f"hybrid {place}"]["n"] for place in oracle_scope.PLACES] == [3, 3, 3]
+    targets = report["variants"]["current"]["targets"]
+    assert set(targets) >= {"all detection >= 0.95", "displaced loses <= 0.05"}
