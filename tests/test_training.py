@@ -85,7 +85,11 @@ def test_training_lowers_loss_and_writes_outputs(trained):
     assert (models / "model.pt").is_file()
     assert Path(last_checkpoint(models)).name == f"last_checkpoint_epoch={EPOCHS}.pt"
     state = torch.load(models / "model.pt", weights_only=True)
-    assert "features.0.weight" in state  # a plain state dict
+    assert "features.0.weight" in state["model"]  # the weights, and the record of what they were trained on
+    record = state["config"]
+    assert record["width"] == TINY["width"] and record["head_channels"] == TINY["head_channels"]
+    assert record["image_size"] == 64 and record["hu_window"] == [-1000.0, 400.0]
+    assert len(record["pixel_spacing_mm"]) == 2 and record["bundle_version"] != "unknown"
     load_checkpoint(GAPClassifier(width=TINY["width"], head_channels=TINY["head_channels"]), models / "model.pt")
     events = list((out / "logs").glob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -195,8 +199,7 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
         "ckpt_path": str(model_path),
         "output_dir": str(tmp_path / "classify"),
         "num_overlays": 3,
-        **TINY,
-        "image_size": 80,  # padded and inverted back to the 64 x 64 input geometry
+        **TINY,  # as the checkpoint records them (giving them is allowed, not needed)
     }
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "classify.json"), workflow_type=None, **settings)
     workflow.initialize()
@@ -212,14 +215,14 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
         name = Path(item["image"]).name
         source = nib.load(dataset / item["image"])
         hu = torch.as_tensor(source.get_fdata(), dtype=torch.float32)
-        image = torch.nn.functional.pad(((hu + 1000) / 1400).clamp(0, 1), (8, 8, 8, 8))[None, None]
+        image = ((hu + 1000) / 1400).clamp(0, 1)[None, None]
         with torch.no_grad():
             logits, nam = model.forward_with_nam(image)
         assert rows[name] == pytest.approx(torch.softmax(logits, 1)[0, 1].item(), abs=1e-5)
         saved = nib.load(tmp_path / "classify" / "nam" / name.replace(".nii.gz", "_nam.nii.gz"))
         assert saved.shape == source.shape
         np.testing.assert_allclose(saved.affine, source.affine, atol=1e-6)
-        np.testing.assert_allclose(saved.get_fdata(), nam[0, 0, 8:-8, 8:-8].numpy(), atol=1e-4)
+        np.testing.assert_allclose(saved.get_fdata(), nam[0, 0].numpy(), atol=1e-4)
     assert len(list((tmp_path / "classify" / "overlays").glob("*_nam.png"))) == 3
 
     folder = ConfigWorkflow(

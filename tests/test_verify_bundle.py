@@ -292,9 +292,9 @@ def test_large_files_entry_needs_url(bundle_copy):
 
 def test_version_needs_changelog_entry(bundle_copy):
     assert run(bundle_copy, "version")["version"].passed
-    edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.update(version="0.2.0"))
+    edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.update(version="9.9.0"))
     result = run(bundle_copy, "version")["version"]
-    assert not result.passed and "no entry for the current version 0.2.0" in result.message
+    assert not result.passed and "no entry for the current version 9.9.0" in result.message
     edit_json(bundle_copy / "configs" / "metadata.json", lambda m: m.update(version="0.2"))
     assert "not semantic" in run(bundle_copy, "version")["version"].message
 
