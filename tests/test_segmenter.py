@@ -228,7 +228,20 @@ def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode)
         **overrides(tiny_bundle, out, mode=mode),
     )
     records = check_outputs(tiny_bundle, out, STEMS)
-    assert any(r["status"] != "negative" for r in records)
+    segmented = [r for r in records if r["status"] == "segmented"]
+    assert segmented, [r["status"] for r in records]  # the fc bias makes most slices positive: the pipeline ran
+    for r in segmented:
+        assert r["chosen"] and r["mask_area_mm2"] > 0
+        chosen_area = sum(r["candidates"][i]["area_mm2"] for i in r["chosen"])
+        assert r["mask_area_mm2"] == pytest.approx(chosen_area, rel=1e-6)  # the mask is the chosen candidates
+        scores = [c["rnam_score"] for c in r["candidates"]]
+        if mode in ("coarse", "multi_gap_coarse"):  # the union of the candidates in C, no R-NAM
+            assert r["chosen"] == list(range(len(r["candidates"]))) and all(x is None for x in scores)
+        elif mode in ("fine", "multi_gap"):  # one scope, and the candidate R-NAM scores highest
+            assert len(r["scope_boxes"]) == 1 and r["chosen"] == [int(np.argmax(scores))]
+        else:  # two_nodule: one R-NAM choice per scope, two scopes at most
+            assert 1 <= len(r["chosen"]) <= len(r["scope_boxes"]) <= 2 and all(x is not None for x in scores)
+        assert (r["base_scope_box"] is not None) == (mode in ("multi_gap", "multi_gap_coarse"))
 
 
 def test_config_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_root):
