@@ -33,7 +33,7 @@ __all__ = ["OUTPUT_CHANNELS", "ScanResult", "ScanSegmenter"]
 
 # The channels of the inferer's output, in order.
 OUTPUT_CHANNELS = ("mask", "slice_probability", "lungs")
-STEPS = ("lungs", "crop", "classify", "segment", "assemble")
+STEPS = ("lungs", "crop", "classify", "segment", "screen", "assemble")
 
 
 @dataclass
@@ -45,7 +45,8 @@ class ScanResult:
         probability: float32 nodule probability of each slice (0 where a slice holds no lung and is not classified).
         lungs: bool lung mask.
         slices: the ``SliceResult`` of each slice called "nodule", by slice index.
-        seconds: time spent in each step of the module docstring.
+        seconds: time spent in each step of the module docstring; ``screen`` is R-NAM's share of the segmentation
+            (its classifier forwards on the masked copies), ``segment`` the rest (scope, ICM, candidates).
     """
 
     mask: np.ndarray
@@ -136,9 +137,14 @@ class ScanSegmenter(Inferer):
                     multi_nam=None if multi_nams is None else multi_nams[b],
                 )
                 slices[int(index)] = result
+                seconds["screen"] += result.screen_seconds
                 if result.mask.any():
                     mask[..., index] = uncrop(result.mask, corner, (rows, cols))
-            seconds["segment"] += time.perf_counter() - clock
+            seconds["segment"] += (
+                time.perf_counter()
+                - clock
+                - sum(slices[int(i)].screen_seconds for i in with_lung[chunk] if int(i) in slices)
+            )
         clock = time.perf_counter()
         probability_volume = np.broadcast_to(probability, window.shape).astype(np.float32)
         seconds["assemble"] = time.perf_counter() - clock

@@ -16,6 +16,7 @@ Modes (paper section 2.2):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,7 @@ class SliceResult:
         refined: multi_gap mode: whether the multi-GAP NAM narrowed C1.
         candidates: all candidates, over all scopes.
         chosen: indices into ``candidates`` of the segmented ones.
+        screen_seconds: time spent in R-NAM's classifier forwards (the rest of ``segment`` is scope, ICM, candidates).
     """
 
     probability: float
@@ -67,6 +69,7 @@ class SliceResult:
     refined: bool = False
     candidates: list[Candidate] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)
+    screen_seconds: float = 0.0
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready summary (boxes are ``[row_start, col_start, row_stop, col_stop]``, stops exclusive)."""
@@ -192,9 +195,7 @@ class WeaklySupervisedSegmenter(Inferer):
         pred.copy_(masks)
         return pred
 
-    def classify(
-        self, inputs: torch.Tensor, network: Callable
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def classify(self, inputs: torch.Tensor, network: Callable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Nodule probabilities ``(B,)``, raw NAMs ``(B, H, W)`` and, in the multi-GAP modes when a slice is called
         "nodule", the multi-GAP NAMs ``(B, H, W)`` of a batch ``(B, C, H, W)`` of windowed slices, in one forward.
 
@@ -295,6 +296,7 @@ class WeaklySupervisedSegmenter(Inferer):
                 continue
             region = result.base_scope if self.mode in MULTI_GAP_MODES else scope
             fill = (parenchyma_value(labels, means, lung_mask, self.dense_hu) - lo) / (hi - lo)
+            clock = time.perf_counter()
             scores = rnam_scores(
                 network,
                 image,
@@ -305,6 +307,7 @@ class WeaklySupervisedSegmenter(Inferer):
                 crop=self.crop,
                 batch_size=self.batch_size,
             )
+            result.screen_seconds += time.perf_counter() - clock
             for candidate, score in zip(found, scores):
                 candidate.score = float(score)
             result.chosen.append(first + int(np.argmax(scores)))
