@@ -103,12 +103,12 @@ VARIANTS: dict[str, dict] = {
 
 
 def _variant(name: str) -> dict:
-    """The settings of a named variant: ``PAPER`` overridden by ``VARIANTS[name]`` ("current": the segmenter's
-    defaults, as ``configs/inference*.json`` pass them)."""
+    """The settings of a named variant: ``PAPER`` overridden by ``VARIANTS[name]`` ("current": the segmenter with
+    its real-CT candidate rules, ``scripts.segmenter.REAL_CT_CANDIDATES``)."""
     if name == "current":
-        from scripts.segmenter import WeaklySupervisedSegmenter  # imports torch
+        from scripts.segmenter import REAL_CT_CANDIDATES, WeaklySupervisedSegmenter  # imports torch
 
-        seg = WeaklySupervisedSegmenter()
+        seg = WeaklySupervisedSegmenter(**REAL_CT_CANDIDATES)
         cand = {"min_value": seg.dense_hu, "min_area_mm2": seg.min_area_mm2, **seg.candidate_args}
         icm = {k: v for k, v in seg.icm_args.items()}
         return {"lung": {}, "icm": icm, "cand": cand}

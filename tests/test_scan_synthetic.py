@@ -76,7 +76,8 @@ def test_nodule_table_of_known_nodules(bundle_root, synthetic_case):
 
 def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp_path):
     """End to end with a classifier that looks where the nodules are (a tight NAM: these nodules are 7-9 px wide):
-    two nodules, each centroid within a voxel of the truth's, and a table that agrees with the mask it wrote."""
+    each known nodule found once, its centroid within a voxel of the truth's, and a table that agrees with the mask
+    it wrote (the table of the truth itself is the test above)."""
     image, path, truth = synthetic_case
     spacing = image.header.get_zooms()[:3]
     hu = np.asarray(image.dataobj, np.float64)
@@ -106,10 +107,13 @@ def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp
     )
     parser.get_parsed_content("evaluator").run()
     result = json.loads((tmp_path / "SYN-0001" / "SYN-0001_nodules.json").read_text())
-    nodules = sorted(result["nodules"], key=lambda n: n["centroid_voxel"][2])
-    assert len(nodules) == 2, [n["centroid_voxel"] for n in result["nodules"]]
-    for found, (centre, _, _) in zip(nodules, _truth_table(image, truth)):
-        np.testing.assert_allclose(found["centroid_voxel"], centre, atol=1.0)
+    nodules = result["nodules"]
+    # each known nodule is one row of the table, its centroid within a voxel of the truth's; the oracle may also
+    # fire where other dense tissue crosses its places on other slices (rows away from both nodules)
+    for centre, _, _ in _truth_table(image, truth):
+        near = [n for n in nodules if np.abs(np.subtract(n["centroid_voxel"], centre)).max() <= 3.0]
+        assert len(near) == 1, ([n["centroid_voxel"] for n in nodules], centre)
+        np.testing.assert_allclose(near[0]["centroid_voxel"], centre, atol=1.0)
     mask = nib.load(tmp_path / "SYN-0001" / "SYN-0001_mask.nii.gz")
     voxels = np.asarray(mask.dataobj)
     assert voxels.shape == truth.shape and np.allclose(mask.affine, image.affine, atol=1e-4)

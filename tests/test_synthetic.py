@@ -231,14 +231,17 @@ def test_unknown_subject(source):
 
 
 def test_ground_glass_nodules_have_real_densities_and_texture():
-    """Ground-glass (and the rim of part-solid) nodules are drawn at -800..-550 HU and painted with an uneven texture;
-    solid ones are painted flat."""
+    """With the real-CT options, ground-glass (and the rim of part-solid) nodules are drawn at -800..-550 HU and
+    painted with an uneven texture; solid ones are painted flat. The default keeps the first generator's."""
     from scripts.cases import Nodule
-    from scripts.synthetic import _Lesion
+    from scripts.synthetic import REAL_GGO_HU, REAL_GGO_TEXTURE_HU, _Lesion
 
-    source = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL)
+    real = {"ggo_hu": REAL_GGO_HU, "ggo_texture_hu": REAL_GGO_TEXTURE_HU}
+    source = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL, **real)
     drawn = [lesion for i in range(12) for lesion in source._plan(i).nodules]
     assert len(drawn) >= 5 and all(-800.0 <= lesion.ggo_hu <= -550.0 for lesion in drawn)
+    default = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL)
+    assert all(-550.0 <= lesion.ggo_hu <= -300.0 for i in range(12) for lesion in default._plan(i).nodules)
     ball = np.zeros((3, 15, 15, 7), bool)
     ball[:, 1:14, 1:14, 1:6] = (
         np.sum(np.square(np.mgrid[-6:7, -6:7, -2:3] * [[[[1.0]]], [[[1.0]]], [[[2.5]]]]), 0) <= 36
@@ -248,6 +251,6 @@ def test_ground_glass_nodules_have_real_densities_and_texture():
     for ggo, solid, spread in ((-700.0, -700.0, (25.0, 80.0)), (20.0, 20.0, (0.0, 8.0))):
         hu = np.full((15, 15, 7), -870.0, np.float32)
         lesion = _Lesion(Nodule(ball, (0, 0, 0), 8.0), ggo, solid, False)
-        SyntheticSource._paint_lesion(hu, lesion, rng, (0.75, 0.75, 2.5))
+        SyntheticSource._paint_lesion(hu, lesion, rng, (0.75, 0.75, 2.5), REAL_GGO_TEXTURE_HU)
         values = hu[inside]
         assert abs(np.median(values) - ggo) < 40 and spread[0] <= values.std() <= spread[1], (ggo, values.std())

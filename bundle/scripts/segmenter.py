@@ -32,9 +32,19 @@ from .rnam import logits_and_nam, rnam_scores
 from .scope import bounding_box, refine_scope, top_scopes
 from .transforms import HU_WINDOW
 
-__all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
+__all__ = ["MODES", "REAL_CT_CANDIDATES", "SliceResult", "WeaklySupervisedSegmenter"]
 
 MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
+# The candidate rules that hold better on real CT (bench/oracle_scope.py: detection 0.78 -> 0.93, ground-glass
+# 0.48 -> 0.86, area ratio 1.20 -> 1.01 with an oracle NAM); an option, not the default: on the quick start's 128 px
+# synthetic slices they cost coarse TP Dice 0.42 -> 0.15 (docs/segmentation_choices.md)
+REAL_CT_CANDIDATES = {
+    "dense_rule": "relative",
+    "dense_margin_hu": 100.0,
+    "icm_in_scope": True,
+    "trim_partial_volume": True,
+    "split_mm": 1.0,
+}
 MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
 COARSE_MODES = ("coarse", "multi_gap_coarse")
 
@@ -139,11 +149,11 @@ class WeaklySupervisedSegmenter(Inferer):
         max_sweeps: int = 15,
         dense_hu: float = -600.0,
         min_area_mm2: float = 7.0,
-        dense_rule: str = "relative",
+        dense_rule: str = "fixed",
         dense_margin_hu: float = 100.0,
-        icm_in_scope: bool = True,
-        trim_partial_volume: bool = True,
-        split_mm: float = 1.0,
+        icm_in_scope: bool = False,
+        trim_partial_volume: bool = False,
+        split_mm: float = 0.0,
         n_nodules: int = 2,
         crop: bool = True,
         batch_size: int | None = None,

@@ -22,10 +22,12 @@ __all__ = ["SyntheticSource"]
 FOV_MM = 288.0  # field of view of the ``size`` x ``size`` crop, as in a chest CT at 0.75 mm
 MIN_SIZE = 64
 NODULE_COUNT_P = (0.15, 0.45, 0.28, 0.12)  # P(0, 1, 2, 3 nodules in a case)
-# Ground-glass density and texture, as on real CT: LIDC-IDRI-0003's ground-glass nodule has a median of -650 HU
-# and a 10-90 % spread of 250 HU; ground-glass is uneven, with denser and fainter patches of a few mm
-GGO_HU = (-800.0, -550.0)
-GGO_TEXTURE_HU = 50.0
+# Ground-glass density and texture as on real CT (LIDC-IDRI-0003's ground-glass nodule has a median of -650 HU and a
+# 10-90 % spread of 250 HU; ground-glass is uneven, with denser and fainter patches of a few mm): an option, not the
+# default, which stays the first generator's flat -550..-300 HU: with the real densities the quick start's 128 px
+# classifier learns far less (test AUC 0.79 -> 0.75, TPR 0.43 -> 0.10; bundle/docs/segmentation_choices.md)
+REAL_GGO_HU = (-800.0, -550.0)
+REAL_GGO_TEXTURE_HU = 50.0
 GGO_TEXTURE_MM = 1.5
 SMALL_MARK_P = 0.3  # share of cases with a < 3 mm mark, as LIDC readers also marked those
 
@@ -100,6 +102,8 @@ class SyntheticSource:
         nodule_types_p: tuple[float, float, float] = (0.65, 0.15, 0.2),
         vessel_radius_mm: tuple[float, float] = (4.5, 5.5),
         min_vessel_radius_mm: float = 0.5,
+        ggo_hu: tuple[float, float] = (-550.0, -300.0),
+        ggo_texture_hu: float = 0.0,
     ) -> None:
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -148,6 +152,8 @@ class SyntheticSource:
         self.nodule_types_p = tuple(float(p) for p in nodule_types_p)
         self.vessel_radius_mm = (float(vessel_radius_mm[0]), float(vessel_radius_mm[1]))
         self.min_vessel_radius_mm = float(min_vessel_radius_mm)
+        self.ggo_hu = (float(ggo_hu[0]), float(ggo_hu[1]))
+        self.ggo_texture_hu = float(ggo_texture_hu)
         self.margin = float(margin)
         n = int(round(self.size * margin))
         self.shape = (n, n, self.n_slices)
@@ -174,8 +180,8 @@ class SyntheticSource:
             "nodule_types_p": list(self.nodule_types_p),
             "vessel_radius_mm": list(self.vessel_radius_mm),
             "min_vessel_radius_mm": self.min_vessel_radius_mm,
-            "ggo_hu": list(GGO_HU),
-            "ggo_texture_hu": GGO_TEXTURE_HU,
+            "ggo_hu": list(self.ggo_hu),
+            "ggo_texture_hu": self.ggo_texture_hu,
         }
 
     def subjects(self) -> list[str]:
@@ -206,7 +212,7 @@ class SyntheticSource:
         hu += render_tubes(plan.airways, *self.coords) * cavity * (AIR_HU - hu)
         texture_rng = np.random.default_rng([self.seed, index, 2])
         for lesion in plan.nodules + plan.marks:
-            self._paint_lesion(hu, lesion, texture_rng, self.spacing)
+            self._paint_lesion(hu, lesion, texture_rng, self.spacing, self.ggo_texture_hu)
             lung[lesion.nodule.box()] |= lesion.nodule.masks.any(axis=0)
         if self.blur_px > 0:
             hu = ndimage.gaussian_filter(hu, (self.blur_px, self.blur_px, 0.4 * self.blur_px))
@@ -279,7 +285,7 @@ class SyntheticSource:
             masks = resample_masks(masks, shape.spacing, self.spacing)
             masks = masks[(slice(None),) + ndimage.find_objects(masks.any(axis=0).astype(np.uint8))[0]]
             kind = rng.choice(3, p=self.nodule_types_p)  # solid, part-solid, ground-glass
-            ggo_hu = rng.uniform(*GGO_HU)
+            ggo_hu = rng.uniform(*self.ggo_hu)
             solid_hu = rng.uniform(-10.0, 60.0) if kind < 2 else ggo_hu
             mode = rng.random()
             z_range = None
@@ -414,10 +420,12 @@ class SyntheticSource:
         return hu, lung, cavity
 
     @staticmethod
-    def _paint_lesion(hu: np.ndarray, lesion: _Lesion, rng: np.random.Generator, spacing) -> None:
+    def _paint_lesion(
+        hu: np.ndarray, lesion: _Lesion, rng: np.random.Generator, spacing, texture_hu: float = 0.0
+    ) -> None:
         """Blend a lesion into ``hu``: its HU follows the experts' agreement, and denser tissue stays on top.
 
-        Ground-glass (of ground-glass and part-solid nodules) gets a smooth texture of ``GGO_TEXTURE_HU``."""
+        Ground-glass (of ground-glass and part-solid nodules) gets a smooth texture of ``texture_hu``."""
         nodule = lesion.nodule
         pad = np.array([2, 2, 1])
         lo = np.maximum(np.asarray(nodule.origin) - pad, 0)
@@ -428,10 +436,10 @@ class SyntheticSource:
         agreement[inner] = nodule.masks.mean(axis=0)
         weight = ndimage.gaussian_filter(agreement, (0.5, 0.5, 0.3))
         level = np.full_like(weight, lesion.ggo_hu)
-        if lesion.ggo_hu < -300.0:  # ground-glass and part-solid nodules
+        if texture_hu > 0 and lesion.ggo_hu < -300.0:  # ground-glass and part-solid nodules
             sigma = [GGO_TEXTURE_MM / s for s in spacing]
             texture = ndimage.gaussian_filter(rng.standard_normal(weight.shape), sigma).astype(np.float32)
-            level += texture * np.float32(GGO_TEXTURE_HU / max(float(texture.std()), 1e-6))
+            level += texture * np.float32(texture_hu / max(float(texture.std()), 1e-6))
         if lesion.part_solid:
             depth = ndimage.distance_transform_edt(agreement >= 0.5)
             core = ndimage.gaussian_filter((depth > 0.5 * depth.max()).astype(np.float32), 0.7)
