@@ -54,6 +54,22 @@ def test_dots_make_nodule_slices_and_clean_slices_keep_their_distance(marked_vol
     assert json.loads(summary.read_text())["source"] == "labelled_volumes"
 
 
+def test_new_marks_make_new_slices(marked_volume, dataset):
+    """A second round on the same volume reuses its slices; new marks (a rewritten label file) are prepared anew."""
+    item, _, folder = marked_volume
+    same = WeakLabelDataset([item], transform=lambda d: d, prepared_dir=folder / "prepared", size=384, progress=False)
+    assert same.data == dataset.data and len(list((folder / "prepared").iterdir())) == 1
+    label = sitk.ReadImage(item["label"])
+    marks = sitk.GetArrayFromImage(label)
+    marks[10, 256, 256] = 1  # a stroke on a slice far from the nodule
+    relabelled = sitk.GetImageFromArray(marks)
+    relabelled.CopyInformation(label)
+    sitk.WriteImage(relabelled, item["label"])
+    again = WeakLabelDataset([item], transform=lambda d: d, prepared_dir=folder / "prepared", size=384, progress=False)
+    assert 10 in [s["slice"] for s in again.data if s["class"] == 1]
+    assert len(list((folder / "prepared").iterdir())) == 2
+
+
 def test_prepared_slices_pass_through(dataset, tmp_path):
     again = WeakLabelDataset(dataset.data, transform=lambda d: d, prepared_dir=tmp_path / "unused", progress=False)
     assert again.data == dataset.data and not (tmp_path / "unused").exists()

@@ -91,7 +91,7 @@ def dicom_series(folder: str | os.PathLike) -> tuple[Path, list[pydicom.Dataset]
     modality = {str(ds.get("Modality", "")) for ds in headers}
     if modality != {"CT"}:
         raise ScanError(f"{folder}: modality {'/'.join(sorted(modality)) or 'unknown'}, not CT")
-    parents = {files[i].parent for i in range(len(files))}
+    parents = {path.parent for path in files}
     if len(parents) > 1:
         raise ScanError(f"{folder}: the series is spread over {len(parents)} folders; put its files in one")
     if len(headers) < 2:

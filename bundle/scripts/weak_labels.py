@@ -35,6 +35,12 @@ __all__ = ["VolumeLabelSource", "is_volume_item", "prepare_weak_slices", "WeakLa
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
+def _label_version(label: str | os.PathLike) -> list[str]:
+    """A label file's path, size and modification time: marks added in MONAI Label change them."""
+    info = Path(label).stat()
+    return [str(label), str(info.st_size), str(info.st_mtime_ns)]
+
+
 def is_volume_item(item: Mapping[str, Any]) -> bool:
     """Whether a datalist item is a labelled volume (a DICOM folder or a 3-D file) rather than a prepared slice."""
     if "class" in item:
@@ -67,8 +73,8 @@ class VolumeLabelSource:
         self._cache: dict[str, CaseVolume] = {}
 
     def settings(self) -> dict:
-        """The volumes and their modification times: another set makes another dataset."""
-        return {name: [str(item["image"]), str(item["label"])] for name, item in sorted(self.items.items())}
+        """The volumes and their label files' versions: other volumes or new marks make another dataset."""
+        return {name: [str(item["image"]), *_label_version(item["label"])] for name, item in sorted(self.items.items())}
 
     def subjects(self) -> list[str]:
         return sorted(self.items)
@@ -117,7 +123,7 @@ def prepare_weak_slices(
 ) -> list[dict]:
     """Prepare the labelled volumes ``items`` into slices under ``out_dir`` with the dataset writer; return the
     datalist items of all of them (every split: the caller has already split its volumes)."""
-    summary = prepare_dataset(
+    prepare_dataset(
         VolumeLabelSource(items),
         out_dir,
         size=size,
@@ -127,7 +133,6 @@ def prepare_weak_slices(
         on_error="raise",
         progress=False,
     )
-    del summary
     datalist = json.loads((Path(out_dir) / "datalist.json").read_text())
     slices = []
     for split in SPLITS:
@@ -145,8 +150,8 @@ class WeakLabelDataset(CacheDataset):
         data: datalist items, prepared slices (with ``class``) or ``{"image": volume, "label": label volume}``
             (what MONAI Label's train task gives).
         transform: the slice transforms.
-        prepared_dir: where the slices of labelled volumes go, in a folder named after the volumes (a second run on
-            the same volumes reuses it).
+        prepared_dir: where the slices of labelled volumes go, in a folder named after the volumes and their label
+            files' versions (a second run on the same marks reuses it; new marks make a new one).
         size: slice side for the dataset writer (the training ``image_size``).
         negative_margin: clean slices keep this many slices away from any mark.
         kwargs: passed to ``CacheDataset``.
@@ -164,6 +169,7 @@ class WeakLabelDataset(CacheDataset):
         volumes = [item for item in data if is_volume_item(item)]
         slices = [dict(item) for item in data if not is_volume_item(item)]
         if volumes:
-            key = hashlib.sha1(json.dumps(sorted(str(v["image"]) for v in volumes)).encode()).hexdigest()[:12]
+            versions = sorted([str(v["image"]), *_label_version(v["label"])] for v in volumes)
+            key = hashlib.sha1(json.dumps(versions).encode()).hexdigest()[:12]
             slices += prepare_weak_slices(volumes, Path(prepared_dir) / key, size, negative_margin)
         super().__init__(data=slices, transform=transform, **kwargs)
