@@ -49,6 +49,7 @@ def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
         "image_size": args.image_size,
         "pixel_spacing_mm": None,
         "hu_window": [-1000.0, 400.0],
+        "context_mm": None,
     }
     torch.manual_seed(0)
     network = GAPClassifier(width=args.width).to(args.device).eval()
@@ -78,7 +79,9 @@ def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> di
     # one by one, on a sample of the lung slices: per-slice time, and the probabilities that set the threshold
     segmenter = inferer.segmenter
     segmenter.threshold = 2.0  # nothing positive: classification only
-    one_by_one = type(inferer)(segmenter, inferer.image_size, 1, inferer.lung_mask_fn)
+    one_by_one = type(inferer)(
+        segmenter, inferer.image_size, 1, inferer.lung_mask_fn, inferer.in_channels, inferer.context_mm
+    )
     lungs = segmenter_lungs(volume, inferer)
     sample = np.linspace(lungs[0], lungs[-1], args.sample).round().astype(int)
     timed = one_by_one.segment_scan(volume[..., sample], network)

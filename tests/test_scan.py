@@ -75,6 +75,7 @@ def settings(**changes):
         "image_size": SIZE,
         "pixel_spacing_mm": [SPACING, SPACING],
         "hu_window": [-1000.0, 400.0],
+        "context_mm": None,
     }
     return {**base, **changes}
 

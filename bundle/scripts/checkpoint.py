@@ -27,7 +27,8 @@ from .networks import GAPClassifier
 __all__ = ["TrainingRecord", "read_checkpoint", "resolve_settings", "load_checkpoint", "bundle_version"]
 
 # The settings inference needs and their defaults for a checkpoint without a record. ``pixel_spacing_mm`` is the
-# [least, largest] pixel spacing of the training slices; None: use every scan at its own spacing.
+# [least, largest] pixel spacing of the training slices; None: use every scan at its own spacing. ``context_mm`` is
+# the distance between the channels of a 2.5-D model's input (``scripts.context``); None for single slices.
 DEFAULTS: dict[str, Any] = {
     "gap_levels": 1,
     "width": 1.0,
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 384,
     "pixel_spacing_mm": None,
     "hu_window": [-1000.0, 400.0],
+    "context_mm": None,
 }
 
 
@@ -49,6 +51,19 @@ def bundle_version(bundle_root: str | os.PathLike) -> str:
         return str(json.loads(path.read_text()).get("version", "unknown"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON ({err})") from None
+
+
+def _context_mm(items: list[Mapping[str, Any]], in_channels: int) -> float | None:
+    """The one ``context_mm`` of 2.5-D training items (None for single slices)."""
+    if in_channels == 1:
+        return None
+    steps = {float(item["context_mm"]) for item in items if "context_mm" in item}
+    if len(steps) != 1:
+        raise ValueError(
+            f"a {in_channels}-channel model needs training slices prepared with one context_mm (prepare the dataset "
+            f"with --in_channels {in_channels}); these have {sorted(steps) or 'none'}"
+        )
+    return steps.pop()
 
 
 def _pixel_spacing(item: Mapping[str, Any]) -> tuple[float, float]:
@@ -64,7 +79,7 @@ class TrainingRecord:
     Args:
         network: the classifier being trained (its ``config()`` is recorded).
         datalist: the training items; their pixel spacing is ``spacing_mm`` when the dataset writer made them, else
-            read from the image headers (MONAI Label's datalists).
+            read from the image headers (MONAI Label's datalists); a 2.5-D network's ``context_mm`` is theirs.
         image_size: side of the square slices the network sees.
         hu_window: the HU window mapped to [0, 1].
         bundle_root: where ``configs/metadata.json`` gives the bundle version.
@@ -78,11 +93,13 @@ class TrainingRecord:
         hu_window: Sequence[float],
         bundle_root: str | os.PathLike = ".",
     ) -> None:
-        spacings = np.array([_pixel_spacing(item) for item in datalist], dtype=float).reshape(-1, 2)
+        items = list(datalist)
+        spacings = np.array([_pixel_spacing(item) for item in items], dtype=float).reshape(-1, 2)
         spacing = None if not spacings.size else [float(spacings.min()), float(spacings.max())]
         model = getattr(network, "module", network)
         self.record = {
             **model.config(),
+            "context_mm": _context_mm(items, model.config()["in_channels"]),
             "image_size": int(image_size),
             "pixel_spacing_mm": spacing,
             "hu_window": [float(hu_window[0]), float(hu_window[1])],
@@ -121,7 +138,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 
 def _same(key: str, given: Any, recorded: Any) -> bool:
-    if key in ("width", "hu_window", "pixel_spacing_mm"):
+    if key in ("width", "hu_window", "pixel_spacing_mm", "context_mm"):
         if given is None or recorded is None:
             return given is None and recorded is None
         return bool(np.allclose(np.asarray(given, float), np.asarray(recorded, float), rtol=1e-6, atol=1e-9))
@@ -135,7 +152,7 @@ def resolve_settings(path: str | os.PathLike, **given: Any) -> dict[str, Any]:
         path: the checkpoint. When it does not exist (yet), the given values and the defaults are returned, so that
             a config can be parsed without weights (``verify_net_in_out``); loading the weights then fails clearly.
         given: ``gap_levels``, ``width``, ``in_channels``, ``head_channels``, ``batch_norm``, ``image_size``,
-            ``pixel_spacing_mm``, ``hu_window``; None means "as recorded".
+            ``pixel_spacing_mm``, ``hu_window``, ``context_mm``; None means "as recorded".
 
     Raises:
         ValueError: a given value contradicts the record (naming the file, the key and both values), or an unknown

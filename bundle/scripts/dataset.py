@@ -2,7 +2,9 @@
 
 Layout under ``out_dir``::
 
-    images/<subject>_<slice>.nii.gz   int16 HU, (rows, cols), pixel spacing in the header
+    images/<subject>_<slice>.nii.gz   int16 HU, (rows, cols), pixel spacing in the header; with ``in_channels > 1``
+                                      (2.5-D) (rows, cols, in_channels): the slice and its neighbours at
+                                      ``context_mm`` steps (``scripts.context``), the step as the third spacing
     labels/<subject>_<slice>.nii.gz   uint8, 1 = nodule (STAPLE of the experts), empty for negatives
     lungs/<subject>_<slice>.nii.gz    uint8 lung mask of the slice (for keeping candidates inside the lungs)
     datalist.json                     {"training": [...], "validation": [...], "test": [...]}
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 from .atomic import read_json, write_atomically, write_json
 from .cases import CaseAnnotations, CaseSource, CaseVolume
+from .context import DEFAULT_CONTEXT_MM, stack_context
 from .crop import crop, crop_window
 from .labels import consensus_mask, slice_classes, slice_label
 from .lung_mask import segment_lungs
@@ -56,6 +59,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
 STATE_DIR = ".state"
 AIR_HU = -1000
+# settings added since the first datasets were written, with the value those datasets were written with
+LATER_SETTINGS = {"in_channels": 1, "context_mm": None}
 
 
 @dataclass
@@ -69,8 +74,10 @@ class SlicePlan:
 
 
 def write_nifti(array: np.ndarray, spacing: Iterable[float], path: Path) -> None:
-    """Write a 2-D slice as NIfTI with its pixel spacing, atomically (temporary name, then rename)."""
-    affine = np.diag([*[float(s) for s in spacing], 1.0, 1.0])
+    """Write a 2-D slice (or a slice's channels, ``(rows, cols, channels)``) as NIfTI with its spacing (``(row,
+    col[, channel step])``), atomically (temporary name, then rename)."""
+    spacing = [float(s) for s in spacing]
+    affine = np.diag([*spacing, *[1.0] * (4 - len(spacing))])
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
     write_atomically(path, lambda tmp: nib.save(image, tmp))
@@ -194,7 +201,15 @@ def _stem(subject: str, slice_index: int) -> str:
     return f"{subject}_{slice_index:04d}"
 
 
-def _write_subject(case: CaseVolume, plan: SlicePlan, out_dir: Path, size: int, min_experts: int) -> list[dict]:
+def _write_subject(
+    case: CaseVolume,
+    plan: SlicePlan,
+    out_dir: Path,
+    size: int,
+    min_experts: int,
+    in_channels: int = 1,
+    context_mm: float | None = None,
+) -> list[dict]:
     """Crop, label and write one subject's planned slices; return their datalist items."""
     _check_volume(case)
     a = case.annotations
@@ -212,8 +227,10 @@ def _write_subject(case: CaseVolume, plan: SlicePlan, out_dir: Path, size: int, 
         members = classes.nodules[slice_index] if positive else []
         label = slice_label(a, classes, consensus, slice_index) if positive else np.zeros(a.shape[:2], dtype=bool)
         stem = _stem(a.subject, slice_index)
-        hu = np.clip(np.rint(case.hu[..., slice_index]), -32768, 32767).astype(np.int16)
-        write_nifti(crop(hu, corner, size, AIR_HU), a.spacing[:2], out_dir / "images" / f"{stem}.nii.gz")
+        channels = stack_context(case.hu, [slice_index], in_channels, a.spacing[2], context_mm)[..., 0, :]
+        hu = np.clip(np.rint(channels if in_channels > 1 else channels[..., 0]), -32768, 32767).astype(np.int16)
+        image_spacing = [*a.spacing[:2], context_mm] if in_channels > 1 else a.spacing[:2]
+        write_nifti(crop(hu, corner, size, AIR_HU), image_spacing, out_dir / "images" / f"{stem}.nii.gz")
         write_nifti(crop(label.astype(np.uint8), corner, size, 0), a.spacing[:2], out_dir / "labels" / f"{stem}.nii.gz")
         lung = crop(lungs[..., slice_index].astype(np.uint8), corner, size, 0)
         write_nifti(lung, a.spacing[:2], out_dir / "lungs" / f"{stem}.nii.gz")
@@ -230,6 +247,8 @@ def _write_subject(case: CaseVolume, plan: SlicePlan, out_dir: Path, size: int, 
                 "label_pixels": int(label.sum()),
                 "crop_origin": [int(corner[0]), int(corner[1])],
                 "spacing_mm": [float(a.spacing[0]), float(a.spacing[1])],
+                "in_channels": int(in_channels),
+                **({"context_mm": float(context_mm)} if in_channels > 1 else {}),
             }
         )
     return items
@@ -240,11 +259,21 @@ def _failure_message(subject: str, error: Exception) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, size: int, min_experts: int) -> dict:
+def _prepare_subject(
+    source: CaseSource,
+    plan: SlicePlan,
+    *,
+    out_dir: Path,
+    size: int,
+    min_experts: int,
+    in_channels: int = 1,
+    context_mm: float | None = None,
+) -> dict:
     """Worker: load and write one subject; its record lands in ``.state/`` only when every slice is written."""
     record_path = out_dir / STATE_DIR / f"{plan.subject}.json"
     try:
-        items = _write_subject(source.load(plan.subject), plan, out_dir, size, min_experts)
+        case = source.load(plan.subject)
+        items = _write_subject(case, plan, out_dir, size, min_experts, in_channels, context_mm)
     except Exception as error:  # a bad scan is reported by subject and skipped; the caller decides to raise
         for folder in ("images", "labels", "lungs"):
             for path in (out_dir / folder).glob(f"{plan.subject}_*.nii.gz"):
@@ -267,7 +296,7 @@ def _check_output(out_dir: Path, settings: dict) -> bool:
         raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
     settings_path = out_dir / STATE_DIR / "settings.json"
     if settings_path.exists():
-        earlier = read_json(settings_path)
+        earlier = {**LATER_SETTINGS, **read_json(settings_path)}
         if earlier != settings:
             changed = sorted(k for k in settings if earlier.get(k) != settings[k])
             raise ValueError(f"output {out_dir} holds a dataset prepared with other settings ({', '.join(changed)})")
@@ -305,6 +334,8 @@ def prepare_dataset(
     min_experts: int = 2,
     negative_sampling: str = "random",
     progress: bool = True,
+    in_channels: int = 1,
+    context_mm: float = DEFAULT_CONTEXT_MM,
 ) -> dict:
     """Prepare ``source`` into ``out_dir`` in the dataset format above; resume an interrupted run.
 
@@ -323,6 +354,9 @@ def prepare_dataset(
         negative_sampling: ``"random"`` (the paper) or ``"matched"`` to the positives' slice heights (see
             ``plan_dataset``).
         progress: show progress bars.
+        in_channels: channels of each image: 1, the slice alone (the paper), or 3 (2.5-D), the slice with its
+            neighbours at ``context_mm`` above and below (``scripts.context``).
+        context_mm: distance between the channels of a 2.5-D image.
 
     Returns:
         the dataset summary, also written to ``dataset_summary.json``.
@@ -331,6 +365,8 @@ def prepare_dataset(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if size < 32:
         raise ValueError(f"crop size {size} is too small (minimum 32)")
+    context_mm = float(context_mm) if in_channels > 1 else None
+    stack_context(np.zeros((1, 1, 1)), [0], in_channels, 1.0, context_mm)  # refuses an even count or no step
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     subjects = source.subjects()
@@ -346,6 +382,8 @@ def prepare_dataset(
         "seed": seed,
         "min_experts": min_experts,
         "negative_sampling": negative_sampling,
+        "in_channels": int(in_channels),
+        "context_mm": context_mm,
     }
     resuming = _check_output(out_dir, settings)
     finished = _finished_summary(out_dir, settings) if resuming else None
@@ -404,7 +442,13 @@ def _prepare(
         total=len(plans), initial=len(records), desc=f"prepare {source.name}", unit="subject", disable=not progress
     )
     work = partial(
-        _prepare_subject, source, out_dir=out_dir, size=settings["size"], min_experts=settings["min_experts"]
+        _prepare_subject,
+        source,
+        out_dir=out_dir,
+        size=settings["size"],
+        min_experts=settings["min_experts"],
+        in_channels=settings["in_channels"],
+        context_mm=settings["context_mm"],
     )
     with bar:
         for record in _results(work, todo, workers):
@@ -450,6 +494,8 @@ def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures:
         "negative_ratio": settings["negative_ratio"],
         "negative_margin": settings["negative_margin"],
         "negative_sampling": settings["negative_sampling"],
+        "in_channels": settings["in_channels"],
+        "context_mm": settings["context_mm"],
         "subjects": {s: sorted(p.subject for p in plans if p.split == s and p.subject in records) for s in SPLITS},
         "slices": {
             s: {"with_nodule": sum(i["class"] for i in items), "without_nodule": sum(1 - i["class"] for i in items)}

@@ -397,7 +397,7 @@ class PredictionWriter:
             )
             save_panel(
                 self.output_dir / "panels" / f"{stem}.png",
-                np.asarray(src.dataobj, dtype=np.float32),
+                _slice_itself(np.asarray(src.dataobj, dtype=np.float32)),
                 nam,
                 _unpack(entry["scope"]).astype(int),
                 _unpack(entry["candidates"]).astype(int),
@@ -461,10 +461,16 @@ def _ground_truth(value: Any, fallback: Any, source_image: Any) -> np.ndarray | 
     return None
 
 
+def _slice_itself(image: np.ndarray) -> np.ndarray:
+    """The slice of a slice file: the file itself, or the centre channel of a 2.5-D one ``(H, W, C)``."""
+    return image[..., image.shape[2] // 2] if image.ndim == 3 else image
+
+
 def _plane(value: Any, shape: tuple[int, ...], source: str) -> np.ndarray:
-    """A ``(1, H, W)`` tensor as an ``(H, W)`` array of the source image's shape."""
+    """A ``(1, H, W)`` tensor as an ``(H, W)`` array of the source image's shape (``(H, W)``, or ``(H, W, C)`` for
+    a 2.5-D slice)."""
     array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
     array = array.reshape(array.shape[-2:]) if array.ndim == 3 and array.shape[0] == 1 else array
-    if array.shape != tuple(shape[:2]) or len(shape) != 2:
+    if array.shape != tuple(shape[:2]) or len(shape) not in (2, 3):
         raise ValueError(f"{source}: prediction shape {array.shape} differs from the image shape {tuple(shape)}")
     return array

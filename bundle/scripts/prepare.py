@@ -8,6 +8,7 @@ from typing import Any
 
 import fire
 
+from .context import DEFAULT_CONTEXT_MM
 from .dataset import prepare_dataset
 
 __all__ = ["synthetic", "lidc", "scans"]
@@ -21,6 +22,8 @@ def synthetic(
     negative_ratio: float = 1.0,
     negative_sampling: str = "random",
     workers: int = 2,
+    in_channels: int = 1,
+    context_mm: float = DEFAULT_CONTEXT_MM,
     **source_options: Any,
 ) -> dict:
     """Generate synthetic chest CT cases (no download) and prepare them.
@@ -33,6 +36,8 @@ def synthetic(
         negative_ratio: slices without nodule per slice with nodule.
         negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
         workers: processes.
+        in_channels: 1 (single slices, the paper) or 3 (2.5-D: each slice with its neighbours, ``scripts.context``).
+        context_mm: distance between the channels of a 2.5-D slice.
         source_options: further :class:`scripts.synthetic.SyntheticSource` arguments, e.g. the quick start's
             ``--min_diameter_mm 10 --vessel_radius_mm "(2.5, 3.5)"``.
     """
@@ -47,6 +52,8 @@ def synthetic(
         negative_sampling=negative_sampling,
         seed=seed,
         workers=workers,
+        in_channels=in_channels,
+        context_mm=context_mm,
     )
     return _report(summary)
 
@@ -61,6 +68,8 @@ def lidc(
     negative_sampling: str = "random",
     seed: int = 0,
     patients: list[str] | str | None = None,
+    in_channels: int = 1,
+    context_mm: float = DEFAULT_CONTEXT_MM,
 ) -> dict:
     """Prepare LIDC-IDRI scans read through pylidc; a scan that fails is reported and skipped, reruns resume.
 
@@ -74,6 +83,8 @@ def lidc(
         negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
         seed: seeds the split and the negative draw.
         patients: restrict to these patient ids (comma-separated or a list).
+        in_channels: 1 (single slices, the paper) or 3 (2.5-D: each slice with its neighbours, ``scripts.context``).
+        context_mm: distance between the channels of a 2.5-D slice.
     """
     from .lidc import LidcSource
 
@@ -90,6 +101,8 @@ def lidc(
         seed=seed,
         workers=workers,
         on_error="skip",
+        in_channels=in_channels,
+        context_mm=context_mm,
     )
     return _report(summary)
 

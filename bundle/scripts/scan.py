@@ -7,7 +7,8 @@ the way the dataset writer prepared the training slices and puts the results bac
 1. lungs: the 3-D lung mask of the scan (``scripts.lung_mask.segment_lungs``, as the writer does);
 2. crop: one ``image_size`` window per scan centred on the lungs (``scripts.crop``, the writer's rule);
 3. classify: the slices that hold lung, in batches of ``batch_size``, one forward per batch (slices without lung
-   are not sent through the network);
+   are not sent through the network); a 2.5-D model gets each slice with its neighbours (``scripts.context``, the
+   writer's rule);
 4. segment: only the slices called "nodule" go through scope, ICM and R-NAM (``WeaklySupervisedSegmenter``);
 5. assemble: each slice's mask pasted back into the volume.
 """
@@ -24,6 +25,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from .context import stack_context
 from .crop import crop, crop_window, uncrop
 from .lung_mask import segment_lungs
 from .read import ScanError
@@ -64,6 +66,8 @@ class ScanSegmenter(Inferer):
         image_size: side of the square window the classifier was trained on (its checkpoint record).
         batch_size: slices per classifier forward.
         lung_mask_fn: ``f(hu (rows, cols, slices), spacing (row, col, slice)) -> bool`` lungs of the volume.
+        in_channels: the classifier's input channels (its checkpoint record): 1, or 3 for a 2.5-D model.
+        context_mm: a 2.5-D model's distance between its input channels (its checkpoint record).
     """
 
     def __init__(
@@ -72,13 +76,18 @@ class ScanSegmenter(Inferer):
         image_size: int = 384,
         batch_size: int = 8,
         lung_mask_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray] = segment_lungs,
+        in_channels: int = 1,
+        context_mm: float | None = None,
     ) -> None:
         if batch_size < 1 or image_size < 16:
             raise ValueError(f"batch_size must be >= 1 and image_size >= 16, got {batch_size} and {image_size}")
+        stack_context(np.zeros((1, 1, 1)), [0], in_channels, 1.0, context_mm)  # refuses a 2.5-D model without a step
         self.segmenter = segmenter
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.lung_mask_fn = lung_mask_fn
+        self.in_channels = int(in_channels)
+        self.context_mm = context_mm
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``(1, 3, rows, cols, slices)``: the mask, each slice's probability and the lungs (``OUTPUT_CHANNELS``)
@@ -108,7 +117,7 @@ class ScanSegmenter(Inferer):
         rows, cols, n_slices = window.shape
         corner = crop_window(lungs, self.image_size)
         with_lung = np.flatnonzero(lungs.any(axis=(0, 1)))
-        images = crop(window[..., with_lung], corner, self.image_size, 0.0)  # 0 = -1000 HU, the writer's air
+        images = crop(window, corner, self.image_size, 0.0)  # 0 = -1000 HU, the writer's air
         lung_windows = crop(lungs[..., with_lung], corner, self.image_size, False)
         seconds["crop"] = time.perf_counter() - clock
 
@@ -119,7 +128,8 @@ class ScanSegmenter(Inferer):
         for start in range(0, len(with_lung), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             clock = time.perf_counter()
-            batch = torch.as_tensor(np.moveaxis(images[..., chunk], -1, 0)[:, None].copy(), device=device)
+            inputs = stack_context(images, with_lung[chunk], self.in_channels, spacing[2], self.context_mm)
+            batch = torch.as_tensor(np.ascontiguousarray(inputs.transpose(2, 3, 0, 1)), device=device)
             probs, nams, multi_nams = self.segmenter.classify(batch, network)
             seconds["classify"] += time.perf_counter() - clock
             clock = time.perf_counter()

@@ -214,6 +214,13 @@ class WeaklySupervisedSegmenter(Inferer):
         """
         self._check_inputs(inputs)
         network = getattr(network, "module", network)  # DistributedDataParallel wraps the classifier
+        for name, model in (("classifier", network), ("multi-GAP classifier", self.multi_gap_network)):
+            channels = getattr(model, "in_channels", inputs.shape[1])
+            if channels != inputs.shape[1]:
+                raise ValueError(
+                    f"the {name} takes {channels} input channel(s), the slices have {inputs.shape[1]}: the 1-GAP "
+                    "and the multi-GAP models must be trained on the same slices (single or 2.5-D)"
+                )
         amp = self.amp and inputs.is_cuda
         with torch.no_grad():
             with torch.autocast("cuda", enabled=amp):
@@ -287,7 +294,7 @@ class WeaklySupervisedSegmenter(Inferer):
         result.scopes = scopes
 
         lo, hi = self.intensity_range
-        hu = lo + image[0].float().cpu().numpy().astype(np.float64) * (hi - lo)
+        hu = lo + image[image.shape[0] // 2].float().cpu().numpy().astype(np.float64) * (hi - lo)  # the slice itself
         if lung_mask is None and self.lung_mask_fn is not None:
             lung_mask = np.asarray(self.lung_mask_fn(hu, spacing), bool)
         if lung_mask is not None and lung_mask.shape != shape:

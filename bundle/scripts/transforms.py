@@ -33,23 +33,36 @@ class CheckSliced(MapTransform):
         keys: the image key.
         spatial_size: the model's slice side (its checkpoint record); None: any.
         pixel_spacing_range: ``[least, largest]`` pixel spacing (mm) of the training slices; None: any.
+        channels: the model's input channels: 1, or 3 for 2.5-D slices (``scripts.context``).
     """
 
     def __init__(
-        self, keys: str = "image", spatial_size: int | None = None, pixel_spacing_range: list | None = None
+        self,
+        keys: str = "image",
+        spatial_size: int | None = None,
+        pixel_spacing_range: list | None = None,
+        channels: int = 1,
     ) -> None:
         super().__init__(keys)
         self.spatial_size = spatial_size
         self.pixel_spacing_range = pixel_spacing_range
+        self.channels = int(channels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
             name = getattr(image, "meta", {}).get("filename_or_obj", key)
-            if image.ndim != 3 or image.shape[0] != 1:
-                shape = tuple(image.shape[1:]) if image.ndim > 1 else tuple(image.shape)
-                raise ValueError(f"{name}: expected a 2-D slice with one channel, got an image of shape {shape}")
+            if image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] in (3, 5) and self.channels == 1:
+                raise ValueError(
+                    f"{name}: a {image.shape[-1]}-channel (2.5-D) slice, but the model takes one channel: train the "
+                    f"classifier with in_channels {image.shape[-1]}, infer with a 2.5-D model, or prepare single slices "
+                    "(the U-Net takes those only)"
+                )
+            if image.ndim != 3 or image.shape[0] != self.channels:
+                shape = tuple(image.shape[1:]) if image.ndim > 1 and self.channels == 1 else tuple(image.shape)
+                what = "one channel" if self.channels == 1 else f"{self.channels} channels (2.5-D)"
+                raise ValueError(f"{name}: expected a 2-D slice with {what}, got an image of shape {shape}")
             if image.dtype == torch.bool or image.is_complex():
                 raise ValueError(f"{name}: expected CT values in HU, got data of type {image.dtype}")
             if not torch.isfinite(torch.as_tensor(image)).all():
@@ -99,9 +112,12 @@ def nam_overlay(
 ) -> np.ndarray:
     """RGB picture ``(3, H, W)`` in [0, 1] of a NAM blended over its image, both ``(1, H, W)`` or ``(H, W)``.
 
-    The image and a copy of the NAM are min-max scaled for display only; the NAM itself stays raw.
+    The image and a copy of the NAM are min-max scaled for display only; the NAM itself stays raw. A 2.5-D image
+    ``(C, H, W)`` shows its centre channel, the slice itself.
     """
     image_t = torch.as_tensor(image, dtype=torch.float32).cpu()
+    if image_t.ndim == 3 and image_t.shape[0] > 1:
+        image_t = image_t[image_t.shape[0] // 2 : image_t.shape[0] // 2 + 1]
     nam_t = torch.as_tensor(nam, dtype=torch.float32).cpu()
     if image_t.ndim == 2:
         image_t = image_t[None]

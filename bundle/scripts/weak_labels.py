@@ -26,6 +26,7 @@ from monai.transforms import Compose, Orientationd
 from scipy import ndimage
 
 from .cases import CaseAnnotations, CaseVolume, Nodule
+from .context import DEFAULT_CONTEXT_MM
 from .dataset import SPLITS, prepare_dataset
 from .orient import AXIAL_AXCODES
 from .read import CheckScand, LoadScand, ScanError, scan_name
@@ -120,6 +121,8 @@ def prepare_weak_slices(
     size: int = 384,
     negative_margin: int = 2,
     seed: int = 0,
+    in_channels: int = 1,
+    context_mm: float = DEFAULT_CONTEXT_MM,
 ) -> list[dict]:
     """Prepare the labelled volumes ``items`` into slices under ``out_dir`` with the dataset writer; return the
     datalist items of all of them (every split: the caller has already split its volumes)."""
@@ -132,6 +135,8 @@ def prepare_weak_slices(
         min_experts=1,
         on_error="raise",
         progress=False,
+        in_channels=in_channels,
+        context_mm=context_mm,
     )
     datalist = json.loads((Path(out_dir) / "datalist.json").read_text())
     slices = []
@@ -154,6 +159,8 @@ class WeakLabelDataset(CacheDataset):
             files' versions (a second run on the same marks reuses it; new marks make a new one).
         size: slice side for the dataset writer (the training ``image_size``).
         negative_margin: clean slices keep this many slices away from any mark.
+        in_channels: the network's input channels; 3 makes 2.5-D slices (``scripts.context``) of labelled volumes.
+        context_mm: distance between the channels of a 2.5-D slice.
         kwargs: passed to ``CacheDataset``.
     """
 
@@ -164,12 +171,17 @@ class WeakLabelDataset(CacheDataset):
         prepared_dir: str | os.PathLike,
         size: int = 384,
         negative_margin: int = 2,
+        in_channels: int = 1,
+        context_mm: float = DEFAULT_CONTEXT_MM,
         **kwargs: Any,
     ) -> None:
         volumes = [item for item in data if is_volume_item(item)]
         slices = [dict(item) for item in data if not is_volume_item(item)]
         if volumes:
             versions = sorted([str(v["image"]), *_label_version(v["label"])] for v in volumes)
+            versions.append([in_channels, context_mm if in_channels > 1 else None])
             key = hashlib.sha1(json.dumps(versions).encode()).hexdigest()[:12]
-            slices += prepare_weak_slices(volumes, Path(prepared_dir) / key, size, negative_margin)
+            slices += prepare_weak_slices(
+                volumes, Path(prepared_dir) / key, size, negative_margin, in_channels=in_channels, context_mm=context_mm
+            )
         super().__init__(data=slices, transform=transform, **kwargs)
