@@ -1,9 +1,9 @@
 """Does the classifier look at the nodule? Where the NAM peaks on the nodule slices of a prepared split.
 
 Usage: ``python bench/nam_localisation.py DATASET_DIR PREDICTIONS_DIR [--tolerance_px 8] [--name quickstart]``,
-where PREDICTIONS_DIR is an ``inference_slices.json`` output (it holds ``nams/``). Prints the share of nodule slices whose
-NAM maximum lies inside the ground truth and within ``tolerance_px`` of it, next to chance (the share of lung pixels
-within that distance), and writes ``bench/results/nam_localisation_<name>.json``.
+where PREDICTIONS_DIR is an ``inference_slices.json`` output (it holds ``nams/``). Prints the share of nodule slices
+whose NAM maximum lies inside the ground truth and within ``tolerance_px`` of it, next to chance (the share of lung
+pixels within that distance), and writes ``bench/results/nam_localisation_<name>.json``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from known_response import InputRecorder
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.checkpoint import read_checkpoint
 from scripts.context import centre_channel, context_offsets, stack_context
@@ -199,21 +200,6 @@ def test_inference_on_a_scan_with_a_2_5_d_model(trained, tmp_path):
     assert len(slices) == scan.shape[2] + 1
 
 
-class _Recorder(torch.nn.Module):
-    """A 3-channel 'classifier' that records its inputs and calls every slice clean."""
-
-    in_channels = 3
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def forward_with_nam(self, x):
-        self.seen.append(x.clone())
-        logits = torch.stack([torch.zeros(len(x)), torch.full((len(x),), -20.0)], dim=1)
-        return logits, torch.zeros_like(x[:, :1])
-
-
 def test_the_scan_path_feeds_what_the_dataset_writer_wrote(datasets, tmp_path):
     """The 2.5-D inputs the scan inference builds equal the prepared 2.5-D training slices, pixel for pixel."""
     source, root = datasets
@@ -226,7 +212,7 @@ def test_the_scan_path_feeds_what_the_dataset_writer_wrote(datasets, tmp_path):
     settings.update(image_size=SIZE, pixel_spacing_mm=None, hu_window=[-1000.0, 400.0], context_mm=2.5)
     parser.update({"bundle_root": str(REPO / "bundle"), "model_settings": settings})
     volume = parser.get_parsed_content("preprocessing")({"image": str(folder / f"{item['subject']}.nii.gz")})["image"]
-    recorder = _Recorder()
+    recorder = InputRecorder(3)
     inferer = parser.get_parsed_content("inferer")
     assert inferer.in_channels == 3 and inferer.context_mm == 2.5
     result = inferer.segment_scan(volume, recorder)

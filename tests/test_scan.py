@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from known_response import SpotNet
+from known_response import InputRecorder, SpotNet
 from monai.bundle import ConfigParser
 from scripts.crop import crop_window
 from scripts.lung_mask import segment_lungs
@@ -231,19 +231,6 @@ def test_batched_and_one_by_one_classification_give_the_same_masks(spot_run, lid
     np.testing.assert_allclose(results[0].probability, results[1].probability, atol=1e-5)
 
 
-class _Recorder(torch.nn.Module):
-    """Calls every slice clean, and keeps what it was shown."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def forward_with_nam(self, x):
-        self.seen.append(x.clone())
-        logits = torch.stack([torch.zeros(len(x)), torch.full((len(x),), -20.0)], dim=1)
-        return logits, torch.zeros_like(x[:, :1])
-
-
 def test_the_classifier_sees_what_the_dataset_writer_wrote_for_training(bundle_root, lidc_root, tmp_path):
     """Orientation, lung crop and HU window of the scan path equal the LIDC preparation's, pixel for pixel."""
     import nibabel as nib
@@ -260,7 +247,7 @@ def test_the_classifier_sees_what_the_dataset_writer_wrote_for_training(bundle_r
     assert len(items) > 10
     parser = parse(bundle_root, model_settings=settings(image_size=384, pixel_spacing_mm=None))
     volume = parser.get_parsed_content("preprocessing")({"image": str(lidc_root / "LIDC-IDRI-0001")})["image"]
-    recorder = _Recorder()
+    recorder = InputRecorder()
     result = ScanSegmenter(WeaklySupervisedSegmenter(), 384, 16).segment_scan(volume, recorder)
     with_lung = np.flatnonzero(result.lungs.any(axis=(0, 1)))
     seen = dict(zip(with_lung.tolist(), torch.cat(recorder.seen)[:, 0].numpy()))

@@ -55,9 +55,9 @@ class CheckSliced(MapTransform):
             name = getattr(image, "meta", {}).get("filename_or_obj", key)
             if image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] in (3, 5) and self.channels == 1:
                 raise ValueError(
-                    f"{name}: a {image.shape[-1]}-channel (2.5-D) slice, but the model takes one channel: train the "
-                    f"classifier with in_channels {image.shape[-1]}, infer with a 2.5-D model, or prepare single slices "
-                    "(the U-Net takes those only)"
+                    f"{name}: a {image.shape[-1]}-channel (2.5-D) slice, but the model takes one channel: train "
+                    f"the classifier with in_channels {image.shape[-1]}, infer with a 2.5-D model, or prepare single "
+                    "slices (the U-Net takes those only)"
                 )
             if image.ndim != 3 or image.shape[0] != self.channels:
                 shape = tuple(image.shape[1:]) if image.ndim > 1 and self.channels == 1 else tuple(image.shape)
