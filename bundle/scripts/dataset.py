@@ -259,21 +259,12 @@ def _failure_message(subject: str, error: Exception) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-def _prepare_subject(
-    source: CaseSource,
-    plan: SlicePlan,
-    *,
-    out_dir: Path,
-    size: int,
-    min_experts: int,
-    in_channels: int = 1,
-    context_mm: float | None = None,
-) -> dict:
-    """Worker: load and write one subject; its record lands in ``.state/`` only when every slice is written."""
+def _prepare_subject(source: CaseSource, plan: SlicePlan, *, out_dir: Path, **options: Any) -> dict:
+    """Worker: load and write one subject (``options``: ``_write_subject``'s); its record lands in ``.state/`` only
+    when every slice is written."""
     record_path = out_dir / STATE_DIR / f"{plan.subject}.json"
     try:
-        case = source.load(plan.subject)
-        items = _write_subject(case, plan, out_dir, size, min_experts, in_channels, context_mm)
+        items = _write_subject(source.load(plan.subject), plan, out_dir, **options)
     except Exception as error:  # a bad scan is reported by subject and skipped; the caller decides to raise
         for folder in ("images", "labels", "lungs"):
             for path in (out_dir / folder).glob(f"{plan.subject}_*.nii.gz"):
