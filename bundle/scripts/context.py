@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_CONTEXT_MM", "centre_channel", "context_offsets", "stack_context"]
+__all__ = ["DEFAULT_CONTEXT_MM", "centre_channel", "check_context", "context_offsets", "stack_context"]
 
 # The distance between the channels of a 2.5-D input by default: the synthetic source's slice spacing and the most
 # common one in LIDC-IDRI (so that the neighbours are the adjacent slices there, with no interpolation).
@@ -30,6 +30,13 @@ def context_offsets(in_channels: int) -> np.ndarray:
         raise ValueError(f"in_channels must be odd (the slice and as many neighbours on each side), got {in_channels}")
     k = (in_channels - 1) // 2
     return np.arange(-k, k + 1, dtype=float)
+
+
+def check_context(in_channels: int, context_mm: float | None) -> None:
+    """Refuse an even channel count, or a 2.5-D input without a positive ``context_mm``."""
+    context_offsets(in_channels)
+    if in_channels > 1 and (context_mm is None or not context_mm > 0):
+        raise ValueError(f"a {in_channels}-channel (2.5-D) input needs context_mm > 0, got context_mm={context_mm}")
 
 
 def centre_channel(in_channels: int) -> int:
@@ -58,14 +65,12 @@ def stack_context(
     if volume.ndim != 3:
         raise ValueError(f"stack_context expects a volume (rows, cols, slices), got shape {volume.shape}")
     slices = np.asarray(slices, dtype=int).reshape(-1)
-    offsets = context_offsets(in_channels)
+    check_context(in_channels, context_mm)
     if in_channels == 1:
         return volume[..., slices][..., None]
-    if context_mm is None or not context_mm > 0 or not slice_spacing_mm > 0:
-        raise ValueError(
-            f"a {in_channels}-channel (2.5-D) input needs context_mm > 0 and a slice spacing > 0, got context_mm="
-            f"{context_mm} and slice spacing {slice_spacing_mm}"
-        )
+    if not slice_spacing_mm > 0:
+        raise ValueError(f"a {in_channels}-channel (2.5-D) input needs a slice spacing > 0, got {slice_spacing_mm}")
+    offsets = context_offsets(in_channels)
     last = volume.shape[2] - 1
     positions = np.clip(slices[:, None] + offsets[None] * (context_mm / slice_spacing_mm), 0, last)
     below = np.floor(positions).astype(int)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .atomic import read_json, write_atomically, write_json
 from .cases import CaseAnnotations, CaseSource, CaseVolume
-from .context import DEFAULT_CONTEXT_MM, stack_context
+from .context import DEFAULT_CONTEXT_MM, check_context, stack_context
 from .crop import crop, crop_window
 from .labels import consensus_mask, slice_classes, slice_label
 from .lung_mask import segment_lungs
@@ -357,7 +357,7 @@ def prepare_dataset(
     if size < 32:
         raise ValueError(f"crop size {size} is too small (minimum 32)")
     context_mm = float(context_mm) if in_channels > 1 else None
-    stack_context(np.zeros((1, 1, 1)), [0], in_channels, 1.0, context_mm)  # refuses an even count or no step
+    check_context(in_channels, context_mm)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     subjects = source.subjects()

@@ -25,6 +25,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from .atomic import write_atomically, write_json
+from .context import centre_channel
 from .dataset import slice_stem
 from .segmenter import WeaklySupervisedSegmenter
 
@@ -463,7 +464,7 @@ def _ground_truth(value: Any, fallback: Any, source_image: Any) -> np.ndarray | 
 
 def _slice_itself(image: np.ndarray) -> np.ndarray:
     """The slice of a slice file: the file itself, or the centre channel of a 2.5-D one ``(H, W, C)``."""
-    return image[..., image.shape[2] // 2] if image.ndim == 3 else image
+    return image[..., centre_channel(image.shape[2])] if image.ndim == 3 else image
 
 
 def _plane(value: Any, shape: tuple[int, ...], source: str) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from .context import stack_context
+from .context import check_context, stack_context
 from .crop import crop, crop_window, uncrop
 from .lung_mask import segment_lungs
 from .read import ScanError
@@ -81,7 +81,7 @@ class ScanSegmenter(Inferer):
     ) -> None:
         if batch_size < 1 or image_size < 16:
             raise ValueError(f"batch_size must be >= 1 and image_size >= 16, got {batch_size} and {image_size}")
-        stack_context(np.zeros((1, 1, 1)), [0], in_channels, 1.0, context_mm)  # refuses a 2.5-D model without a step
+        check_context(in_channels, context_mm)
         self.segmenter = segmenter
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)

@@ -27,6 +27,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from .candidates import Candidate, extract_candidates, parenchyma_value
+from .context import centre_channel
 from .icm import icm_segmentation
 from .rnam import logits_and_nam, rnam_scores
 from .scope import bounding_box, refine_scope, top_scopes
@@ -294,7 +295,7 @@ class WeaklySupervisedSegmenter(Inferer):
         result.scopes = scopes
 
         lo, hi = self.intensity_range
-        hu = lo + image[image.shape[0] // 2].float().cpu().numpy().astype(np.float64) * (hi - lo)  # the slice itself
+        hu = lo + image[centre_channel(image.shape[0])].float().cpu().numpy().astype(np.float64) * (hi - lo)
         if lung_mask is None and self.lung_mask_fn is not None:
             lung_mask = np.asarray(self.lung_mask_fn(hu, spacing), bool)
         if lung_mask is not None and lung_mask.shape != shape:

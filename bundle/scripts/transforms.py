@@ -15,6 +15,8 @@ import torch
 from monai.transforms import MapTransform
 from monai.visualize import blend_images
 
+from .context import centre_channel
+
 __all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "nam_overlay"]
 
 # The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
@@ -117,7 +119,8 @@ def nam_overlay(
     """
     image_t = torch.as_tensor(image, dtype=torch.float32).cpu()
     if image_t.ndim == 3 and image_t.shape[0] > 1:
-        image_t = image_t[image_t.shape[0] // 2 : image_t.shape[0] // 2 + 1]
+        centre = centre_channel(image_t.shape[0])
+        image_t = image_t[centre : centre + 1]
     nam_t = torch.as_tensor(nam, dtype=torch.float32).cpu()
     if image_t.ndim == 2:
         image_t = image_t[None]
