@@ -132,7 +132,7 @@ class ScanSegmenter(Inferer):
             batch = torch.as_tensor(np.ascontiguousarray(inputs.transpose(2, 3, 0, 1)), device=device)
             probs, nams, multi_nams = self.segmenter.classify(batch, network)
             seconds["classify"] += time.perf_counter() - clock
-            clock = time.perf_counter()
+            clock, screened = time.perf_counter(), 0.0  # R-NAM's forwards count as "screen", not "segment"
             for b, index in enumerate(with_lung[chunk]):
                 probability[index] = probs[b]
                 if probs[b] < self.segmenter.threshold:
@@ -147,14 +147,11 @@ class ScanSegmenter(Inferer):
                     multi_nam=None if multi_nams is None else multi_nams[b],
                 )
                 slices[int(index)] = result
-                seconds["screen"] += result.screen_seconds
+                screened += result.screen_seconds
                 if result.mask.any():
                     mask[..., index] = uncrop(result.mask, corner, (rows, cols))
-            seconds["segment"] += (
-                time.perf_counter()
-                - clock
-                - sum(slices[int(i)].screen_seconds for i in with_lung[chunk] if int(i) in slices)
-            )
+            seconds["screen"] += screened
+            seconds["segment"] += time.perf_counter() - clock - screened
         clock = time.perf_counter()
         probability_volume = np.broadcast_to(probability, window.shape).astype(np.float32)
         seconds["assemble"] = time.perf_counter() - clock
