@@ -56,8 +56,11 @@ def candidates(hu: np.ndarray, scope: np.ndarray, **overrides) -> tuple[list, np
     return found, lungs
 
 
-def overlap(found, mask) -> list:
-    return [c for c in found if (c.mask & mask).any()]
+def only_hit(found, nodule):
+    """The one candidate that overlaps ``nodule`` (asserting there is exactly one)."""
+    hit = [c for c in found if (c.mask & nodule).any()]
+    assert len(hit) == 1, len(hit)
+    return hit[0]
 
 
 def test_ground_glass_becomes_a_candidate():
@@ -65,9 +68,7 @@ def test_ground_glass_becomes_a_candidate():
     nodule = disk((80, 60), 7)
     hu = paint(hu, nodule, -700.0)
     found, _ = candidates(hu, disk((80, 60), 28))
-    hit = overlap(found, nodule)
-    assert len(hit) == 1
-    area = hit[0].mask.sum() / nodule.sum()
+    area = only_hit(found, nodule).mask.sum() / nodule.sum()
     assert 0.7 <= area <= 1.3, area
 
 
@@ -76,9 +77,7 @@ def test_partial_volume_rim_does_not_grow_a_solid_nodule():
     nodule = disk((80, 55), 6)
     hu = paint(hu, nodule, 30.0, blur=1.2)
     found, _ = candidates(hu, disk((80, 55), 28))
-    hit = overlap(found, nodule)
-    assert len(hit) == 1
-    ratio = hit[0].mask.sum() / nodule.sum()
+    ratio = only_hit(found, nodule).mask.sum() / nodule.sum()
     assert 0.85 <= ratio <= 1.2, ratio
 
 
@@ -89,9 +88,7 @@ def test_juxtapleural_nodule_stays_in_the_lungs_and_the_pleura_gives_no_candidat
     hu = paint(hu, nodule, 20.0)
     found, lungs = candidates(hu, disk((80, 24), 28))
     assert lungs[nodule].mean() > 0.9
-    hit = overlap(found, nodule)
-    assert len(hit) == 1
-    assert 0.8 <= hit[0].mask.sum() / nodule.sum() <= 1.25
+    assert 0.8 <= only_hit(found, nodule).mask.sum() / nodule.sum() <= 1.25
     # a scope on the pleura elsewhere: no candidate at all
     away, _ = candidates(hu, disk((40, 30), 20))
     assert away == []
@@ -105,10 +102,9 @@ def test_attached_vessel_is_split_from_the_nodule():
     vessel = (rows == 80) & (cols > 60) & (cols < 85)
     hu = paint(hu, nodule | vessel, 30.0, blur=0.7)
     found, _ = candidates(hu, disk((80, 65), 28))
-    hit = overlap(found, nodule)
-    assert len(hit) == 1
-    assert hit[0].mask[vessel & ~ndimage.binary_dilation(nodule, iterations=3)].sum() == 0
-    assert 0.8 <= hit[0].mask.sum() / nodule.sum() <= 1.25
+    hit = only_hit(found, nodule)
+    assert hit.mask[vessel & ~ndimage.binary_dilation(nodule, iterations=3)].sum() == 0
+    assert 0.8 <= hit.mask.sum() / nodule.sum() <= 1.25
 
 
 def test_trim_and_split_helpers():
