@@ -1,11 +1,11 @@
 """Benchmark: per-slice latency of the weakly supervised segmentation, split by stage, and R-NAM cost.
 
 On a 384 x 384 chest-like phantom (bench_icm's) with a GAPClassifier (width configurable, random weights:
-timings do not depend on the weights), measures: one network forward (logits + NAM), scope, ICM,
-candidate extraction; for each number of candidates, R-NAM screening full-image one by one, full-image
-batched, cropped batched and incremental (cropped, recomputing only what each candidate changes), in
-forwards per candidate; the post-processing share of one forward; and the largest differences between the
-exact shortcuts' scores and the full-image ones. Prints a table and writes bench/results/segmentation.json.
+timings do not depend on the weights), measures: one network forward (logits + NAM), scope, ICM, candidate
+extraction (with the segmenter's default rules); for each number of candidates, R-NAM screening full-image one by
+one, full-image batched, cropped batched and incremental (cropped, recomputing only what each candidate changes), in
+forwards per candidate; the post-processing share of one forward; and the largest differences between the exact
+shortcuts' scores and the full-image ones. Prints a table and writes bench/results/segmentation.json.
 
     python bench/bench_segmentation.py [--width 1.0] [--size 384] [--candidates 4 8] [--threads 1]
 """
@@ -30,6 +30,7 @@ from scripts.lung_mask import segment_lungs  # noqa: E402
 from scripts.networks import GAPClassifier  # noqa: E402
 from scripts.rnam import crop_window, logits_and_nam, rnam_scores  # noqa: E402
 from scripts.scope import screening_scope  # noqa: E402
+from scripts.segmenter import WeaklySupervisedSegmenter  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -92,7 +93,13 @@ def main() -> None:
     t_scope, scope = timed(lambda: screening_scope(nam_np), args.repeats)
     t_lungs, lungs = timed(lambda: segment_lungs(hu, spacing), args.repeats)
     t_icm, (labels, means) = timed(lambda: icm_segmentation(hu, lungs), args.repeats)
-    t_cand, found = timed(lambda: extract_candidates(labels, means, scope, lungs, spacing, min_area_mm2=1.0), 3)
+    rule = WeaklySupervisedSegmenter()  # the segmenter's default candidate rules (phases fitted again in the scope)
+    t_cand, found = timed(
+        lambda: extract_candidates(
+            labels, means, scope, lungs, spacing, rule.dense_hu, 1.0, hu=hu, **rule.candidate_args
+        ),
+        3,
+    )
     rows, cols = np.nonzero(scope)
     window = crop_window(
         (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1), (size, size), net.nam_stride, net.nam_context_radius

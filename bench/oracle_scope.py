@@ -19,7 +19,8 @@ best-candidate TP Dice (the candidate R-NAM would ideally pick), TP DOA of both 
 best candidate to the truth, and candidates per scope. ``--variants`` measures named alternatives of the stage (see
 ``VARIANTS``); the JSON goes to ``bench/results/oracle_scope.json`` (``--name`` adds a suffix).
 
-    python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--name NAME] [--cache FILE]
+    python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16] [--name NAME]
+        [--cache FILE]
 """
 
 from __future__ import annotations
@@ -103,12 +104,12 @@ VARIANTS: dict[str, dict] = {
 
 
 def _variant(name: str) -> dict:
-    """The settings of a named variant: ``PAPER`` overridden by ``VARIANTS[name]`` ("current": the segmenter with
-    its real-CT candidate rules, ``scripts.segmenter.REAL_CT_CANDIDATES``)."""
+    """The settings of a named variant: ``PAPER`` overridden by ``VARIANTS[name]`` ("current": the segmenter's
+    defaults, its real-CT candidate rules)."""
     if name == "current":
-        from scripts.segmenter import REAL_CT_CANDIDATES, WeaklySupervisedSegmenter  # imports torch
+        from scripts.segmenter import WeaklySupervisedSegmenter  # imports torch
 
-        seg = WeaklySupervisedSegmenter(**REAL_CT_CANDIDATES)
+        seg = WeaklySupervisedSegmenter()
         cand = {"min_value": seg.dense_hu, "min_area_mm2": seg.min_area_mm2, **seg.candidate_args}
         icm = {k: v for k, v in seg.icm_args.items()}
         return {"lung": {}, "icm": icm, "cand": cand}
@@ -317,15 +318,17 @@ def _insert(hu, truth, agreement, corner, kind, place, rng, scan, s, shape, spac
 # ---------------------------------------------------------------- the stage and its scores
 
 
-def oracle_nam(truth: np.ndarray, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """A Gaussian NAM (sigma 16 px) centred on the truth's centroid plus ``offset`` pixels."""
+def oracle_nam(
+    truth: np.ndarray, offset: tuple[float, float] = (0.0, 0.0), sigma_px: float = NAM_SIGMA_PX
+) -> np.ndarray:
+    """A Gaussian NAM (sigma ``sigma_px``) centred on the truth's centroid plus ``offset`` pixels."""
     r, c = ndimage.center_of_mass(truth)
     rows, cols = np.ogrid[: truth.shape[0], : truth.shape[1]]
     d2 = (rows - r - offset[0]) ** 2 + (cols - c - offset[1]) ** 2
-    return np.exp(-d2 / (2 * NAM_SIGMA_PX**2))
+    return np.exp(-d2 / (2 * sigma_px**2))
 
 
-def run_stage(item: dict, settings: dict, offsets) -> list[dict]:
+def run_stage(item: dict, settings: dict, offsets, sigma_px: float = NAM_SIGMA_PX) -> list[dict]:
     """The stage on one item for each NAM offset: candidates and their scores against the truth."""
     hu, truth, spacing = item["hu"].astype(np.float64), item["truth"], item["spacing"]
     lungs = segment_lungs(hu, spacing, **settings["lung"])
@@ -333,7 +336,7 @@ def run_stage(item: dict, settings: dict, offsets) -> list[dict]:
     out = []
     pixel = spacing[0] * spacing[1]
     for offset in offsets:
-        scope = screening_scope(oracle_nam(truth, offset))
+        scope = screening_scope(oracle_nam(truth, offset, sigma_px))
         found = extract_candidates(labels, means, scope, lungs, spacing, hu=hu, **settings["cand"])
         area_t = truth.sum() * pixel
         dices = [2 * (c.mask & truth).sum() / (c.mask.sum() + truth.sum()) for c in found]
@@ -387,14 +390,14 @@ def groups(items: list[dict]) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
-def evaluate(items: list[dict], settings: dict, seed: int = 0) -> dict:
-    """Summaries per group for the ideal and the displaced NAM."""
+def evaluate(items: list[dict], settings: dict, seed: int = 0, sigma_px: float = NAM_SIGMA_PX) -> dict:
+    """Summaries per group for the ideal and the displaced NAM (a Gaussian of ``sigma_px``)."""
     rng = np.random.default_rng([seed, 12])
     results = {"ideal": [], "displaced": []}
     for item in items:
         angle = rng.uniform(0, 2 * math.pi)
         offset = (DISPLACEMENT_PX * math.sin(angle), DISPLACEMENT_PX * math.cos(angle))
-        ideal, displaced = run_stage(item, settings, [(0.0, 0.0), offset])
+        ideal, displaced = run_stage(item, settings, [(0.0, 0.0), offset], sigma_px)
         results["ideal"].append(ideal)
         results["displaced"].append(displaced)
     return {
@@ -455,6 +458,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lung-step", type=int, default=1, help="segment the 3-D lungs on every k-th slice only")
     parser.add_argument("--variants", nargs="+", default=["current"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--nam-sigma", type=float, default=NAM_SIGMA_PX, help="the oracle NAM's sigma in px (wider: a larger scope)"
+    )
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", default=None, help="pickle of the built slices, kept outside the repo (reused)")
@@ -475,10 +481,10 @@ def main(argv=None) -> dict:
                 pickle.dump(items, f)
     built = time.perf_counter() - start
     print(f"{len(items)} slices ({sum(i['set'] == 'real' for i in items)} real) built in {built:.0f} s")
-    report = {"slices": len(items), "build_s": built, "variants": {}}
+    report = {"slices": len(items), "build_s": built, "nam_sigma_px": args.nam_sigma, "variants": {}}
     for name in args.variants:
         t0 = time.perf_counter()
-        summary = evaluate(items, _variant(name), args.seed)
+        summary = evaluate(items, _variant(name), args.seed, args.nam_sigma)
         summary["targets"] = check_targets(summary)
         summary["settings"] = _variant(name)
         summary["seconds"] = time.perf_counter() - t0

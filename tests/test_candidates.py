@@ -1,7 +1,7 @@
 """The candidate rule on small hand-made CT slices (issue 14): ground-glass, partial volume, pleura, vessels.
 
 Each slice is a chest in HU: a body of soft tissue with two lungs of -870 HU parenchyma (with scanner noise), and
-a nodule. The candidates come from the stage exactly as the segmenter runs it with its real-CT rules.
+a nodule. The candidates come from the stage exactly as the segmenter runs it with its defaults (the real-CT rules).
 """
 
 import numpy as np
@@ -10,7 +10,7 @@ from scipy import ndimage
 from scripts.candidates import dense_phases, extract_candidates, split_attached, trim_partial_volume
 from scripts.icm import icm_segmentation
 from scripts.lung_mask import segment_lungs
-from scripts.segmenter import REAL_CT_CANDIDATES, WeaklySupervisedSegmenter
+from scripts.segmenter import WeaklySupervisedSegmenter
 
 SPACING = (0.7, 0.7)
 SHAPE = (160, 200)
@@ -46,8 +46,9 @@ def paint(hu: np.ndarray, mask: np.ndarray, level: float, blur: float = 0.8) -> 
 
 
 def candidates(hu: np.ndarray, scope: np.ndarray, **overrides) -> tuple[list, np.ndarray]:
-    """The segmenter's stage with its real-CT candidate rules: lung mask, ICM in the lungs, candidates in the scope."""
-    seg = WeaklySupervisedSegmenter(mode="coarse", **{**REAL_CT_CANDIDATES, **overrides})
+    """The segmenter's stage with its default (real-CT) candidate rules: lung mask, ICM in the lungs, candidates in the
+    scope."""
+    seg = WeaklySupervisedSegmenter(mode="coarse", **overrides)
     lungs = segment_lungs(hu, SPACING)
     labels, means = icm_segmentation(hu, lungs, **seg.icm_args)
     found = extract_candidates(

@@ -75,6 +75,18 @@ def test_constant_and_empty_mask():
     assert (labels == 0).all() and np.isnan(means).all()
 
 
+def test_few_levels_each_get_a_phase():
+    """A noise-free region of two levels (a phantom; a nodule that is a large share of the scope) keeps them apart:
+    quantile thresholds of two levels coincide and would put both in one phase."""
+    image = np.full((20, 20), -850.0)
+    image[5:12, 5:12] = 20.0  # 49 of 400 pixels: multi-Otsu cannot split two levels into four classes
+    labels, means = icm_segmentation(image, phases=4)
+    assert set(np.unique(labels)) == {1, 2}
+    assert (labels[image == 20.0] == 2).all() and (labels[image == -850.0] == 1).all()
+    np.testing.assert_allclose(means[:2], [-850.0, 20.0])
+    assert np.isnan(means[2:]).all()
+
+
 def test_candidates_area_spacing_and_scope():
     labels = np.ones((40, 40), np.int32)
     labels[5:9, 5:9] = 4  # 16 px

@@ -1,5 +1,6 @@
 """The segmenter as a MONAI inferer, and configs/inference_slices.json end to end on tiny slices."""
 
+import inspect
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from monai.bundle import ConfigParser, run
 from monai.data import MetaTensor
 from scripts.checkpoint import TrainingRecord
 from scripts.networks import GAPClassifier
+from scripts.quickstart import QUICKSTART_CANDIDATES
 from scripts.segmenter import WeaklySupervisedSegmenter
 from test_rnam import RegionNet
 
@@ -216,6 +218,25 @@ def check_outputs(root: Path, out: Path, stems: list[str], panels: bool = True) 
 
 
 STEMS = [f"S{i}_{10 + i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("config", ["inference.json", "inference_slices.json"])
+def test_configs_default_to_the_segmenter_s_candidate_rules(bundle_root, config):
+    """The configs give scans and slices the same candidate rules as ``WeaklySupervisedSegmenter``'s defaults (the
+    real-CT rules); the quick start alone overrides the cut."""
+    defaults = inspect.signature(WeaklySupervisedSegmenter).parameters
+    parsed = json.loads((Path(bundle_root) / "configs" / config).read_text())
+    keys = (
+        "dense_hu",
+        "min_area_mm2",
+        "dense_rule",
+        "dense_margin_hu",
+        "icm_in_scope",
+        "trim_partial_volume",
+        "split_mm",
+    )
+    assert {k: parsed[k] for k in keys} == {k: defaults[k].default for k in keys}
+    assert parsed["dense_rule"] == "relative" and QUICKSTART_CANDIDATES == {"dense_rule": "fixed"}
 
 
 @pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule"])

@@ -24,8 +24,12 @@ COLOURS = ((0, 0), (0, 1), (1, 0), (1, 1))
 def initial_labels(values: np.ndarray, phases: int) -> np.ndarray:
     """Phase index (0 .. phases-1, ascending intensity) of each value by multi-Otsu thresholds.
 
-    Falls back to quantile thresholds when the values have too few distinct levels for multi-Otsu.
+    With at most ``phases`` distinct levels (a noise-free phantom, a flat region) each level is a phase of its own;
+    when multi-Otsu fails otherwise, quantile thresholds are used.
     """
+    levels, level_index = np.unique(values, return_inverse=True)
+    if levels.size <= phases:  # quantiles of so few levels coincide and would put every value in one phase
+        return level_index.astype(np.int64)
     try:
         # 128 bins: the search grows as nbins ** (phases - 1) and the sweeps refine the phases anyway
         thresholds = threshold_multiotsu(values, classes=phases, nbins=128)

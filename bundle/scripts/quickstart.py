@@ -74,6 +74,16 @@ _NOISY_HANDLERS = ("StatsHandler", "ignite.handlers.ProgressBar", "ProgressBar")
 # learns them (test AUC 0.79) and its NAM peaks near the nodule five times as often as at a random lung pixel.
 QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
 
+# The candidate rule of the quick start's segmentations: the bundle's defaults (phases fitted again in the scope,
+# partial volume trimmed, necks split) with the paper's fixed -600 HU cut instead of "100 HU above the parenchyma".
+# On these 2.25 mm pixels the vessels' partial-volume halo is a phase of its own about 200 HU above the parenchyma,
+# and the trained NAM's scope is large (a median 40 % of the slice), so the relative cut takes every vessel and its
+# halo: 1-GAP coarse TP Dice 0.375 -> 0.133, fine 0.743 -> 0.534; with the fixed cut 0.372 and 0.765
+# (bench/quickstart_rules.py).
+# On real CT at 0.75 mm the relative cut does not do this, even with a scope of 60 mm radius
+# (docs/segmentation_choices.md).
+QUICKSTART_CANDIDATES = {"dense_rule": "fixed"}
+
 # From scratch on a CPU the paper's plain VGG16 with SGD does not train (it fine-tunes ImageNet weights); batch
 # normalisation and Adam do, so the quick start uses them, one learning rate for backbone, heads and FC.
 ADAM = {"_target_": "torch.optim.Adam", "params": "$@network_def.parameters()", "lr": "@learning_rate"}
@@ -383,6 +393,7 @@ def _quickstart_short(
             ckpt_path=str(ckpt),
             max_panels=max_panels,
             output_dir=predictions[f"1-GAP {mode}"],
+            **QUICKSTART_CANDIDATES,
             **common,
         )
         timings[f"segment_{mode}_s"] = time.perf_counter() - start
@@ -499,6 +510,7 @@ def quickstart_full(
                 "unet_epochs": unet_epochs,
                 "unet_batch_size": unet_batch_size,
                 "unet_features": list(unet_features),
+                "candidates": QUICKSTART_CANDIDATES,
             }
         )
     )
@@ -574,6 +586,7 @@ def quickstart_full(
                 ckpt_path=str(models / "gap1" / "model.pt"),  # the 1-GAP model classifies and screens (R-NAM)
                 output_dir=str(folder),
                 max_panels=max_panels,
+                **QUICKSTART_CANDIDATES,
                 **extra,
                 **common,
             ),

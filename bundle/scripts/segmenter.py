@@ -33,18 +33,17 @@ from .rnam import logits_and_nam, rnam_scores
 from .scope import bounding_box, refine_scope, top_scopes
 from .transforms import HU_WINDOW
 
-__all__ = ["MODES", "REAL_CT_CANDIDATES", "SliceResult", "WeaklySupervisedSegmenter"]
+__all__ = ["MODES", "PAPER_CANDIDATES", "SliceResult", "WeaklySupervisedSegmenter"]
 
 MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
-# The candidate rules that hold better on real CT (bench/oracle_scope.py: detection 0.78 -> 0.93, ground-glass
-# 0.48 -> 0.86, area ratio 1.20 -> 1.01 with an oracle NAM); an option, not the default: on the quick start's 128 px
-# synthetic slices they cost coarse TP Dice 0.42 -> 0.15 (docs/segmentation_choices.md)
-REAL_CT_CANDIDATES = {
-    "dense_rule": "relative",
-    "dense_margin_hu": 100.0,
-    "icm_in_scope": True,
-    "trim_partial_volume": True,
-    "split_mm": 1.0,
+# The candidate rule as the paper gives it and as first built: a fixed -600 HU cut on phases fitted in the whole
+# slice's lungs, no trimming, no splitting. The defaults below depart from it for real CT (bench/oracle_scope.py,
+# ideal NAM: detection 0.78 -> 0.93, ground-glass 0.48 -> 0.86, area ratio 1.20 -> 1.01; docs/segmentation_choices.md)
+PAPER_CANDIDATES = {
+    "dense_rule": "fixed",
+    "icm_in_scope": False,
+    "trim_partial_volume": False,
+    "split_mm": 0.0,
 }
 MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
 COARSE_MODES = ("coarse", "multi_gap_coarse")
@@ -116,7 +115,8 @@ class WeaklySupervisedSegmenter(Inferer):
         scope_sigma, scope_threshold, scope_min_distance: scope parameters (``scripts.scope.nam_basins``).
         multi_gap_min_peak: least normalised peak of a multi-GAP blob to replace C1.
         phases, beta, max_sweeps: ICM parameters (``scripts.icm.icm_segmentation``).
-        dense_hu: phases with a mean above it (HU) make candidates.
+        dense_hu: with ``dense_rule="fixed"``, phases with a mean above it (HU) make candidates; in both rules the
+            R-NAM fill value is the mean of the most frequent phase under it (the parenchyma).
         min_area_mm2: smaller candidates are dropped.
         dense_rule: ``"relative"`` (phases denser than the parenchyma phase by ``dense_margin_hu``) or ``"fixed"``
             (phases above ``dense_hu``) make candidates (``scripts.candidates.dense_phases``).
@@ -150,11 +150,11 @@ class WeaklySupervisedSegmenter(Inferer):
         max_sweeps: int = 15,
         dense_hu: float = -600.0,
         min_area_mm2: float = 7.0,
-        dense_rule: str = "fixed",
+        dense_rule: str = "relative",
         dense_margin_hu: float = 100.0,
-        icm_in_scope: bool = False,
-        trim_partial_volume: bool = False,
-        split_mm: float = 0.0,
+        icm_in_scope: bool = True,
+        trim_partial_volume: bool = True,
+        split_mm: float = 1.0,
         n_nodules: int = 2,
         crop: bool = True,
         batch_size: int | None = None,
