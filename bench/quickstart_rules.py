@@ -23,9 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
-from monai.bundle import run  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
-from scripts.quickstart import QUICKSTART_CANDIDATES  # noqa: E402
+from scripts.quickstart import QUICKSTART_CANDIDATES, _run_config  # noqa: E402
 from scripts.segmenter import PAPER_CANDIDATES  # noqa: E402
 
 # each variant: what it sets on top of configs/inference_slices.json's defaults (the real-CT candidate rules)
@@ -40,21 +39,13 @@ VARIANTS: dict[str, dict] = {
 COLUMNS = {"TPR": "TPR", "FPR_nodule": "FPR_nodule", "Dice": "dice", "TP Dice": "tp_dice", "TP DOA mm^2": "tp_doa_mm2"}
 
 
-def _run(config: str, **overrides) -> None:
-    run(
-        "run",
-        config_file=str(BUNDLE / "configs" / config),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        **overrides,
-    )
-
-
-def segment(run_dir: Path, rule: dict, mode: str, out_dir: Path) -> float:
-    """One variant's predictions on the test split (skipped when already there); returns the seconds spent."""
+def segment(run_dir: Path, rule: dict, mode: str, out_dir: Path) -> float | None:
+    """One variant's predictions on the test split; returns the seconds spent, None when an earlier run's are reused."""
     if (out_dir / "panels" / "index.json").is_file():  # written last
-        return 0.0
+        return None
     start = time.perf_counter()
-    _run(
+    _run_config(
+        "run",
         "inference_slices.json",
         bundle_root=str(BUNDLE),
         dataset_dir=str(run_dir / "dataset"),
@@ -82,7 +73,8 @@ def main() -> None:
             out_dir = work / f"{''.join(ch if ch.isalnum() else '_' for ch in name)}_{mode}"
             seconds[row] = segment(run_dir, VARIANTS[name], mode, out_dir)
             predictions[row] = str(out_dir)
-    _run(
+    _run_config(
+        "run",
         "evaluate.json",
         bundle_root=str(BUNDLE),
         dataset_dir=str(run_dir / "dataset"),
