@@ -18,6 +18,7 @@ from scripts.evaluate import PAPER_ORDER
 from scripts.quickstart import (
     PAPER_ACCURACY,
     PAPER_TABLE1,
+    QUICKSTART_CANDIDATES,
     QUICKSTART_SYNTHETIC,
     StageProgress,
     _quiet_handlers,
@@ -61,6 +62,9 @@ def test_quickstart_runs_every_step(short_run):
         n_slices = row["counts"]["S+"] + row["counts"]["S-"] + row["two_nodules"]["slices"]
         assert n_slices == len(test_items)
         assert 0.0 <= row["TPR"] <= 1.0 and 0.0 <= row["FPR"] <= 1.0
+    for mode in ("coarse", "fine"):  # the quick start's own candidate rule reached the segmentations
+        used = json.loads((out / "predictions" / f"1gap_{mode}" / "settings.json").read_text())["segmenter"]
+        assert used["mode"] == mode and {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) >= {"prepare_s", "train_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}
     # the dataset is reused only with the settings it was made with (an older quick start's would mislead)
@@ -190,6 +194,8 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
         assert len(records) == len(test_items)
         screened = [r for r in records if r["positive"]]
         assert screened and all((r["base_scope_box"] is not None) == name.startswith(("2-", "3-")) for r in screened)
+        used = json.loads((Path(row["predictions"]) / "settings.json").read_text())["segmenter"]
+        assert {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES, name
     report = (out / "report.md").read_text()
     assert report in capsys.readouterr().out  # printed, and written
     for name, paper in PAPER_TABLE1.items():

@@ -107,6 +107,10 @@ def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp
     )
     parser.get_parsed_content("evaluator").run()
     result = json.loads((tmp_path / "SYN-0001" / "SYN-0001_nodules.json").read_text())
+    # the table says what made it: the bundle version and the segmenter's settings, the config's overrides included
+    assert result["bundle_version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
+    assert result["segmenter"]["mode"] == "two_nodule" and result["segmenter"]["crop"] is False
+    assert result["segmenter"]["dense_rule"] == parser.get_parsed_content("dense_rule")
     nodules = result["nodules"]
     # each known nodule is one row of the table, its centroid within a voxel of the truth's; the oracle may also
     # fire where other dense tissue crosses its places on other slices (rows away from both nodules)

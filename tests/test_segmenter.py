@@ -239,6 +239,37 @@ def test_configs_default_to_the_segmenter_s_candidate_rules(bundle_root, config)
     assert parsed["dense_rule"] == "relative" and QUICKSTART_CANDIDATES == {"dense_rule": "fixed"}
 
 
+def test_settings_name_every_rule_and_rebuild_the_segmenter():
+    """``settings()`` holds every argument that decides a mask, under the constructor's names and values: a segmenter
+    built from it reports the same settings (a rule recorded wrong, or one left out, would not round-trip)."""
+    chosen = {
+        "mode": "two_nodule",
+        "threshold": 0.3,
+        "scope_sigma": 2.0,
+        "scope_threshold": 0.25,
+        "scope_min_distance": 5,
+        "multi_gap_min_peak": 0.4,
+        "phases": 3,
+        "beta": 0.5,
+        "max_sweeps": 7,
+        "dense_hu": -650.0,
+        "min_area_mm2": 5.0,
+        "dense_rule": "fixed",
+        "dense_margin_hu": 120.0,
+        "icm_in_scope": False,
+        "trim_partial_volume": False,
+        "split_mm": 1.5,
+        "n_nodules": 3,
+        "crop": False,
+        "intensity_range": [-1100.0, 300.0],
+    }
+    settings = WeaklySupervisedSegmenter(**chosen).settings()
+    assert settings == chosen and json.loads(json.dumps(settings)) == settings
+    not_rules = {"lung_mask_fn", "multi_gap_network", "batch_size", "spacing", "amp"}
+    assert set(inspect.signature(WeaklySupervisedSegmenter).parameters) - not_rules == set(settings)
+    assert WeaklySupervisedSegmenter(**settings).settings() == settings
+
+
 @pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule"])
 def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode):
     out = tmp_path / mode
@@ -249,6 +280,9 @@ def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode)
         **overrides(tiny_bundle, out, mode=mode),
     )
     records = check_outputs(tiny_bundle, out, STEMS)
+    settings = json.loads((out / "settings.json").read_text())  # what made these masks, beside them
+    assert settings["segmenter"]["mode"] == mode and settings["segmenter"]["dense_rule"] == "relative"
+    assert settings["bundle_version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
     segmented = [r for r in records if r["status"] == "segmented"]
     assert segmented, [r["status"] for r in records]  # the fc bias makes most slices positive: the pipeline ran
     for r in segmented:

@@ -34,6 +34,9 @@ __all__ = [
     "score_method",
     "summarize_method",
     "order_methods",
+    "format_number",
+    "format_mean_sd",
+    "table1_cells",
     "format_table1",
     "plot_fig3",
     "SegmentationEvaluation",
@@ -155,12 +158,25 @@ def order_methods(names: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: rank.get(n.lower(), len(PAPER_ORDER)))
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def format_number(value: float | None, digits: int) -> str:
+    """``value`` to ``digits`` decimals; "-" for None or NaN (a figure that does not exist)."""
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
-def _fmt_sd(stats: dict, digits: int) -> str:
-    return "-" if stats["mean"] is None else f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
+def format_mean_sd(stats: Mapping | Sequence, digits: int) -> str:
+    """``mean ± sd`` of ``{"mean", "sd"}`` or a ``(mean, sd)`` pair; "-" when there is no mean."""
+    mean, sd = (stats["mean"], stats["sd"]) if isinstance(stats, Mapping) else stats
+    return "-" if mean is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def table1_cells(row: Mapping) -> list[str]:
+    """A method's TPR, FPR, FPR_nodule, Dice, TP Dice and TP DOA cells, as Table 1 prints them."""
+    cells = [format_number(row[key], 2) for key in ("TPR", "FPR", "FPR_nodule")]
+    return cells + [
+        format_mean_sd(row["dice"], 2),
+        format_mean_sd(row["tp_dice"], 2),
+        format_mean_sd(row["tp_doa_mm2"], 1),
+    ]
 
 
 def format_table1(summaries: Mapping[str, dict]) -> str:
@@ -170,9 +186,7 @@ def format_table1(summaries: Mapping[str, dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
-        cells = [_fmt(s["TPR"], 2), _fmt(s["FPR"], 2), _fmt(s["FPR_nodule"], 2)]
-        cells += [_fmt_sd(s["dice"], 2), _fmt_sd(s["tp_dice"], 2), _fmt_sd(s["tp_doa_mm2"], 1)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(table1_cells(s)) + " |")
     first = next(iter(summaries.values()))["counts"]
     lines += [
         "",
@@ -188,7 +202,7 @@ def format_table1(summaries: Mapping[str, dict]) -> str:
     for name, s in summaries.items():
         two, cls = s["two_nodules"], s["classification"] or {"accuracy": None, "auc": None}
         cells = [str(two["slices"]), str(two["both"]), str(two["one"]), str(two["none"])]
-        cells += [_fmt(cls["accuracy"], 3), _fmt(cls["auc"], 3)]
+        cells += [format_number(cls["accuracy"], 3), format_number(cls["auc"], 3)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

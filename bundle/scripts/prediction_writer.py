@@ -297,6 +297,8 @@ class PredictionWriter:
         output_dir: output folder.
         max_panels: panels drawn per run.
         keys: ``(image, pred, nam, scope, candidates, result, label)`` keys of the decollated items.
+        settings: what made the masks (``WeaklySupervisedSegmenter.settings()``, the bundle version), written to
+            ``<output_dir>/settings.json`` when a run starts.
     """
 
     def __init__(
@@ -304,10 +306,12 @@ class PredictionWriter:
         output_dir: str,
         max_panels: int = 16,
         keys: Sequence[str] = ("image", "pred", "nam", "scope", "candidates", "result", "label"),
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.max_panels = max_panels
         self.keys = tuple(keys)
+        self.settings = None if settings is None else dict(settings)
         self.reset()
 
     def reset(self) -> None:
@@ -318,11 +322,18 @@ class PredictionWriter:
         self._outcomes: dict[str, int] = {}
         self._max_probability = float("-inf")
 
+    def start(self) -> None:
+        """A new run: forget the slices seen and write ``settings.json``."""
+        self.reset()
+        if self.settings is not None:
+            write_json(self.output_dir / "settings.json", self.settings)
+
     def attach(self, engine) -> None:
-        """Write after every iteration of ``engine``; draw the panels when its epoch completes."""
+        """Write the settings when ``engine`` starts, the files after every iteration, the panels when its epoch
+        completes."""
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset())
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.start())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: self.write_panels())
 

@@ -18,7 +18,6 @@ import csv
 import datetime
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from .atomic import write_json, write_text
 from .dataset import load_split, prepare_dataset
+from .evaluate import format_mean_sd, format_number, table1_cells
 from .metrics import classification_summary
 from .synthetic import SyntheticSource
 
@@ -289,6 +289,7 @@ def quickstart(
     unet_epochs: int | None = None,
     unet_batch_size: int = 20,
     unet_features: tuple[int, ...] = QUICKSTART_UNET_FEATURES,
+    unet_learning_rate: float | None = None,
     max_panels: int = 16,
 ) -> dict:
     """Prepare, train, segment (coarse and fine) and evaluate on synthetic chest CT; return the metrics.
@@ -308,6 +309,8 @@ def quickstart(
         unet_epochs: U-Net training epochs (default: ``epochs``).
         unet_batch_size: U-Net batch size (the paper: 20).
         unet_features: BasicUNet channel counts.
+        unet_learning_rate: the U-Net's Adam learning rate (default: ``learning_rate``, so that the U-Net and the
+            classifiers are trained alike; ``configs/train_unet.json`` has the paper's 2e-4).
         max_panels: figure panels (like the paper's Fig. 2) written per segmentation mode.
     """
     with quiet_log():
@@ -325,6 +328,7 @@ def quickstart(
                 unet_epochs if unet_epochs is not None else epochs,
                 unet_batch_size,
                 tuple(unet_features),
+                unet_learning_rate if unet_learning_rate is not None else learning_rate,
                 max_panels,
             )
         return _quickstart_short(
@@ -488,6 +492,7 @@ def quickstart_full(
     unet_epochs: int,
     unet_batch_size: int,
     unet_features: tuple[int, ...],
+    unet_learning_rate: float,
     max_panels: int = 16,
 ) -> dict:
     """All seven rows of Table 1 on one synthetic dataset, resumable; see the module docstring.
@@ -512,6 +517,7 @@ def quickstart_full(
                 "unet_epochs": unet_epochs,
                 "unet_batch_size": unet_batch_size,
                 "unet_features": list(unet_features),
+                "unet_learning_rate": unet_learning_rate,
                 "candidates": QUICKSTART_CANDIDATES,
             }
         )
@@ -550,6 +556,7 @@ def quickstart_full(
             output_dir=str(out_dir / "logs" / "unet"),
             max_epochs=unet_epochs,
             batch_size=unet_batch_size,
+            learning_rate=unet_learning_rate,
             **unet,
         ),
     )
@@ -633,15 +640,6 @@ def quickstart_full(
     return summary
 
 
-def _num(value: float | None, digits: int) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _mean_sd(stats: dict | tuple, digits: int) -> str:
-    mean, sd = (stats["mean"], stats["sd"]) if isinstance(stats, dict) else stats
-    return "-" if mean is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
 def format_full_report(summary: dict, fig3: Path) -> str:
     """Markdown: Table 1 beside the paper's, Fig. 3 per row as numbers, two-nodule results, accuracies, times."""
     methods = summary["metrics"]["methods"]
@@ -650,13 +648,10 @@ def format_full_report(summary: dict, fig3: Path) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in methods.items():
-        cells = [_num(s["TPR"], 2), _num(s["FPR"], 2), _num(s["FPR_nodule"], 2)]
-        cells += [_mean_sd(s["dice"], 2), _mean_sd(s["tp_dice"], 2), _mean_sd(s["tp_doa_mm2"], 1)]
-        lines.append(f"| {name} | this run | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | this run | " + " | ".join(table1_cells(s)) + " |")
         if name in PAPER_TABLE1:
-            tpr, fpr, fpr_nodule, dice, tp_dice, doa = PAPER_TABLE1[name]
-            cells = [_num(tpr, 2), _num(fpr, 2), _num(fpr_nodule, 2), _mean_sd(dice, 2), _mean_sd(tp_dice, 2)]
-            lines.append(f"| {name} | paper (LIDC-IDRI) | " + " | ".join(cells + [_mean_sd(doa, 1)]) + " |")
+            paper = dict(zip(("TPR", "FPR", "FPR_nodule", "dice", "tp_dice", "tp_doa_mm2"), PAPER_TABLE1[name]))
+            lines.append(f"| {name} | paper (LIDC-IDRI) | " + " | ".join(table1_cells(paper)) + " |")
     first = next(iter(methods.values()))["counts"]
     lines += [
         "",
@@ -671,7 +666,7 @@ def format_full_report(summary: dict, fig3: Path) -> str:
     lines.append("|---|" + "---|" * len(bins))
     for name, s in methods.items():
         cells = [
-            f"{_mean_sd(d, 2)} / {_mean_sd(a, 1)} ({d['n']})" if d["n"] else "0 TP"
+            f"{format_mean_sd(d, 2)} / {format_mean_sd(a, 1)} ({d['n']})" if d["n"] else "0 TP"
             for d, a in zip(s["by_diameter"]["tp_dice"], s["by_diameter"]["tp_doa_mm2"])
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -683,7 +678,8 @@ def format_full_report(summary: dict, fig3: Path) -> str:
     for k in (1, 2, 3):
         acc = summary["classifier_test_accuracy"][f"{k}-GAP"]
         lines.append(
-            f"| {k}-GAP | {_num(acc['accuracy'], 3)} | {PAPER_ACCURACY[k]:.3f} | {_num(acc['auc'], 3)} | {acc['n']} |"
+            f"| {k}-GAP | {format_number(acc['accuracy'], 3)} | {PAPER_ACCURACY[k]:.3f} | "
+            f"{format_number(acc['auc'], 3)} | {acc['n']} |"
         )
     steps = summary["steps_s"]
     skipped = summary["skipped_steps"]

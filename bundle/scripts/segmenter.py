@@ -193,6 +193,31 @@ class WeaklySupervisedSegmenter(Inferer):
         self.amp = bool(amp)
         self.last_results: list[SliceResult] = []
 
+    def settings(self) -> dict[str, Any]:
+        """What decides the masks, JSON-ready and named as the constructor's arguments (so that
+        ``WeaklySupervisedSegmenter(**settings)`` segments alike): written beside the outputs, so that a mask can be
+        traced to the rules that made it. The networks, the lung-mask function and the batching are left out."""
+        cand = self.candidate_args
+        return {
+            "mode": self.mode,
+            "threshold": self.threshold,
+            "intensity_range": list(self.intensity_range),
+            "scope_sigma": self.scope_args["sigma"],
+            "scope_threshold": self.scope_args["threshold"],
+            "scope_min_distance": self.scope_args["min_distance"],
+            "multi_gap_min_peak": self.multi_gap_min_peak,
+            **self.icm_args,
+            "dense_hu": self.dense_hu,
+            "min_area_mm2": self.min_area_mm2,
+            "dense_rule": cand["rule"],
+            "dense_margin_hu": cand["margin_hu"],
+            "icm_in_scope": cand["refit"] is not None,
+            "trim_partial_volume": cand["trim"],
+            "split_mm": cand["split_mm"],
+            "n_nodules": self.n_nodules,
+            "crop": self.crop,
+        }
+
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Masks ``(B, 1, H, W)`` of windowed slices ``inputs`` ``(B, C, H, W)``; details in ``last_results``.
 

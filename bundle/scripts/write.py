@@ -3,7 +3,8 @@
 - ``<name>_mask.nii.gz``: the nodule mask, uint8, on the input's grid (shape, spacing, origin, direction);
 - ``<name>_seg.dcm``: the same mask as DICOM SEG (highdicom), referencing the source series, when the input was one;
 - ``<name>_nodules.csv`` and ``<name>_nodules.json``: the nodule table (``scripts.assemble``); the JSON also holds
-  the per-slice probabilities and is written last, so its presence marks a finished scan;
+  the per-slice probabilities, the bundle version and the segmenter's settings, and is written last, so its presence
+  marks a finished scan;
 - ``<name>_slices.csv``: every slice's nodule probability;
 - ``<name>_overview.png``: a coronal projection with the nodules marked, the slice probabilities, and an axial
   close-up with the outline of each nodule.
@@ -214,7 +215,8 @@ class ScanWriter:
         output_dir: outputs go to ``<output_dir>/<name>/``.
         dicom_seg: also write DICOM SEG when the input was a DICOM series.
         overview: also write the overview PNG.
-        version: the bundle version, recorded in the DICOM SEG.
+        version: the bundle version, recorded in the DICOM SEG and the nodules JSON.
+        settings: what made the mask (``WeaklySupervisedSegmenter.settings()``), recorded in the nodules JSON.
         keys: ``(image, pred, model-grid pred, result)`` keys: the windowed model-grid image, the mask on the input
             grid, the inferer's output on the model grid (for the picture), and the tables.
     """
@@ -226,9 +228,11 @@ class ScanWriter:
         overview: bool = True,
         version: str = "unknown",
         keys: Sequence[str] = ("image", "pred", "pred_model_grid", "result"),
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.dicom_seg, self.overview, self.version = dicom_seg, overview, version
+        self.settings = None if settings is None else dict(settings)
         self.keys = tuple(keys)
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Path]:
@@ -253,7 +257,9 @@ class ScanWriter:
         if self.overview:
             self._overview(paths["overview"], data, result, name)
             written["overview"] = paths["overview"]
-        write_json(paths["nodules_json"], {**result, "outputs": {k: str(v) for k, v in written.items()}})
+        provenance = {"bundle_version": self.version, "segmenter": self.settings}
+        outputs = {k: str(v) for k, v in written.items()}
+        write_json(paths["nodules_json"], {**result, **provenance, "outputs": outputs})
         written["nodules_json"] = paths["nodules_json"]
         return written
 
