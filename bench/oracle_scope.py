@@ -71,6 +71,7 @@ PAPER = {
         "refit": None,
         "drop_thin": False,
         "trim_iterations": 1,
+        "side_px": 0.0,
     },
 }
 REFIT = {"refit": {"phases": 4, "beta": 0.7, "max_sweeps": 15}}
@@ -98,6 +99,18 @@ VARIANTS: dict[str, dict] = {
             "trim_iterations": 3,
             "split_mm": 1.0,
             "drop_thin": True,
+        }
+    },
+    "refit+relative100+drop_thin+trim3+side2": {  # the defaults, with side_tissue
+        "cand": {
+            **REFIT,
+            "rule": "relative",
+            "margin_hu": 100.0,
+            "trim": True,
+            "trim_iterations": 3,
+            "split_mm": 1.0,
+            "drop_thin": True,
+            "side_px": 2.0,
         }
     },
 }

@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "defaults without refit": {"icm_in_scope": False},
     "defaults without split": {"split_mm": 0.0},
     "quick start (defaults, fixed cut)": dict(QUICKSTART_CANDIDATES),
+    "quick start with side tissue": {**QUICKSTART_CANDIDATES, "side_tissue_px": 2.0},
 }
 COLUMNS = {"TPR": "TPR", "FPR_nodule": "FPR_nodule", "Dice": "dice", "TP Dice": "tp_dice", "TP DOA mm^2": "tp_doa_mm2"}
 

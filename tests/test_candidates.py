@@ -108,6 +108,25 @@ def test_attached_vessel_is_split_from_the_nodule():
     assert 0.8 <= hit.mask.sum() / nodule.sum() <= 1.25
 
 
+def test_ground_glass_beside_a_vessel_is_kept_apart_from_it():
+    """The trim's level is the vessel's when the vessel is the larger part: by default the ground-glass nodule against
+    it is cut away whole; with ``side_tissue_px`` it is a candidate of its own, and the vessel another."""
+    hu, _ = chest(4)
+    vessel, nodule = disk((80, 52), 7), disk((80, 64), 5) & ~disk((80, 52), 7)
+    hu = paint(paint(hu, vessel, 30.0), nodule, -650.0)
+    scope = disk((80, 58), 28)
+    found, _ = candidates(hu, scope)
+    assert not any((c.mask & nodule).sum() > 0.5 * nodule.sum() for c in found)
+    found, _ = candidates(hu, scope, side_tissue_px=2.0)
+    hit = only_hit(found, nodule)
+    assert not (hit.mask & vessel).any() and 0.6 <= hit.mask.sum() / nodule.sum() <= 1.2
+    assert any((c.mask & vessel).sum() > 0.5 * vessel.sum() for c in found)
+    # the ground-glass ring of a part-solid nodule surrounds its core: it does not become a candidate of its own
+    part_solid = paint(paint(chest(1)[0], disk((80, 55), 19), -650.0), disk((80, 55), 14), 30.0)
+    scope = disk((80, 55), 28)
+    assert len(candidates(part_solid, scope, side_tissue_px=2.0)[0]) == len(candidates(part_solid, scope)[0])
+
+
 def test_trim_and_split_helpers():
     rows, cols = np.mgrid[:40, :40]
     core = (rows - 20) ** 2 + (cols - 20) ** 2 <= 36

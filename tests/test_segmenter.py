@@ -233,6 +233,7 @@ def test_configs_default_to_the_segmenter_s_candidate_rules(bundle_root, config)
         "dense_margin_hu",
         "icm_in_scope",
         "trim_partial_volume",
+        "side_tissue_px",
         "split_mm",
     )
     assert {k: parsed[k] for k in keys} == {k: defaults[k].default for k in keys}
@@ -258,6 +259,7 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
         "dense_margin_hu": 120.0,
         "icm_in_scope": False,
         "trim_partial_volume": False,
+        "side_tissue_px": 2.5,
         "split_mm": 1.5,
         "n_nodules": 3,
         "crop": False,

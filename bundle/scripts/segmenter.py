@@ -124,6 +124,9 @@ class WeaklySupervisedSegmenter(Inferer):
         icm_in_scope: fit the ICM phases of the candidates again on the lungs within each scope.
         trim_partial_volume: cut candidates at half way between parenchyma and their own median HU, three times
             at most (``scripts.candidates.trim_partial_volume``).
+        side_tissue_px: when > 0 (with the trim), what the trim cut off beside a candidate that is at least this
+            many pixels thick, a ground-glass nodule against a vessel, becomes a candidate of its own
+            (``scripts.candidates.side_tissue``); 0: off, the default.
         split_mm: split candidates at necks thinner than a disk of this radius, dropping those thinner everywhere
             (vessels along their length, rims along the pleura); 0: off.
         n_nodules: scopes segmented in ``"two_nodule"`` mode.
@@ -154,6 +157,7 @@ class WeaklySupervisedSegmenter(Inferer):
         dense_margin_hu: float = 100.0,
         icm_in_scope: bool = True,
         trim_partial_volume: bool = True,
+        side_tissue_px: float = 0.0,
         split_mm: float = 1.0,
         n_nodules: int = 2,
         crop: bool = True,
@@ -183,6 +187,7 @@ class WeaklySupervisedSegmenter(Inferer):
             "refit": self.icm_args if icm_in_scope else None,
             "trim": bool(trim_partial_volume),
             "trim_iterations": 3,
+            "side_px": float(side_tissue_px),
             "split_mm": float(split_mm),
             "drop_thin": True,
         }
@@ -213,6 +218,7 @@ class WeaklySupervisedSegmenter(Inferer):
             "dense_margin_hu": cand["margin_hu"],
             "icm_in_scope": cand["refit"] is not None,
             "trim_partial_volume": cand["trim"],
+            "side_tissue_px": cand["side_px"],
             "split_mm": cand["split_mm"],
             "n_nodules": self.n_nodules,
             "crop": self.crop,
