@@ -75,6 +75,16 @@ PAPER = {
     },
 }
 REFIT = {"refit": {"phases": 4, "beta": 0.7, "max_sweeps": 15}}
+# the real-CT rules, as the segmenter's defaults set them
+REAL_CT = {
+    **REFIT,
+    "rule": "relative",
+    "margin_hu": 100.0,
+    "trim": True,
+    "trim_iterations": 3,
+    "split_mm": 1.0,
+    "drop_thin": True,
+}
 VARIANTS: dict[str, dict] = {
     "paper": {},
     "current": {},
@@ -90,29 +100,8 @@ VARIANTS: dict[str, dict] = {
     "refit+relative150+drop_thin": {
         "cand": {**REFIT, "rule": "relative", "margin_hu": 150.0, "trim": True, "split_mm": 1.0, "drop_thin": True}
     },
-    "refit+relative100+drop_thin+trim3": {
-        "cand": {
-            **REFIT,
-            "rule": "relative",
-            "margin_hu": 100.0,
-            "trim": True,
-            "trim_iterations": 3,
-            "split_mm": 1.0,
-            "drop_thin": True,
-        }
-    },
-    "refit+relative100+drop_thin+trim3+side2": {  # the defaults, with side_tissue
-        "cand": {
-            **REFIT,
-            "rule": "relative",
-            "margin_hu": 100.0,
-            "trim": True,
-            "trim_iterations": 3,
-            "split_mm": 1.0,
-            "drop_thin": True,
-            "side_px": 2.0,
-        }
-    },
+    "refit+relative100+drop_thin+trim3": {"cand": REAL_CT},
+    "refit+relative100+drop_thin+trim3+side2": {"cand": {**REAL_CT, "side_px": 2.0}},  # with side_tissue
 }
 
 
