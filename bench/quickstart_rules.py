@@ -24,6 +24,7 @@ BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
 from scripts.atomic import write_json  # noqa: E402
+from scripts.evaluate import format_number  # noqa: E402
 from scripts.quickstart import QUICKSTART_CANDIDATES, _run_config  # noqa: E402
 from scripts.segmenter import PAPER_CANDIDATES  # noqa: E402
 
@@ -89,7 +90,7 @@ def main() -> None:
     for row in predictions:
         m = metrics["methods"][row]
         rows[row] = {c: _value(m, key) for c, key in COLUMNS.items()}
-        print(f"{row:<40}" + "".join(f"{_text(rows[row][c]):>13}" for c in COLUMNS))
+        print(f"{row:<40}" + "".join(f"{format_number(rows[row][c], 3):>13}" for c in COLUMNS))
     name = f"quickstart_rules{'_' + args.name if args.name else ''}.json"
     write_json(
         REPO / "bench" / "results" / name,
@@ -105,10 +106,6 @@ def main() -> None:
 def _value(metrics: dict, key: str) -> float | None:
     value = metrics.get(key)
     return value.get("mean") if isinstance(value, dict) else value
-
-
-def _text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -137,14 +137,12 @@ def side_tissue(
     and the pixels next to the core are left out so that it stays a candidate of its own (*inferred*; the paper has
     no trim).
     """
-    ring = np.ones((3, 3), bool)
-    edge = ndimage.binary_dilation(core, ring) & ~core
     removed = component & ~core
-    disk = _disk(np.array([thick_px, thick_px], float))
-    pieces, n = ndimage.label(ndimage.binary_opening(removed, disk), ring)
+    if not removed.any():
+        return []
+    edge = ndimage.binary_dilation(core, np.ones((3, 3), bool)) & ~core
     found = []
-    for k in range(1, n + 1):
-        piece = ndimage.binary_dilation(pieces == k, disk) & removed
+    for piece in split_attached(removed, np.array([thick_px, thick_px], float), drop_thin=True):
         if (edge & piece).sum() >= 0.5 * max(int(edge.sum()), 1):
             continue
         level = float(np.median(hu[piece]))
