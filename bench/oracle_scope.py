@@ -72,6 +72,7 @@ PAPER = {
         "drop_thin": False,
         "trim_iterations": 1,
         "side_px": 0.0,
+        "split_vessel_mm": 0.0,
     },
 }
 REFIT = {"refit": {"phases": 4, "beta": 0.7, "max_sweeps": 15}}
@@ -102,6 +103,15 @@ VARIANTS: dict[str, dict] = {
     },
     "refit+relative100+drop_thin+trim3": {"cand": REAL_CT},
     "refit+relative100+drop_thin+trim3+side2": {"cand": {**REAL_CT, "side_px": 2.0}},  # with side_tissue
+    # nodules cut off vessels wider than the 1 mm necks (split_vessels); 0.5.0's defaults are "+side2+vessel2"
+    "refit+relative100+drop_thin+trim3+vessel2": {"cand": {**REAL_CT, "split_vessel_mm": 2.0}},
+    "refit+relative100+drop_thin+trim3+vessel3": {"cand": {**REAL_CT, "split_vessel_mm": 3.0}},
+    "refit+relative100+drop_thin+trim3+side2+vessel1.5": {"cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 1.5}},
+    "refit+relative100+drop_thin+trim3+side2+vessel2": {"cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 2.0}},
+    "refit+relative100+drop_thin+trim3+side2+vessel3": {"cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 3.0}},
+    "refit+relative100+drop_thin+trim3+side2+vessel2+area5": {
+        "cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 2.0, "min_area_mm2": 5.0}
+    },
 }
 
 

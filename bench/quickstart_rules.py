@@ -3,10 +3,11 @@
 
 It re-segments the test split of a finished quick start (``python -m scripts.quickstart``) with its trained 1-GAP
 classifier, coarse and fine, once per variant of the candidate rules (``configs/inference_slices.json``'s
-``dense_rule``, ``icm_in_scope``, ``trim_partial_volume`` or ``split_mm`` set on top of its defaults), evaluates them
-together with ``configs/evaluate.json`` and prints the Table 1 rows side by side; JSON goes to
-``bench/results/quickstart_rules.json``. The classifier is the same for every variant, so the rows differ only by
-the rule.
+candidate settings set on top of its defaults), evaluates them together with ``configs/evaluate.json`` and prints
+the Table 1 rows side by side; JSON goes to ``bench/results/quickstart_rules.json``. Given a full run
+(``python -m scripts.quickstart --full``: ``models/gap1``, ``gap2``, ``gap3``) it segments all six weakly supervised
+rows of Table 1 instead. A variant's predictions are reused when they were made by this bundle version. The
+classifiers are the same for every variant, so the rows differ only by the rule.
 
     python bench/quickstart_rules.py RUN_DIR [--variants paper defaults ...] [--name NAME]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ sys.path.insert(0, str(BUNDLE))
 
 from scripts.atomic import write_json  # noqa: E402
 from scripts.evaluate import format_number  # noqa: E402
-from scripts.quickstart import QUICKSTART_CANDIDATES, _run_config  # noqa: E402
+from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS, _run_config  # noqa: E402
 from scripts.segmenter import PAPER_CANDIDATES  # noqa: E402
 
 # each variant: what it sets on top of configs/inference_slices.json's defaults (the real-CT candidate rules)
@@ -36,44 +38,71 @@ VARIANTS: dict[str, dict] = {
     "defaults without refit": {"icm_in_scope": False},
     "defaults without split": {"split_mm": 0.0},
     "quick start (defaults, fixed cut)": dict(QUICKSTART_CANDIDATES),
-    "quick start with side tissue": {**QUICKSTART_CANDIDATES, "side_tissue_px": 2.0},
+    "quick start at 0.4.2 (no side tissue, no vessel split)": {
+        **QUICKSTART_CANDIDATES,
+        "side_tissue_px": 0.0,
+        "split_vessel_mm": 0.0,
+    },
 }
 COLUMNS = {"TPR": "TPR", "FPR_nodule": "FPR_nodule", "Dice": "dice", "TP Dice": "tp_dice", "TP DOA mm^2": "tp_doa_mm2"}
 
 
-def segment(run_dir: Path, rule: dict, mode: str, out_dir: Path) -> float | None:
-    """One variant's predictions on the test split; returns the seconds spent, None when an earlier run's are reused."""
+def bundle_version() -> str:
+    """The version in ``configs/metadata.json``."""
+    return json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+
+
+def segment(run_dir: Path, rule: dict, gap_levels: int, mode: str, out_dir: Path) -> float | None:
+    """One variant's predictions on the test split; returns the seconds spent, None when an earlier run's are reused
+    (made by this bundle version: its defaults are the rules on which the variant is set).
+
+    The 1-GAP model classifies and screens; with ``gap_levels`` > 1 the multi-GAP model refines the scope, as in the
+    full quick start."""
     if (out_dir / "panels" / "index.json").is_file():  # written last
-        return None
+        made_by = json.loads((out_dir / "settings.json").read_text()).get("bundle_version")
+        if made_by == bundle_version():
+            return None
+    shutil.rmtree(out_dir, ignore_errors=True)  # an older version's, or a run cut short
+    models = run_dir / "models"
+    full = (models / "gap1").is_dir()
+    ckpt = models / "gap1" / "model.pt" if full else models / "model.pt"
+    extra = {}
+    if gap_levels > 1:
+        extra = {"multi_gap_levels": gap_levels, "multi_gap_ckpt_path": str(models / f"gap{gap_levels}" / "model.pt")}
     start = time.perf_counter()
     _run_config(
         "run",
         "inference_slices.json",
         bundle_root=str(BUNDLE),
         dataset_dir=str(run_dir / "dataset"),
-        ckpt_path=str(run_dir / "models" / "model.pt"),
+        ckpt_path=str(ckpt),
         mode=mode,
         max_panels=0,
         output_dir=str(out_dir),
         **rule,
+        **extra,
     )
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Segment, evaluate and print each variant's rows; returns what is written to the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a finished quick start's --out (dataset/, models/model.pt)")
+    parser.add_argument("run_dir", type=Path, help="a finished quick start's --out (dataset/, models/)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--name", default="", help="suffix of the JSON file")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file (default: under bench/results/)")
+    args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     work = run_dir / "rules"
     predictions, seconds = {}, {}
+    full = (run_dir / "models" / "gap1").is_dir()
+    table_rows = WEAK_ROWS if full else {"coarse": (1, "coarse"), "fine": (1, "fine")}
     for name in args.variants:
-        for mode in ("coarse", "fine"):
-            row = f"{name} {mode}"
-            out_dir = work / f"{''.join(ch if ch.isalnum() else '_' for ch in name)}_{mode}"
-            seconds[row] = segment(run_dir, VARIANTS[name], mode, out_dir)
+        for label, (gap_levels, mode) in table_rows.items():
+            row = f"{name} {label}"
+            out_dir = work / "".join(ch if ch.isalnum() else "_" for ch in row)
+            seconds[row] = segment(run_dir, VARIANTS[name], gap_levels, mode, out_dir)
             predictions[row] = str(out_dir)
     _run_config(
         "run",
@@ -86,21 +115,22 @@ def main() -> None:
     )
     metrics = json.loads((work / "evaluation" / "metrics.json").read_text())
     rows = {}
-    print(f"{'variant':<40}" + "".join(f"{c:>13}" for c in COLUMNS))
+    width = max(len(row) for row in predictions) + 2
+    print(f"{'variant':<{width}}" + "".join(f"{c:>13}" for c in COLUMNS))
     for row in predictions:
         m = metrics["methods"][row]
         rows[row] = {c: _value(m, key) for c, key in COLUMNS.items()}
-        print(f"{row:<40}" + "".join(f"{format_number(rows[row][c], 3):>13}" for c in COLUMNS))
+        print(f"{row:<{width}}" + "".join(f"{format_number(rows[row][c], 3):>13}" for c in COLUMNS))
     name = f"quickstart_rules{'_' + args.name if args.name else ''}.json"
-    write_json(
-        REPO / "bench" / "results" / name,
-        {
-            "run_dir": str(run_dir),
-            "variants": {n: VARIANTS[n] for n in args.variants},
-            "rows": rows,
-            "seconds": seconds,
-        },
-    )
+    result = {
+        "run_dir": str(run_dir),
+        "bundle_version": bundle_version(),
+        "variants": {n: VARIANTS[n] for n in args.variants},
+        "rows": rows,
+        "seconds": seconds,
+    }
+    write_json(args.out or REPO / "bench" / "results" / name, result)
+    return result
 
 
 def _value(metrics: dict, key: str) -> float | None:

@@ -108,23 +108,42 @@ def test_attached_vessel_is_split_from_the_nodule():
     assert 0.8 <= hit.mask.sum() / nodule.sum() <= 1.25
 
 
+def test_vessel_wider_than_a_neck_is_cut_off_the_nodule():
+    """A vessel 2 mm wide survives the split at 1 mm necks; the opening at a vessel's calibre (``split_vessel_mm``)
+    cuts it off the nodule, and keeps it as a candidate of its own."""
+    hu, _ = chest(5)
+    rows, cols = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    nodule = disk((80, 60), 6)
+    vessel = (np.abs(rows - 80) <= 1) & (cols > 60) & (cols < 88)
+    hu = paint(hu, nodule | vessel, 30.0, blur=0.7)
+    scope = disk((80, 66), 28)
+    away = vessel & ~ndimage.binary_dilation(nodule, iterations=3)
+    found, _ = candidates(hu, scope)
+    hit = only_hit(found, nodule)
+    assert hit.mask[away].sum() == 0 and 0.9 <= hit.mask.sum() / nodule.sum() <= 1.15
+    assert any((c.mask & away).sum() > 0.8 * away.sum() for c in found if c is not hit)
+    merged = only_hit(candidates(hu, scope, split_vessel_mm=0.0)[0], nodule)
+    assert merged.mask[away].sum() > 0.8 * away.sum()
+
+
 def test_ground_glass_beside_a_vessel_is_kept_apart_from_it():
     """The trim's level is the vessel's when the vessel is the larger part: by default the ground-glass nodule against
-    it is cut away whole; with ``side_tissue_px`` it is a candidate of its own, and the vessel another."""
+    it is cut away whole; with ``side_tissue_px`` (the default) it is a candidate of its own, and the vessel
+    another."""
     hu, _ = chest(4)
     vessel, nodule = disk((80, 52), 7), disk((80, 64), 5) & ~disk((80, 52), 7)
     hu = paint(paint(hu, vessel, 30.0), nodule, -650.0)
     scope = disk((80, 58), 28)
-    found, _ = candidates(hu, scope)
+    found, _ = candidates(hu, scope, side_tissue_px=0.0)
     assert not any((c.mask & nodule).sum() > 0.5 * nodule.sum() for c in found)
-    found, _ = candidates(hu, scope, side_tissue_px=2.0)
+    found, _ = candidates(hu, scope)
     hit = only_hit(found, nodule)
     assert not (hit.mask & vessel).any() and 0.6 <= hit.mask.sum() / nodule.sum() <= 1.2
     assert any((c.mask & vessel).sum() > 0.5 * vessel.sum() for c in found)
     # the ground-glass ring of a part-solid nodule surrounds its core: it does not become a candidate of its own
     part_solid = paint(paint(chest(1)[0], disk((80, 55), 19), -650.0), disk((80, 55), 14), 30.0)
     scope = disk((80, 55), 28)
-    assert len(candidates(part_solid, scope, side_tissue_px=2.0)[0]) == len(candidates(part_solid, scope)[0])
+    assert len(candidates(part_solid, scope)[0]) == len(candidates(part_solid, scope, side_tissue_px=0.0)[0])
 
 
 def test_trim_and_split_helpers():

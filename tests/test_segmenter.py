@@ -235,6 +235,7 @@ def test_configs_default_to_the_segmenter_s_candidate_rules(bundle_root, config)
         "trim_partial_volume",
         "side_tissue_px",
         "split_mm",
+        "split_vessel_mm",
     )
     assert {k: parsed[k] for k in keys} == {k: defaults[k].default for k in keys}
     assert parsed["dense_rule"] == "relative" and QUICKSTART_CANDIDATES == {"dense_rule": "fixed"}
@@ -261,6 +262,7 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
         "trim_partial_volume": False,
         "side_tissue_px": 2.5,
         "split_mm": 1.5,
+        "split_vessel_mm": 2.5,
         "n_nodules": 3,
         "crop": False,
         "intensity_range": [-1100.0, 300.0],

@@ -43,7 +43,9 @@ PAPER_CANDIDATES = {
     "dense_rule": "fixed",
     "icm_in_scope": False,
     "trim_partial_volume": False,
+    "side_tissue_px": 0.0,
     "split_mm": 0.0,
+    "split_vessel_mm": 0.0,
 }
 MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
 COARSE_MODES = ("coarse", "multi_gap_coarse")
@@ -126,9 +128,11 @@ class WeaklySupervisedSegmenter(Inferer):
             at most (``scripts.candidates.trim_partial_volume``).
         side_tissue_px: when > 0 (with the trim), what the trim cut off beside a candidate that is at least this
             many pixels thick, a ground-glass nodule against a vessel, becomes a candidate of its own
-            (``scripts.candidates.side_tissue``); 0: off, the default.
+            (``scripts.candidates.side_tissue``); 0: off.
         split_mm: split candidates at necks thinner than a disk of this radius, dropping those thinner everywhere
             (vessels along their length, rims along the pleura); 0: off.
+        split_vessel_mm: with ``split_mm``, first cut candidates at the calibre of a vessel of this radius, keeping
+            what that cuts off split at ``split_mm`` (``scripts.candidates.split_vessels``); 0: off.
         n_nodules: scopes segmented in ``"two_nodule"`` mode.
         crop: compute R-NAMs on the exact stride-aligned crop around the scope, and for a ``GAPClassifier`` by
             recomputing only the window each candidate changes, layer by layer (False: full image, the reference).
@@ -157,8 +161,9 @@ class WeaklySupervisedSegmenter(Inferer):
         dense_margin_hu: float = 100.0,
         icm_in_scope: bool = True,
         trim_partial_volume: bool = True,
-        side_tissue_px: float = 0.0,
+        side_tissue_px: float = 2.0,
         split_mm: float = 1.0,
+        split_vessel_mm: float = 2.0,
         n_nodules: int = 2,
         crop: bool = True,
         batch_size: int | None = None,
@@ -189,6 +194,7 @@ class WeaklySupervisedSegmenter(Inferer):
             "trim_iterations": 3,
             "side_px": float(side_tissue_px),
             "split_mm": float(split_mm),
+            "split_vessel_mm": float(split_vessel_mm),
             "drop_thin": True,
         }
         self.n_nodules = int(n_nodules)
@@ -220,6 +226,7 @@ class WeaklySupervisedSegmenter(Inferer):
             "trim_partial_volume": cand["trim"],
             "side_tissue_px": cand["side_px"],
             "split_mm": cand["split_mm"],
+            "split_vessel_mm": cand["split_vessel_mm"],
             "n_nodules": self.n_nodules,
             "crop": self.crop,
         }
