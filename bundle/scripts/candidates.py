@@ -278,13 +278,12 @@ def extract_candidates(
     if split_mm > 0:
         radius = float(split_mm) / np.asarray(spacing, dtype=float)
         vessel = float(split_vessel_mm) / np.asarray(spacing, dtype=float)
-
-        def split(m: np.ndarray) -> list[np.ndarray]:
-            if split_vessel_mm > 0:
-                return split_vessels(m, vessel, radius, drop_thin)
-            return split_attached(m, radius, drop_thin)
-
-        masks = [piece for m in masks if m.any() for piece in split(m)]
+        pieces = [
+            split_vessels(m, vessel, radius, drop_thin) if split_vessel_mm > 0 else split_attached(m, radius, drop_thin)
+            for m in masks
+            if m.any()
+        ]
+        masks = [piece for split in pieces for piece in split]
     found = []
     for mask in masks:
         for prop in regionprops(connected_components(mask, connectivity=2)):

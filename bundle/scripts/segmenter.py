@@ -38,7 +38,7 @@ __all__ = ["MODES", "PAPER_CANDIDATES", "SliceResult", "WeaklySupervisedSegmente
 MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
 # The candidate rule as the paper gives it and as first built: a fixed -600 HU cut on phases fitted in the whole
 # slice's lungs, no trimming, no splitting. The defaults below depart from it for real CT (bench/oracle_scope.py,
-# ideal NAM: detection 0.78 -> 0.93, ground-glass 0.48 -> 0.86, area ratio 1.20 -> 1.01; docs/segmentation_choices.md)
+# ideal NAM: detection 0.78 -> 0.945, ground-glass 0.48 -> 0.90, area ratio 1.20 -> 0.98; docs/segmentation_choices.md)
 PAPER_CANDIDATES = {
     "dense_rule": "fixed",
     "icm_in_scope": False,
