@@ -26,6 +26,7 @@ BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
 from scripts.atomic import write_json  # noqa: E402
+from scripts.checkpoint import bundle_version  # noqa: E402
 from scripts.evaluate import format_number  # noqa: E402
 from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS, _run_config  # noqa: E402
 from scripts.segmenter import PAPER_CANDIDATES  # noqa: E402
@@ -47,25 +48,18 @@ VARIANTS: dict[str, dict] = {
 COLUMNS = {"TPR": "TPR", "FPR_nodule": "FPR_nodule", "Dice": "dice", "TP Dice": "tp_dice", "TP DOA mm^2": "tp_doa_mm2"}
 
 
-def bundle_version() -> str:
-    """The version in ``configs/metadata.json``."""
-    return json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
-
-
-def segment(run_dir: Path, rule: dict, gap_levels: int, mode: str, out_dir: Path) -> float | None:
+def segment(run_dir: Path, ckpt: Path, rule: dict, gap_levels: int, mode: str, out_dir: Path) -> float | None:
     """One variant's predictions on the test split; returns the seconds spent, None when an earlier run's are reused
     (made by this bundle version: its defaults are the rules on which the variant is set).
 
-    The 1-GAP model classifies and screens; with ``gap_levels`` > 1 the multi-GAP model refines the scope, as in the
-    full quick start."""
+    The 1-GAP model ``ckpt`` classifies and screens; with ``gap_levels`` > 1 the multi-GAP model refines the scope, as
+    in the full quick start."""
     if (out_dir / "panels" / "index.json").is_file():  # written last
         made_by = json.loads((out_dir / "settings.json").read_text()).get("bundle_version")
-        if made_by == bundle_version():
+        if made_by == bundle_version(BUNDLE):
             return None
     shutil.rmtree(out_dir, ignore_errors=True)  # an older version's, or a run cut short
     models = run_dir / "models"
-    full = (models / "gap1").is_dir()
-    ckpt = models / "gap1" / "model.pt" if full else models / "model.pt"
     extra = {}
     if gap_levels > 1:
         extra = {"multi_gap_levels": gap_levels, "multi_gap_ckpt_path": str(models / f"gap{gap_levels}" / "model.pt")}
@@ -98,11 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     predictions, seconds = {}, {}
     full = (run_dir / "models" / "gap1").is_dir()
     table_rows = WEAK_ROWS if full else {"coarse": (1, "coarse"), "fine": (1, "fine")}
+    ckpt = run_dir / "models" / ("gap1" if full else "") / "model.pt"
     for name in args.variants:
         for label, (gap_levels, mode) in table_rows.items():
             row = f"{name} {label}"
             out_dir = work / "".join(ch if ch.isalnum() else "_" for ch in row)
-            seconds[row] = segment(run_dir, VARIANTS[name], gap_levels, mode, out_dir)
+            seconds[row] = segment(run_dir, ckpt, VARIANTS[name], gap_levels, mode, out_dir)
             predictions[row] = str(out_dir)
     _run_config(
         "run",
@@ -124,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = f"quickstart_rules{'_' + args.name if args.name else ''}.json"
     result = {
         "run_dir": str(run_dir),
-        "bundle_version": bundle_version(),
+        "bundle_version": bundle_version(BUNDLE),
         "variants": {n: VARIANTS[n] for n in args.variants},
         "rows": rows,
         "seconds": seconds,
