@@ -1,5 +1,5 @@
-"""The candidate rules of the segmentation stage on the quick start's Table 1: does a rule that helps on real CT
-(``bench/oracle_scope.py``) cost anything on the embedded default?
+"""The candidate rules and the scope of the segmentation stage on the quick start's Table 1: does a rule that helps on
+real CT (``bench/oracle_scope.py``) cost anything on the embedded default?
 
 It re-segments the test split of a finished quick start (``python -m scripts.quickstart``) with its trained 1-GAP
 classifier, coarse and fine, once per variant of the candidate rules (``configs/inference_slices.json``'s
@@ -44,6 +44,8 @@ VARIANTS: dict[str, dict] = {
         "side_tissue_px": 0.0,
         "split_vessel_mm": 0.0,
     },
+    # the scope: the watershed's domain at half the NAM's range instead of a fifth (bench/oracle_scope.py's "+scope0.5")
+    "quick start, scope at 0.5": {**QUICKSTART_CANDIDATES, "scope_threshold": 0.5},
 }
 COLUMNS = {"TPR": "TPR", "FPR_nodule": "FPR_nodule", "Dice": "dice", "TP Dice": "tp_dice", "TP DOA mm^2": "tp_doa_mm2"}
 

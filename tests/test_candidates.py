@@ -170,3 +170,17 @@ def test_dense_phase_rules():
         dense_phases(means, rule="relative")
     with pytest.raises(ValueError, match="rule"):
         dense_phases(means, rule="bogus")
+
+
+@pytest.mark.parametrize("level", [30.0, -450.0])
+def test_nodule_filling_most_of_the_scope_is_still_a_candidate(level):
+    """A large nodule that is most of its scope: the phases fitted in the scope make it the most frequent phase, yet
+    it is no parenchyma (its mean is above the -600 HU cut), so it is still denser than the parenchyma."""
+    hu, _ = chest(4)
+    nodule = disk((80, 55), 16)
+    hu = paint(hu, nodule, level)
+    scope = disk((80, 55), 20)
+    found, lungs = candidates(hu, scope)
+    assert nodule.sum() > 0.6 * (scope & lungs).sum()
+    area = only_hit(found, nodule).mask.sum() / nodule.sum()
+    assert 0.8 <= area <= 1.2, area

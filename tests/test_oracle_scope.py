@@ -2,7 +2,8 @@
 
 Only what is stable at this size is asserted: on the 8 slices of LIDC-IDRI-0001's solid juxtapleural nodule the
 bundle's defaults find the nodule on every slice with a candidate of about its size (the paper-era pipeline makes it
-1.4x too large), and the displaced NAM loses little; the hybrid slices are built and scored.
+1.4x too large), and the displaced NAM loses little; the hybrid slices are built and scored; the union of the
+candidates that touch the truth bounds the coarse result from above; a variant's scope settings reach the watershed.
 """
 
 import json
@@ -14,12 +15,14 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import oracle_scope  # noqa: E402
 
+TIGHT_SCOPE = "refit+relative100+drop_thin+trim3+side2+vessel2+scope0.5"
+
 
 @pytest.fixture(scope="module")
 def report(lidc_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("oracle") / "oracle.json"
     argv = ["--lidc-root", str(lidc_root), "--subjects", "LIDC-IDRI-0001", "--lung-step", "8", "--hybrid", "9"]
-    oracle_scope.main(argv + ["--variants", "paper", "current", "--out", str(out)])
+    oracle_scope.main(argv + ["--variants", "paper", "current", TIGHT_SCOPE, "--out", str(out)])
     return json.loads(out.read_text())
 
 
@@ -41,3 +44,22 @@ def test_hybrid_slices_are_built_and_scored(report):
     assert [ideal[f"hybrid {place}"]["n"] for place in oracle_scope.PLACES] == [3, 3, 3]
     targets = report["variants"]["current"]["targets"]
     assert set(targets) >= {"all detection >= 0.95", "displaced loses <= 0.05"}
+
+
+def test_touching_candidates_bound_the_coarse_result(report):
+    """Dropping the candidates that miss the truth can only raise the coarse Dice; in the scope there are such."""
+    for variant in report["variants"].values():
+        for nam in ("ideal", "displaced"):
+            for summary in variant[nam].values():
+                if summary["coarse_tp_dice"] is not None:
+                    assert summary["touching_tp_dice"] >= summary["coarse_tp_dice"] - 1e-12
+    ideal = report["variants"]["current"]["ideal"]["all"]
+    assert ideal["touching_tp_dice"] > ideal["coarse_tp_dice"] + 0.05  # vessels in the scope
+
+
+def test_scope_settings_reach_the_watershed(report):
+    current, tight = (report["variants"][v] for v in ("current", TIGHT_SCOPE))
+    assert current["settings"]["scope"]["threshold"] == 0.2 and tight["settings"]["scope"]["threshold"] == 0.5
+    assert tight["settings"]["cand"] == current["settings"]["cand"]
+    # a Gaussian NAM cut at half its height instead of a fifth: a disk of 19 px radius instead of 29, fewer candidates
+    assert tight["ideal"]["all"]["candidates_per_scope"] < current["ideal"]["all"]["candidates_per_scope"]

@@ -17,7 +17,6 @@ __all__ = [
     "Candidate",
     "extract_candidates",
     "dense_phases",
-    "parenchyma_phase",
     "parenchyma_value",
     "trim_partial_volume",
     "side_tissue",
@@ -70,17 +69,11 @@ def dense_phases(
     raise ValueError(f"dense_phases: rule must be 'fixed' or 'relative', got {rule!r}")
 
 
-def parenchyma_phase(labels: np.ndarray, region: np.ndarray | None = None) -> int:
-    """The most frequent phase label in ``region`` (the lung parenchyma); 0 when the region holds no label."""
-    region = labels > 0 if region is None else (np.asarray(region, bool) & (labels > 0))
-    counts = np.bincount(labels[region].ravel())
-    return int(np.argmax(counts)) if counts.size > 1 else 0
-
-
 def parenchyma_value(
     labels: np.ndarray, means: np.ndarray, region: np.ndarray | None = None, min_value: float = -600.0
 ) -> float:
-    """Mean of the most frequent non-dense phase in ``region`` (lung parenchyma): the fill value for R-NAM.
+    """Mean of the most frequent non-dense phase in ``region`` (lung parenchyma): the fill value for R-NAM, and what
+    the relative rule of ``dense_phases`` counts from.
 
     Falls back to the lowest phase mean when the region holds no non-dense pixel (NaN when no phase has pixels).
     """
@@ -225,7 +218,8 @@ def extract_candidates(
         min_area_mm2: smaller components are dropped.
         hu: the slice in HU, needed by ``trim``.
         rule: ``"fixed"`` (phase mean above ``min_value``) or ``"relative"`` (phase mean above the parenchyma
-            phase's by more than ``margin_hu``; the parenchyma phase is the most frequent one in the lungs).
+            phase's by more than ``margin_hu``; the parenchyma phase is the most frequent one in the lungs whose mean
+            is not above ``min_value``, ``parenchyma_value``).
         margin_hu: see ``rule``.
         trim: cut each component at half way between the parenchyma and its own median HU (``trim_partial_volume``).
         split_mm: when > 0, split components at necks thinner than a disk of this radius (``split_attached``):
@@ -260,8 +254,9 @@ def extract_candidates(
         labels, means = icm_segmentation(np.asarray(hu, np.float64), region, **refit)
     means = np.asarray(means, dtype=np.float64)
     lungs = labels > 0 if lung_mask is None or refit is not None else np.asarray(lung_mask, bool)
-    phase = parenchyma_phase(labels, lungs)
-    parenchyma = float(means[phase - 1]) if phase else float("nan")
+    # the parenchyma is the most frequent phase not dense by the fixed cut: where a large nodule fills most of the scope
+    # the most frequent phase of the refit is the nodule itself, and nothing would be denser than it
+    parenchyma = parenchyma_value(labels, means, lungs, min_value)
     if rule == "relative" and not np.isfinite(parenchyma):  # no labelled lung pixel: nothing to compare with
         return []
     dense = np.isin(labels, dense_phases(means, min_value, rule, parenchyma, margin_hu)) & region
