@@ -63,3 +63,5 @@ def test_scope_settings_reach_the_watershed(report):
     assert tight["settings"]["cand"] == current["settings"]["cand"]
     # a Gaussian NAM cut at half its height instead of a fifth: a disk of 19 px radius instead of 29, fewer candidates
     assert tight["ideal"]["all"]["candidates_per_scope"] < current["ideal"]["all"]["candidates_per_scope"]
+    # LIDC-IDRI-0001's 33 mm nodule fills most of that scope's lungs and is still denser than their parenchyma
+    assert tight["ideal"]["real solid"]["detection"] == 1.0
