@@ -89,6 +89,8 @@ REAL_CT = {
     "split_mm": 1.0,
     "drop_thin": True,
 }
+# 0.5.0's defaults: the real-CT rules with the side tissue and the vessel split (the segmenter's defaults since then)
+DEFAULTS_050 = {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 2.0}
 VARIANTS: dict[str, dict] = {
     "paper": {},
     "current": {},
@@ -110,20 +112,16 @@ VARIANTS: dict[str, dict] = {
     "refit+relative100+drop_thin+trim3+vessel2": {"cand": {**REAL_CT, "split_vessel_mm": 2.0}},
     "refit+relative100+drop_thin+trim3+vessel3": {"cand": {**REAL_CT, "split_vessel_mm": 3.0}},
     "refit+relative100+drop_thin+trim3+side2+vessel1.5": {"cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 1.5}},
-    "refit+relative100+drop_thin+trim3+side2+vessel2": {"cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 2.0}},
+    "refit+relative100+drop_thin+trim3+side2+vessel2": {"cand": DEFAULTS_050},
     "refit+relative100+drop_thin+trim3+side2+vessel3": {"cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 3.0}},
-    "refit+relative100+drop_thin+trim3+side2+vessel2+area5": {
-        "cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 2.0, "min_area_mm2": 5.0}
-    },
+    "refit+relative100+drop_thin+trim3+side2+vessel2+area5": {"cand": {**DEFAULTS_050, "min_area_mm2": 5.0}},
     # 0.5.0's defaults with a lower margin above the parenchyma, and with a tighter scope (a higher watershed domain)
     **{
-        f"refit+relative{margin}+drop_thin+trim3+side2+vessel2": {
-            "cand": {**REAL_CT, "margin_hu": float(margin), "side_px": 2.0, "split_vessel_mm": 2.0}
-        }
+        f"refit+relative{margin}+drop_thin+trim3+side2+vessel2": {"cand": {**DEFAULTS_050, "margin_hu": float(margin)}}
         for margin in (50, 75, 90)
     },
     "refit+relative100+drop_thin+trim3+side2+vessel2+scope0.5": {
-        "cand": {**REAL_CT, "side_px": 2.0, "split_vessel_mm": 2.0},
+        "cand": DEFAULTS_050,
         "scope": {"threshold": 0.5},
     },
 }
