@@ -6,19 +6,32 @@ slices of ``--image-size`` pixels. Each configuration runs in a fresh process so
 
     python bench/bench_training.py                                  # paper sizes (width 1, batch 30): a GPU
     python bench/bench_training.py --width 0.125 --batch-size 4 --iters 2   # a quick CPU run
+
+The weights are in the channels-last layout and the input a plain tensor, as ``configs/train.json`` trains since
+0.5.3. ``--compare`` also times what it did before: the contiguous layout, and the input a MONAI ``MetaTensor``
+carrying each slice's header (the engines' batch). The quick start's classifier:
+
+    python bench/bench_training.py --width 0.125 --image-size 128 --batch-norm --gap-levels 1 --iters 40 --compare \
+        --output bench/results/training_quickstart.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
+from monai.data import MetaTensor, list_data_collate
+from monai.transforms import LoadImaged
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 from scripts.atomic import write_json  # noqa: E402
@@ -27,13 +40,37 @@ from scripts.networks import GAPClassifier  # noqa: E402
 LEARNING_RATES = {1: 1e-2, 2: 2e-3, 3: 1e-3}
 
 
+def _loaded_batch(images: torch.Tensor) -> MetaTensor:
+    """``images`` as the engines got them until 0.5.3: NIfTI slices read by ``LoadImaged`` and collated, a batched
+    MetaTensor with each slice's header (its metadata is what every operation copies)."""
+    with tempfile.TemporaryDirectory() as folder:
+        items = []
+        for index, image in enumerate(images.cpu().numpy()):
+            path = Path(folder) / f"slice_{index:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(image[0], np.diag([0.75, 0.75, 1.0, 1.0])), str(path))
+            items.append(LoadImaged("image", ensure_channel_first=True, image_only=True)({"image": str(path)}))
+        return list_data_collate(items)["image"].to(images.device)
+
+
 def run_one(
-    gap_levels: int, width: float, image_size: int, batch_size: int, iters: int, warmup: int, amp: bool
+    gap_levels: int,
+    width: float,
+    image_size: int,
+    batch_size: int,
+    iters: int,
+    warmup: int,
+    amp: bool,
+    batch_norm: bool = False,
+    metatensor: bool = False,
+    channels_last: bool = False,
 ) -> dict:
     """Time ``iters`` training steps after ``warmup`` ones; return throughput and peak memory."""
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = GAPClassifier(gap_levels=gap_levels, width=width).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = GAPClassifier(gap_levels=gap_levels, width=width, batch_norm=batch_norm).to(
+        device, memory_format=memory_format
+    )
     lr = LEARNING_RATES[gap_levels]
     new_layers = [p for n, p in model.named_parameters() if not n.startswith("features.")]
     optimizer = torch.optim.SGD(
@@ -41,6 +78,8 @@ def run_one(
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
     images = torch.rand(batch_size, 1, image_size, image_size, device=device)
+    if metatensor:
+        images = _loaded_batch(images)
     labels = torch.randint(0, 2, (batch_size,), device=device)
 
     def step() -> None:
@@ -73,6 +112,9 @@ def run_one(
         "batch_size": batch_size,
         "iters": iters,
         "amp": amp and device.type == "cuda",
+        "batch_norm": batch_norm,
+        "input": "MetaTensor" if metatensor else "tensor",
+        "memory_format": "channels_last" if channels_last else "contiguous",
         "device": (
             torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         ),
@@ -97,13 +139,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-amp", action="store_true", help="full precision on CUDA too")
+    parser.add_argument("--batch-norm", action="store_true", help="the classifier with batch normalisation")
+    parser.add_argument(
+        "--compare", action="store_true", help="also the contiguous layout, and a MetaTensor input (before 0.5.3)"
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "training.json")
     args = parser.parse_args()
     if args.iters < 1 or args.batch_size < 1:
         parser.error("--iters and --batch-size must be at least 1")
 
+    # (channels_last, metatensor): 0.5.3's training, then the layout alone before it, then all of 0.5.2's
+    variants = [(True, False), (False, False), (False, True)] if args.compare else [(True, False)]
     rows = []
-    for gap_levels in args.gap_levels:
+    for gap_levels, (channels_last, metatensor) in itertools.product(args.gap_levels, variants):
         if gap_levels not in LEARNING_RATES:
             parser.error(f"--gap-levels must be 1, 2 or 3, got {gap_levels}")
         settings = dict(
@@ -114,14 +162,21 @@ def main() -> None:
             iters=args.iters,
             warmup=args.warmup,
             amp=not args.no_amp,
+            batch_norm=args.batch_norm,
+            metatensor=metatensor,
+            channels_last=channels_last,
         )
         rows.append(_isolated(settings))
 
-    print(f"{'GAP':>3} {'width':>6} {'size':>5} {'batch':>5} {'s/step':>8} {'slices/s':>9} {'peak MiB':>9}  device")
+    print(
+        f"{'GAP':>3} {'width':>6} {'size':>5} {'batch':>5} {'input':>10} {'layout':>13} {'s/step':>8} "
+        f"{'slices/s':>9} {'peak MiB':>9}  device"
+    )
     for r in rows:
         print(
-            f"{r['gap_levels']:>3} {r['width']:>6g} {r['image_size']:>5} {r['batch_size']:>5} "
-            f"{r['seconds_per_step']:>8.3f} {r['slices_per_s']:>9.2f} {r['peak_memory_mib']:>9.0f}  {r['device']}"
+            f"{r['gap_levels']:>3} {r['width']:>6g} {r['image_size']:>5} {r['batch_size']:>5} {r['input']:>10} "
+            f"{r['memory_format']:>13} {r['seconds_per_step']:>8.3f} {r['slices_per_s']:>9.2f} "
+            f"{r['peak_memory_mib']:>9.0f}  {r['device']}"
         )
     result = {"benchmark": "training", "torch": torch.__version__, "platform": platform.platform(), "results": rows}
     write_json(args.output, result)

@@ -371,7 +371,7 @@ def check_training_throughput(sizes: dict, peak_tflops: float | None, iters: int
     results, ok = {}, True
     for k in (1, 2, 3):
         torch.manual_seed(0)
-        model = classifier(k, sizes["width"]).to(device)
+        model = classifier(k, sizes["width"]).to(device, memory_format=torch.channels_last)  # as configs/train.json
         flops = 3.0 * count_flops(model, images)  # forward + backward (about twice the forward)
         seconds = _amp_step_seconds(model, images, labels, iters)
         rate = batch / seconds

@@ -369,3 +369,33 @@ def test_malformed_prediction_record_and_datalist_are_named(tmp_path):
     _write_datalist(tmp_path / "ds", "{'training': []}")  # Python, not JSON
     with pytest.raises(ValueError, match=r"ds/datalist\.json: malformed JSON at line 1, column 2"):
         contact_sheet(str(tmp_path / "ds"))
+
+
+class PidRecordingSource(ToySource):
+    """A toy source that leaves a file named after each process that plans or loads one of its subjects."""
+
+    def __init__(self, folder: Path, n: int = 8):
+        super().__init__(n)
+        self.folder = folder
+
+    def annotations(self, subject):
+        (self.folder / f"{os.getpid()}").touch()
+        return super().annotations(subject)
+
+    def load(self, subject):
+        (self.folder / f"{os.getpid()}").touch()
+        return super().load(subject)
+
+
+def test_planning_and_writing_share_one_pool_of_workers(tmp_path):
+    # the worker processes that planned write too, so what they cached while planning (the synthetic source's LIDC
+    # nodule shapes) serves the writing; a pool of its own for each step starts up to twice as many processes
+    (tmp_path / "pids").mkdir()
+    source = PidRecordingSource(tmp_path / "pids")
+    parallel = prepare_dataset(source, tmp_path / "parallel", size=64, seed=2, workers=2, progress=False)
+    pids = {int(p.name) for p in (tmp_path / "pids").iterdir()}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
+    serial = prepare_dataset(ToySource(8), tmp_path / "serial", size=64, seed=2, workers=1, progress=False)
+    assert parallel["slices"] == serial["slices"]
+    for path in sorted((tmp_path / "serial").rglob("*.nii.gz")):
+        assert path.read_bytes() == (tmp_path / "parallel" / path.relative_to(tmp_path / "serial")).read_bytes()

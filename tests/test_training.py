@@ -17,6 +17,7 @@ import torch
 from dataset_factory import write_tiny_dataset
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
 from scripts.checkpoint import load_checkpoint
 from scripts.networks import GAPClassifier
 from scripts.training import last_checkpoint
@@ -121,6 +122,24 @@ def test_same_seed_same_first_epoch_loss(trained, dataset, tmp_path):
     _, history = trained
     again = _train(tmp_path, dataset, max_epochs=1)
     assert again["loss"][0] == history["loss"][0]
+
+
+def test_engines_get_plain_tensors_and_channels_last_weights(dataset, tmp_path):
+    """The classifier trains in the channels-last layout on plain tensors: the batch's values, not its headers."""
+    workflow = _workflow(CONFIGS / "train.json", tmp_path, dataset)
+    workflow.initialize()
+    parser = workflow.parser
+    network = parser.get_parsed_content("network")
+    convolutions = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    assert not convolutions[1].weight.is_contiguous()  # a 3x3 kernel over several channels: the layouts differ
+    batch = next(iter(parser.get_parsed_content("validate#dataloader")))
+    assert isinstance(batch["image"], MetaTensor)
+    image, label = parser.get_parsed_content("prepare_batch")(batch, torch.device("cpu"))
+    assert type(image) is torch.Tensor and torch.equal(image, batch["image"].as_tensor())
+    assert label.dtype == torch.long and label.tolist() == batch["class"].tolist()
+    for engine in ("train#trainer", "validate#evaluator"):
+        assert parser.get_parsed_content(engine).prepare_batch is parser.get_parsed_content("prepare_batch")
 
 
 def test_check_properties(dataset, tmp_path, monkeypatch):

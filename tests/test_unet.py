@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.networks.nets import BasicUNet
 from scripts.evaluate import SegmentationEvaluation
 from scripts.unet import write_slice_prediction
@@ -212,3 +213,18 @@ def test_write_slice_prediction_checks_the_shape(tmp_path):
     assert json.loads((tmp_path / "out" / "records" / "x_1.json").read_text()) == {"probability": 0.25, "pixels": 30}
     with pytest.raises(ValueError, match="x_1.nii.gz: the mask's shape"):
         write_slice_prediction(np.ones((5, 6)), source, tmp_path / "out")
+
+
+def test_engines_get_plain_tensors(tmp_path, bundle_root):
+    """The trainer and the evaluator feed the U-Net plain tensors, the batch's values unchanged (a MetaTensor would
+    copy every slice's header through each operation)."""
+    make_dataset(tmp_path)
+    parser = config(bundle_root, "train_unet.json")
+    parser["dataset_dir"], parser["image_size"], parser["num_workers"] = str(tmp_path), SIZE, 0
+    for engine in ("train#trainer", "validate#evaluator"):
+        assert parser[f"{engine}#prepare_batch"] == "@prepare_batch"
+    batch = next(iter(parser.get_parsed_content("validate#dataloader")))
+    assert isinstance(batch["image"], MetaTensor)
+    image, label = parser.get_parsed_content("prepare_batch")(batch, torch.device("cpu"))
+    assert type(image) is torch.Tensor and type(label) is torch.Tensor
+    assert torch.equal(image, batch["image"].as_tensor()) and torch.equal(label, batch["label"].as_tensor())

