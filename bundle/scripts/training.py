@@ -32,9 +32,9 @@ __all__ = [
 
 
 def _plain(tensor: Any) -> torch.Tensor:
-    # a MetaTensor copies its metadata through every operation of the network and of its backward pass: 15-20 % of
-    # a CPU training step at 128 px (bench/bench_training.py), for metadata nothing in training reads. The
-    # arithmetic is the same to the bit.
+    # a MetaTensor copies its metadata through every operation of the network and of its backward pass: 6-15 % of a
+    # CPU training step at the quick start's size (bench/bench_training.py --compare), for metadata nothing in
+    # training reads. The arithmetic is the same to the bit.
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
 
 
@@ -50,6 +50,10 @@ class PrepareClassBatch(PrepareBatch):
         self.image_key = image_key
         self.label_key = label_key
 
+    @staticmethod
+    def _target(label: torch.Tensor) -> torch.Tensor:
+        return label.long()  # the class index cross-entropy takes
+
     def __call__(
         self,
         batchdata: dict[str, torch.Tensor],
@@ -60,12 +64,12 @@ class PrepareClassBatch(PrepareBatch):
         if self.label_key not in batchdata:
             raise ValueError(f"batch has no {self.label_key!r} key (found {sorted(batchdata)}).")
         image = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
-        label = _plain(batchdata[self.label_key]).long().to(device=device, non_blocking=non_blocking)
+        label = self._target(_plain(batchdata[self.label_key])).to(device=device, non_blocking=non_blocking)
         return image, label
 
 
-class PrepareMaskBatch(PrepareBatch):
-    """Give the U-Net's engines ``(image, mask)`` as plain tensors (see :class:`PrepareClassBatch`).
+class PrepareMaskBatch(PrepareClassBatch):
+    """Give the U-Net's engines ``(image, mask)`` as plain tensors, the mask as it is (see :class:`PrepareClassBatch`).
 
     Args:
         image_key: key of the input image in the batch.
@@ -73,21 +77,11 @@ class PrepareMaskBatch(PrepareBatch):
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
-        self.image_key = image_key
-        self.label_key = label_key
+        super().__init__(image_key, label_key)
 
-    def __call__(
-        self,
-        batchdata: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-        non_blocking: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = (_plain(batchdata[key]) for key in (self.image_key, self.label_key))
-        return (
-            image.to(device=device, non_blocking=non_blocking, **kwargs),
-            label.to(device=device, non_blocking=non_blocking, **kwargs),
-        )
+    @staticmethod
+    def _target(label: torch.Tensor) -> torch.Tensor:
+        return label
 
 
 def _batched(output: dict | Sequence[dict], key: str) -> torch.Tensor:
