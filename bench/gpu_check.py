@@ -368,10 +368,11 @@ def check_training_throughput(sizes: dict, peak_tflops: float | None, iters: int
     peak = peak_tflops if peak_tflops is not None else (bf16_peak_tflops(name) if name else None)
     images = torch.rand(batch, 1, size, size, device=device)
     labels = (torch.arange(batch) % 2).to(device)
+    layout = _bundle_config("train.json").get_parsed_content("memory_format")  # the weights as training holds them
     results, ok = {}, True
     for k in (1, 2, 3):
         torch.manual_seed(0)
-        model = classifier(k, sizes["width"]).to(device, memory_format=torch.channels_last)  # as configs/train.json
+        model = classifier(k, sizes["width"]).to(device, memory_format=layout)
         flops = 3.0 * count_flops(model, images)  # forward + backward (about twice the forward)
         seconds = _amp_step_seconds(model, images, labels, iters)
         rate = batch / seconds
