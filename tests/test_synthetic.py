@@ -231,17 +231,18 @@ def test_unknown_subject(source):
 
 
 def test_ground_glass_nodules_have_real_densities_and_texture():
-    """With the real-CT options, ground-glass (and the rim of part-solid) nodules are drawn at -800..-550 HU and
-    painted with an uneven texture; solid ones are painted flat. The default keeps the first generator's."""
+    """By default ground-glass (and the rim of part-solid) nodules are drawn at -800..-550 HU, as on real CT, and
+    painted with an uneven texture; solid ones are painted flat. The first generator's denser ground-glass stays an
+    option."""
     from scripts.cases import Nodule
-    from scripts.synthetic import REAL_GGO_HU, REAL_GGO_TEXTURE_HU, _Lesion
+    from scripts.synthetic import FIRST_GGO_HU, REAL_GGO_TEXTURE_HU, _Lesion
 
-    real = {"ggo_hu": REAL_GGO_HU, "ggo_texture_hu": REAL_GGO_TEXTURE_HU}
-    source = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL, **real)
+    source = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL)
+    assert source.settings()["ggo_texture_hu"] == REAL_GGO_TEXTURE_HU > 0
     drawn = [lesion for i in range(12) for lesion in source._plan(i).nodules]
     assert len(drawn) >= 5 and all(-800.0 <= lesion.ggo_hu <= -550.0 for lesion in drawn)
-    default = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL)
-    assert all(-550.0 <= lesion.ggo_hu <= -300.0 for i in range(12) for lesion in default._plan(i).nodules)
+    first = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), ggo_hu=FIRST_GGO_HU, **SMALL)
+    assert all(-550.0 <= lesion.ggo_hu <= -300.0 for i in range(12) for lesion in first._plan(i).nodules)
     ball = np.zeros((3, 15, 15, 7), bool)
     ball[:, 1:14, 1:14, 1:6] = (
         np.sum(np.square(np.mgrid[-6:7, -6:7, -2:3] * [[[[1.0]]], [[[1.0]]], [[[2.5]]]]), 0) <= 36

@@ -72,6 +72,7 @@ _NOISY_HANDLERS = ("StatsHandler", "ignite.handlers.ProgressBar", "ProgressBar")
 # chance (validation AUC 0.5-0.6) on the SyntheticSource defaults (nodules from 3 mm, vessel trunks 4.5-5.5 mm in
 # radius). With nodules from 10 mm and thinner vessel trees (trunks 2.5-3.5 mm, closer to segmental arteries) it
 # learns them (test AUC 0.79) and its NAM peaks near the nodule five times as often as at a random lung pixel.
+# Its ground-glass is the generator's default since 0.5.4, real CT's -800..-550 HU with texture.
 QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
 
 # The candidate rule of the quick start's segmentations: the bundle's defaults (phases fitted again in the scope,
