@@ -217,7 +217,7 @@ def test_vessel_and_nodule_type_options():
         assert 4.5 <= wide[:, 6].max() <= 5.5 and 2.5 <= narrow[:, 6].max() <= 3.5
         assert len(narrow) < len(wide)
         for lesion in thin._plan(index).nodules:
-            assert not lesion.part_solid and lesion.ggo_hu == lesion.solid_hu and -10 <= lesion.solid_hu <= 60
+            assert lesion.kind == "solid" and lesion.ggo_hu == lesion.solid_hu and -10 <= lesion.solid_hu <= 60
     pruned = SyntheticSource(n_cases=1, seed=5, min_vessel_radius_mm=2.0, **SMALL)._plan(0).vessels
     full = default._plan(0).vessels
     # branching stops below 2 mm; the last children (Murray's split) are at least 0.4x their parent's end radius
@@ -228,6 +228,23 @@ def test_unknown_subject(source):
     for subject in ("SYN-0024", "LIDC-IDRI-0001", "SYN-x"):
         with pytest.raises(ValueError, match="unknown subject"):
             source.annotations(subject)
+
+
+def test_nodule_kinds_name_each_annotated_nodule():
+    """``nodule_kinds`` names each nodule of ``annotations`` in order, as it was painted: ground-glass throughout at
+    its ground-glass HU, part-solid with a solid core, solid at a solid HU."""
+    source = SyntheticSource(n_cases=12, seed=3, **SMALL)
+    seen = set()
+    for subject in source.subjects():
+        kinds = source.nodule_kinds(subject)
+        lesions = source._plan(source._index(subject)).nodules
+        assert len(kinds) == len(source.annotations(subject).nodules) == len(lesions)
+        for kind, lesion in zip(kinds, lesions):
+            seen.add(kind)
+            solid_core = -10.0 <= lesion.solid_hu <= 60.0
+            assert solid_core == (kind != "ground-glass") and lesion.part_solid == (kind == "part-solid")
+            assert (lesion.ggo_hu == lesion.solid_hu) == (kind != "part-solid")
+    assert seen == {"solid", "part-solid", "ground-glass"}
 
 
 def test_ground_glass_nodules_have_real_densities_and_texture():
@@ -251,7 +268,7 @@ def test_ground_glass_nodules_have_real_densities_and_texture():
     rng = np.random.default_rng(0)
     for ggo, solid, spread in ((-700.0, -700.0, (25.0, 80.0)), (20.0, 20.0, (0.0, 8.0))):
         hu = np.full((15, 15, 7), -870.0, np.float32)
-        lesion = _Lesion(Nodule(ball, (0, 0, 0), 8.0), ggo, solid, False)
+        lesion = _Lesion(Nodule(ball, (0, 0, 0), 8.0), ggo, solid, "ground-glass" if ggo < -300 else "solid")
         SyntheticSource._paint_lesion(hu, lesion, rng, (0.75, 0.75, 2.5), REAL_GGO_TEXTURE_HU)
         values = hu[inside]
         assert abs(np.median(values) - ggo) < 40 and spread[0] <= values.std() <= spread[1], (ggo, values.std())

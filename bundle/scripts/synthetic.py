@@ -31,6 +31,7 @@ REAL_GGO_HU = (-800.0, -550.0)
 REAL_GGO_TEXTURE_HU = 50.0
 FIRST_GGO_HU = (-550.0, -300.0)
 GGO_TEXTURE_MM = 1.5
+NODULE_KINDS = ("solid", "part-solid", "ground-glass")  # the order of ``nodule_types_p``
 SMALL_MARK_P = 0.3  # share of cases with a < 3 mm mark, as LIDC readers also marked those
 
 # directions (y, x, z) of the trunks leaving a hilum, x to be multiplied by the side (-1 right, +1 left)
@@ -46,7 +47,11 @@ class _Lesion:
     nodule: Nodule  # expert masks at the volume's spacing, placed at ``origin``
     ggo_hu: float
     solid_hu: float
-    part_solid: bool
+    kind: str  # one of NODULE_KINDS
+
+    @property
+    def part_solid(self) -> bool:
+        return self.kind == "part-solid"
 
 
 @dataclass
@@ -203,6 +208,10 @@ class SyntheticSource:
         nodules = [Nodule(n.nodule.masks.copy(), n.nodule.origin, n.nodule.diameter_mm) for n in plan.nodules]
         return CaseAnnotations(subject, self.shape, self.spacing, nodules, marked)
 
+    def nodule_kinds(self, subject: str) -> list[str]:
+        """The kind of each of ``annotations(subject).nodules``, in order: one of ``NODULE_KINDS``."""
+        return [lesion.kind for lesion in self._plan(self._index(subject)).nodules]
+
     def load(self, subject: str) -> CaseVolume:
         """The case's volume: ``hu`` int16 ``(rows, cols, slices)`` and the lung mask (nodules included)."""
         index = self._index(subject)
@@ -307,7 +316,7 @@ class SyntheticSource:
                     origin = self._slide_to_pleura(plan, masks, origin)
             if origin is not None:
                 return _Lesion(
-                    Nodule(masks, origin, shape.diameter_mm), ggo_hu if kind else solid_hu, solid_hu, kind == 1
+                    Nodule(masks, origin, shape.diameter_mm), ggo_hu if kind else solid_hu, solid_hu, NODULE_KINDS[kind]
                 )
         return None
 
@@ -321,7 +330,7 @@ class SyntheticSource:
         masks = masks[(slice(None),) + ndimage.find_objects(mask.astype(np.uint8))[0]]
         origin = self._find_free(plan, masks, rng, None)
         hu = rng.uniform(-10.0, 60.0)
-        return None if origin is None else _Lesion(Nodule(masks, origin, 2 * radius), hu, hu, False)
+        return None if origin is None else _Lesion(Nodule(masks, origin, 2 * radius), hu, hu, "solid")
 
     def _fits(self, plan: _Plan, masks: np.ndarray, origin) -> bool:
         """The lesion lies in the volume, inside the lungs, and clear of the other lesions."""

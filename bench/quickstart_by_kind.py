@@ -1,0 +1,109 @@
+"""A quick start's detection per nodule kind: which of the test split's solid, part-solid and ground-glass nodule
+slices the classifier calls positive, and which each row of Table 1 finds.
+
+The synthetic source knows each nodule's kind (``SyntheticSource.nodule_kinds``); the dataset records the source's
+settings, so the kinds are drawn again from them, without rendering a volume. Only the test slices with one nodule
+are counted (a slice with two may hold two kinds). For each kind and row: ``n``, the share the classifier calls
+positive, the share found (the prediction overlaps the ground truth, Table 1's TP), the share found of those
+called positive, and TP Dice. Prints a table; JSON to ``--out``.
+
+    python bench/quickstart_by_kind.py RUN_DIR [--out bench/results/quickstart_by_kind.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bundle"))
+
+from scripts.atomic import write_json  # noqa: E402
+from scripts.checkpoint import bundle_version  # noqa: E402
+from scripts.synthetic import NODULE_KINDS, SyntheticSource  # noqa: E402
+
+
+def slice_kinds(dataset_dir: Path) -> dict[str, str]:
+    """The kind of the nodule on each test slice with one nodule, by the slice's image file name."""
+    summary = json.loads((dataset_dir / "dataset_summary.json").read_text())
+    if summary.get("source") != "synthetic":
+        raise ValueError(f"{dataset_dir}: not a synthetic dataset (source {summary.get('source')!r})")
+    n_cases = sum(len(subjects) for subjects in summary["subjects"].values())
+    source = SyntheticSource(n_cases=n_cases, **summary["source_settings"])
+    kinds = {}
+    for entry in json.loads((dataset_dir / "datalist.json").read_text())["test"]:
+        if entry["class"] != 1 or entry["nodules"] != 1:
+            continue
+        annotations = source.annotations(entry["subject"])
+        on_slice = [
+            kind
+            for nodule, kind in zip(annotations.nodules, source.nodule_kinds(entry["subject"]))
+            if 0 <= entry["slice"] - nodule.origin[2] < nodule.masks.shape[3]
+            and nodule.masks[..., entry["slice"] - nodule.origin[2]].any()
+        ]
+        if len(set(on_slice)) == 1:
+            kinds[Path(entry["image"]).name] = on_slice[0]
+    return kinds
+
+
+def row_by_kind(dataset_dir: Path, predictions: Path, kinds: dict[str, str]) -> dict:
+    """One prediction directory's counts per kind."""
+    labels = {
+        Path(e["image"]).name: e["label"] for e in json.loads((dataset_dir / "datalist.json").read_text())["test"]
+    }
+    tallies = {kind: {"n": 0, "positive": 0, "found": 0, "dice": []} for kind in NODULE_KINDS}
+    for name, kind in kinds.items():
+        record = json.loads((predictions / "records" / name.replace(".nii.gz", ".json")).read_text())
+        truth = np.asarray(nib.load(dataset_dir / labels[name]).dataobj) > 0
+        mask_file = predictions / "masks" / name
+        pred = np.asarray(nib.load(mask_file).dataobj) > 0 if mask_file.is_file() else np.zeros_like(truth)
+        tally = tallies[kind]
+        tally["n"] += 1
+        tally["positive"] += bool(record["positive"])
+        overlap = int(np.count_nonzero(truth & pred))
+        if overlap:
+            tally["found"] += 1
+            tally["dice"].append(2.0 * overlap / (truth.sum() + pred.sum()))
+    return {
+        kind: {
+            "n": t["n"],
+            "classifier_positive": t["positive"],
+            "found": t["found"],
+            "tp_dice": round(float(np.mean(t["dice"])), 3) if t["dice"] else None,
+        }
+        for kind, t in tallies.items()
+        if t["n"]
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Count per kind for every row under ``RUN_DIR/predictions``; print and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a finished quick start's --out (dataset/, predictions/)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quickstart_by_kind.json")
+    args = parser.parse_args(argv)
+    dataset_dir = args.run_dir / "dataset"
+    kinds = slice_kinds(dataset_dir)
+    rows = {}
+    print(f"{'row':<14}{'kind':<14}{'n':>5}{'called +':>10}{'found':>8}{'found of +':>12}{'TP Dice':>9}")
+    for predictions in sorted(p for p in (args.run_dir / "predictions").iterdir() if (p / "records").is_dir()):
+        rows[predictions.name] = row_by_kind(dataset_dir, predictions, kinds)
+        for kind, r in rows[predictions.name].items():
+            found_of_positive = r["found"] / r["classifier_positive"] if r["classifier_positive"] else float("nan")
+            dice = f"{r['tp_dice']:.2f}" if r["tp_dice"] is not None else "-"
+            print(
+                f"{predictions.name:<14}{kind:<14}{r['n']:>5}{r['classifier_positive'] / r['n']:>10.2f}"
+                f"{r['found'] / r['n']:>8.2f}{found_of_positive:>12.2f}{dice:>9}"
+            )
+    result = {"run_dir": str(args.run_dir.resolve()), "bundle_version": bundle_version(REPO / "bundle"), "rows": rows}
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
