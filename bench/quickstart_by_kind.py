@@ -7,7 +7,7 @@ are counted (a slice with two may hold two kinds). For each kind and row: ``n``,
 positive, the share found (the prediction overlaps the ground truth, Table 1's TP), the share found of those
 called positive, and TP Dice. Prints a table; JSON to ``--out``.
 
-    python bench/quickstart_by_kind.py RUN_DIR [--out bench/results/quickstart_by_kind.json]
+    python bench/quickstart_by_kind.py RUN_DIR [--predictions DIR ...] [--out bench/results/quickstart_by_kind.json]
 """
 
 from __future__ import annotations
@@ -85,19 +85,31 @@ def main(argv: list[str] | None = None) -> dict:
     """Count per kind for every row under ``RUN_DIR/predictions``; print and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a finished quick start's --out (dataset/, predictions/)")
+    parser.add_argument(
+        "--predictions",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="prediction directories (default: every one under RUN_DIR/predictions; bench/quickstart_rules.py's are "
+        "under RUN_DIR/rules)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quickstart_by_kind.json")
     args = parser.parse_args(argv)
     dataset_dir = args.run_dir / "dataset"
     kinds = slice_kinds(dataset_dir)
     rows = {}
-    print(f"{'row':<14}{'kind':<14}{'n':>5}{'called +':>10}{'found':>8}{'found of +':>12}{'TP Dice':>9}")
-    for predictions in sorted(p for p in (args.run_dir / "predictions").iterdir() if (p / "records").is_dir()):
+    rows_dirs = args.predictions or sorted(
+        p for p in (args.run_dir / "predictions").iterdir() if (p / "records").is_dir()
+    )
+    width = max(len(p.name) for p in rows_dirs) + 2
+    print(f"{'row':<{width}}{'kind':<14}{'n':>5}{'called +':>10}{'found':>8}{'found of +':>12}{'TP Dice':>9}")
+    for predictions in rows_dirs:
         rows[predictions.name] = row_by_kind(dataset_dir, predictions, kinds)
         for kind, r in rows[predictions.name].items():
             found_of_positive = r["found"] / r["classifier_positive"] if r["classifier_positive"] else float("nan")
             dice = f"{r['tp_dice']:.2f}" if r["tp_dice"] is not None else "-"
             print(
-                f"{predictions.name:<14}{kind:<14}{r['n']:>5}{r['classifier_positive'] / r['n']:>10.2f}"
+                f"{predictions.name:<{width}}{kind:<14}{r['n']:>5}{r['classifier_positive'] / r['n']:>10.2f}"
                 f"{r['found'] / r['n']:>8.2f}{found_of_positive:>12.2f}{dice:>9}"
             )
     result = {"run_dir": str(args.run_dir.resolve()), "bundle_version": bundle_version(REPO / "bundle"), "rows": rows}
