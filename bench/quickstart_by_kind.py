@@ -4,8 +4,8 @@ slices the classifier calls positive, and which each row of Table 1 finds.
 The synthetic source knows each nodule's kind (``SyntheticSource.nodule_kinds``); the dataset records the source's
 settings, so the kinds are drawn again from them, without rendering a volume. Only the test slices with one nodule
 are counted (a slice with two may hold two kinds). For each kind and row: ``n``, the share the classifier calls
-positive, the share found (the prediction overlaps the ground truth, Table 1's TP), the share found of those
-called positive, and TP Dice. Prints a table; JSON to ``--out``.
+positive (none for the U-Net, which has no classifier), the share found (the prediction overlaps the ground truth,
+Table 1's TP), the share found of those called positive, and TP Dice. Prints a table; JSON to ``--out``.
 
     python bench/quickstart_by_kind.py RUN_DIR [--predictions DIR ...] [--out bench/results/quickstart_by_kind.json]
 """
@@ -64,7 +64,10 @@ def row_by_kind(dataset_dir: Path, predictions: Path, kinds: dict[str, str]) -> 
         pred = np.asarray(nib.load(mask_file).dataobj) > 0 if mask_file.is_file() else np.zeros_like(truth)
         tally = tallies[kind]
         tally["n"] += 1
-        tally["positive"] += bool(record["positive"])
+        if "positive" in record:  # the U-Net's records have no classifier call
+            tally["positive"] += bool(record["positive"])
+        else:
+            tally["positive"] = None
         overlap = int(np.count_nonzero(truth & pred))
         if overlap:
             tally["found"] += 1
@@ -106,11 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     for predictions in rows_dirs:
         rows[predictions.name] = row_by_kind(dataset_dir, predictions, kinds)
         for kind, r in rows[predictions.name].items():
-            found_of_positive = r["found"] / r["classifier_positive"] if r["classifier_positive"] else float("nan")
+            positive = r["classifier_positive"]
+            called = f"{positive / r['n']:>10.2f}" if positive is not None else f"{'-':>10}"
+            found_of_positive = f"{r['found'] / positive:>12.2f}" if positive else f"{'-':>12}"
             dice = f"{r['tp_dice']:.2f}" if r["tp_dice"] is not None else "-"
             print(
-                f"{predictions.name:<{width}}{kind:<14}{r['n']:>5}{r['classifier_positive'] / r['n']:>10.2f}"
-                f"{r['found'] / r['n']:>8.2f}{found_of_positive:>12.2f}{dice:>9}"
+                f"{predictions.name:<{width}}{kind:<14}{r['n']:>5}{called}{r['found'] / r['n']:>8.2f}"
+                f"{found_of_positive}{dice:>9}"
             )
     result = {"run_dir": str(args.run_dir.resolve()), "bundle_version": bundle_version(REPO / "bundle"), "rows": rows}
     write_json(args.out, result)

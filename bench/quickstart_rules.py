@@ -46,6 +46,12 @@ VARIANTS: dict[str, dict] = {
     },
     # the scope: the watershed's domain at half the NAM's range instead of a fifth (bench/oracle_scope.py's "+scope0.5")
     "quick start, scope at 0.5": {**QUICKSTART_CANDIDATES, "scope_threshold": 0.5},
+    # ground-glass at real densities (0.5.4's data) lies under the fixed cut: cuts lower, or margins that skip the
+    # vessels' partial-volume halo (a phase about 200 HU above the parenchyma at 2.25 mm)
+    "defaults, 150 HU above the parenchyma": {"dense_margin_hu": 150.0},
+    "defaults, 200 HU above the parenchyma": {"dense_margin_hu": 200.0},
+    "quick start, fixed cut at -650 HU": {**QUICKSTART_CANDIDATES, "dense_hu": -650.0},
+    "quick start, fixed cut at -700 HU": {**QUICKSTART_CANDIDATES, "dense_hu": -700.0},
 }
 COLUMNS = {"TPR": "TPR", "FPR_nodule": "FPR_nodule", "Dice": "dice", "TP Dice": "tp_dice", "TP DOA mm^2": "tp_doa_mm2"}
 

@@ -1,5 +1,5 @@
-"""bench/quickstart_by_kind.py: each test nodule slice gets the kind its nodule was painted as, and the counts per
-kind follow the predictions."""
+"""bench/quickstart_by_kind.py and bench/oracle_quickstart.py: each test nodule slice gets the kind its nodule was
+painted as, the counts per kind follow the predictions, and the oracle stage runs both rules on those slices."""
 
 import importlib.util
 import json
@@ -76,3 +76,22 @@ def test_refuses_a_dataset_of_another_source(dataset, tmp_path):
     (tmp_path / "dataset_summary.json").write_text(json.dumps({**summary, "source": "lidc"}))
     with pytest.raises(ValueError, match="not a synthetic dataset"):
         quickstart_by_kind.slice_kinds(tmp_path)
+
+
+def test_oracle_stage_on_the_quick_start_slices(dataset, tmp_path):
+    """bench/oracle_quickstart.py runs the stage with an oracle NAM on every typed test slice under both rules."""
+    spec = importlib.util.spec_from_file_location("oracle_quickstart", REPO / "bench" / "oracle_quickstart.py")
+    oracle_quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle_quickstart)
+    (tmp_path / "dataset").symlink_to(dataset)
+    result = oracle_quickstart.main([str(tmp_path), "--nam-sigma", "6", "--out", str(tmp_path / "oracle.json")])
+    n = len(quickstart_by_kind.slice_kinds(dataset))
+    fixed = result["results"]["quick start (fixed -600 HU cut)"]["ideal"]
+    relative = result["results"]["defaults (100 HU above the parenchyma)"]["ideal"]
+    for ideal in (fixed, relative):
+        assert ideal["all"]["n"] == n and ideal["all solid"]["n"] >= 5
+        assert ideal["all solid"]["detection"] >= 0.8  # the oracle scope holds the solid nodules
+    # at 4.5 mm pixels "100 HU above the parenchyma" takes the partial-volume halo of the vessels and nodules along
+    assert relative["all solid"]["median_area_ratio"] > fixed["all solid"]["median_area_ratio"]
+    assert relative["all solid"]["best_tp_dice"] < fixed["all solid"]["best_tp_dice"]
+    assert json.loads((tmp_path / "oracle.json").read_text())["nam_sigma_px"] == 6.0
