@@ -1,8 +1,8 @@
 """bench/quickstart_by_kind.py and bench/oracle_quickstart.py: each test nodule slice gets the kind its nodule was
 painted as, the counts per kind follow the predictions, and the oracle stage runs both rules on those slices."""
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,9 +12,10 @@ from scripts.dataset import load_split, prepare_dataset, slice_stem
 from scripts.synthetic import SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("quickstart_by_kind", REPO / "bench" / "quickstart_by_kind.py")
-quickstart_by_kind = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(quickstart_by_kind)
+sys.path.insert(0, str(REPO / "bench"))
+
+import oracle_quickstart  # noqa: E402
+import quickstart_by_kind  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,6 @@ def test_refuses_a_dataset_of_another_source(dataset, tmp_path):
 
 def test_oracle_stage_on_the_quick_start_slices(dataset, tmp_path):
     """bench/oracle_quickstart.py runs the stage with an oracle NAM on every typed test slice under both rules."""
-    spec = importlib.util.spec_from_file_location("oracle_quickstart", REPO / "bench" / "oracle_quickstart.py")
-    oracle_quickstart = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle_quickstart)
     (tmp_path / "dataset").symlink_to(dataset)
     result = oracle_quickstart.main([str(tmp_path), "--nam-sigma", "6", "--out", str(tmp_path / "oracle.json")])
     n = len(quickstart_by_kind.slice_kinds(dataset))
