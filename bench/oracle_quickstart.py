@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "oracle_quickstart.json")
     args = parser.parse_args(argv)
     items = quickstart_items(args.run_dir / "dataset")
-    oracle_scope.DISPLACEMENT_PX = args.displacement
     results = {}
     print(f"{'rule':<42}{'group':<18}{'n':>5}{'detected':>10}{'best TP Dice':>14}{'coarse':>8}{'ratio':>7}{'cand.':>7}")
     for name, settings in rules().items():
-        results[name] = oracle_scope.evaluate(items, settings, sigma_px=args.nam_sigma)
+        results[name] = oracle_scope.evaluate(
+            items, settings, sigma_px=args.nam_sigma, displacement_px=args.displacement
+        )
         for group in GROUPS:
             s = results[name]["ideal"].get(group)
             if s:

@@ -418,13 +418,19 @@ def groups(items: list[dict]) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
-def evaluate(items: list[dict], settings: dict, seed: int = 0, sigma_px: float = NAM_SIGMA_PX) -> dict:
-    """Summaries per group for the ideal and the displaced NAM (a Gaussian of ``sigma_px``)."""
+def evaluate(
+    items: list[dict],
+    settings: dict,
+    seed: int = 0,
+    sigma_px: float = NAM_SIGMA_PX,
+    displacement_px: float = DISPLACEMENT_PX,
+) -> dict:
+    """Summaries per group for the ideal NAM and one displaced by ``displacement_px`` (Gaussians of ``sigma_px``)."""
     rng = np.random.default_rng([seed, 12])
     results = {"ideal": [], "displaced": []}
     for item in items:
         angle = rng.uniform(0, 2 * math.pi)
-        offset = (DISPLACEMENT_PX * math.sin(angle), DISPLACEMENT_PX * math.cos(angle))
+        offset = (displacement_px * math.sin(angle), displacement_px * math.cos(angle))
         ideal, displaced = run_stage(item, settings, [(0.0, 0.0), offset], sigma_px)
         results["ideal"].append(ideal)
         results["displaced"].append(displaced)
