@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "oracle_quickstart.json")
     args = parser.parse_args(argv)
     items = quickstart_items(args.run_dir / "dataset")
+    compared = rules()
     results = {}
     print(f"{'rule':<42}{'group':<18}{'n':>5}{'detected':>10}{'best TP Dice':>14}{'coarse':>8}{'ratio':>7}{'cand.':>7}")
-    for name, settings in rules().items():
+    for name, settings in compared.items():
         results[name] = oracle_scope.evaluate(
             items, settings, sigma_px=args.nam_sigma, displacement_px=args.displacement
         )
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bundle_version": bundle_version(BENCH.parent / "bundle"),
         "nam_sigma_px": args.nam_sigma,
         "displacement_px": args.displacement,
-        "rules": {name: settings for name, settings in rules().items()},
+        "rules": compared,
         "results": results,
     }
     write_json(args.out, result)

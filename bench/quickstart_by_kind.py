@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import nibabel as nib
 import numpy as np
@@ -35,14 +36,17 @@ def slice_kinds(dataset_dir: Path) -> dict[str, str]:
         raise ValueError(f"{dataset_dir}: not a synthetic dataset (source {summary.get('source')!r})")
     n_cases = sum(len(subjects) for subjects in summary["subjects"].values())
     source = SyntheticSource(n_cases=n_cases, **summary["source_settings"])
+    nodules = {}  # per subject: its nodules with their kinds, drawn once for all its slices
     kinds = {}
     for entry in json.loads((dataset_dir / "datalist.json").read_text())["test"]:
         if entry["class"] != 1 or entry["nodules"] != 1:
             continue
-        annotations = source.annotations(entry["subject"])
+        subject = entry["subject"]
+        if subject not in nodules:
+            nodules[subject] = list(zip(source.annotations(subject).nodules, source.nodule_kinds(subject)))
         on_slice = [
             kind
-            for nodule, kind in zip(annotations.nodules, source.nodule_kinds(entry["subject"]))
+            for nodule, kind in nodules[subject]
             if 0 <= entry["slice"] - nodule.origin[2] < nodule.masks.shape[3]
             and nodule.masks[..., entry["slice"] - nodule.origin[2]].any()
         ]
@@ -51,15 +55,22 @@ def slice_kinds(dataset_dir: Path) -> dict[str, str]:
     return kinds
 
 
-def row_by_kind(dataset_dir: Path, predictions: Path, kinds: dict[str, str]) -> dict:
-    """One prediction directory's counts per kind."""
-    labels = {
-        Path(e["image"]).name: e["label"] for e in json.loads((dataset_dir / "datalist.json").read_text())["test"]
+def slice_truths(dataset_dir: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The ground truth of the named test slices (by image file name), read once for every row."""
+    wanted = set(names)
+    return {
+        Path(e["image"]).name: np.asarray(nib.load(dataset_dir / e["label"]).dataobj) > 0
+        for e in json.loads((dataset_dir / "datalist.json").read_text())["test"]
+        if Path(e["image"]).name in wanted
     }
+
+
+def row_by_kind(predictions: Path, kinds: dict[str, str], truths: dict[str, np.ndarray]) -> dict:
+    """One prediction directory's counts per kind."""
     tallies = {kind: {"n": 0, "positive": 0, "found": 0, "dice": []} for kind in NODULE_KINDS}
     for name, kind in kinds.items():
         record = json.loads((predictions / "records" / name.replace(".nii.gz", ".json")).read_text())
-        truth = np.asarray(nib.load(dataset_dir / labels[name]).dataobj) > 0
+        truth = truths[name]
         mask_file = predictions / "masks" / name
         pred = np.asarray(nib.load(mask_file).dataobj) > 0 if mask_file.is_file() else np.zeros_like(truth)
         tally = tallies[kind]
@@ -100,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     dataset_dir = args.run_dir / "dataset"
     kinds = slice_kinds(dataset_dir)
+    truths = slice_truths(dataset_dir, kinds)
     rows = {}
     rows_dirs = args.predictions or sorted(
         p for p in (args.run_dir / "predictions").iterdir() if (p / "records").is_dir()
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(len(p.name) for p in rows_dirs) + 2
     print(f"{'row':<{width}}{'kind':<14}{'n':>5}{'called +':>10}{'found':>8}{'found of +':>12}{'TP Dice':>9}")
     for predictions in rows_dirs:
-        rows[predictions.name] = row_by_kind(dataset_dir, predictions, kinds)
+        rows[predictions.name] = row_by_kind(predictions, kinds, truths)
         for kind, r in rows[predictions.name].items():
             positive = r["classifier_positive"]
             called = f"{positive / r['n']:>10.2f}" if positive is not None else f"{'-':>10}"

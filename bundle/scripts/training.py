@@ -69,15 +69,8 @@ class PrepareClassBatch(PrepareBatch):
 
 
 class PrepareMaskBatch(PrepareClassBatch):
-    """Give the U-Net's engines ``(image, mask)`` as plain tensors, the mask as it is (see :class:`PrepareClassBatch`).
-
-    Args:
-        image_key: key of the input image in the batch.
-        label_key: key of the nodule mask in the batch.
-    """
-
-    def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
-        super().__init__(image_key, label_key)
+    """Give the U-Net's engines ``(image, mask)`` as plain tensors, the mask as it is (see :class:`PrepareClassBatch`;
+    ``label_key`` names the nodule mask)."""
 
     @staticmethod
     def _target(label: torch.Tensor) -> torch.Tensor:
