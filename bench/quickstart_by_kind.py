@@ -3,9 +3,10 @@ slices the classifier calls positive, and which each row of Table 1 finds.
 
 The synthetic source knows each nodule's kind (``SyntheticSource.nodule_kinds``); the dataset records the source's
 settings, so the kinds are drawn again from them, without rendering a volume. Only the test slices with one nodule
-are counted (a slice with two may hold two kinds). For each kind and row: ``n``, the share the classifier calls
-positive (none for the U-Net, which has no classifier), the share found (the prediction overlaps the ground truth,
-Table 1's TP), the share found of those called positive, and TP Dice. Prints a table; JSON to ``--out``.
+are counted (a slice with two may hold two kinds); which nodule is on a slice is the dataset writer's rule. For each
+kind and row: ``n``, the share the classifier calls positive (none for the U-Net, which has no classifier), the share
+found (the prediction overlaps the ground truth, Table 1's TP), the share found of those called positive, and TP
+Dice. Prints a table; JSON to ``--out``.
 
     python bench/quickstart_by_kind.py RUN_DIR [--predictions DIR ...] [--out bench/results/quickstart_by_kind.json]
 """
@@ -26,32 +27,38 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from scripts.atomic import write_json  # noqa: E402
 from scripts.checkpoint import bundle_version  # noqa: E402
+from scripts.dataset import STATE_DIR  # noqa: E402
+from scripts.labels import slice_classes  # noqa: E402
 from scripts.synthetic import NODULE_KINDS, SyntheticSource  # noqa: E402
 
 
 def slice_kinds(dataset_dir: Path) -> dict[str, str]:
-    """The kind of the nodule on each test slice with one nodule, by the slice's image file name."""
+    """The kind of the nodule on each test slice with one nodule, by the slice's image file name.
+
+    Which nodule makes a slice positive is decided by the dataset writer's own rule, ``slice_classes`` with the
+    dataset's ``min_experts`` (from its summary; datasets written before 0.5.5 have it only in ``.state/``).
+    """
     summary = json.loads((dataset_dir / "dataset_summary.json").read_text())
     if summary.get("source") != "synthetic":
         raise ValueError(f"{dataset_dir}: not a synthetic dataset (source {summary.get('source')!r})")
+    if "min_experts" in summary:
+        min_experts = summary["min_experts"]
+    else:
+        min_experts = json.loads((dataset_dir / STATE_DIR / "settings.json").read_text())["min_experts"]
     n_cases = sum(len(subjects) for subjects in summary["subjects"].values())
     source = SyntheticSource(n_cases=n_cases, **summary["source_settings"])
-    nodules = {}  # per subject: its nodules with their kinds, drawn once for all its slices
+    subjects = {}  # per subject: the nodules of each slice and each nodule's kind, drawn once for all its slices
     kinds = {}
     for entry in json.loads((dataset_dir / "datalist.json").read_text())["test"]:
         if entry["class"] != 1 or entry["nodules"] != 1:
             continue
         subject = entry["subject"]
-        if subject not in nodules:
-            nodules[subject] = list(zip(source.annotations(subject).nodules, source.nodule_kinds(subject)))
-        on_slice = [
-            kind
-            for nodule, kind in nodules[subject]
-            if 0 <= entry["slice"] - nodule.origin[2] < nodule.masks.shape[3]
-            and nodule.masks[..., entry["slice"] - nodule.origin[2]].any()
-        ]
-        if len(set(on_slice)) == 1:
-            kinds[Path(entry["image"]).name] = on_slice[0]
+        if subject not in subjects:
+            classes = slice_classes(source.annotations(subject), min_experts=min_experts)
+            subjects[subject] = classes.nodules, source.nodule_kinds(subject)
+        members, nodule_kinds = subjects[subject]
+        (index,) = members[entry["slice"]]
+        kinds[Path(entry["image"]).name] = nodule_kinds[index]
     return kinds
 
 

@@ -257,7 +257,8 @@ class ToySourceWithSettings(ToySource):
 
 
 def test_source_settings_are_recorded_and_checked_on_resume(tmp_path):
-    assert prepare_dataset(ToySource(6), tmp_path / "plain", size=64, progress=False)["source_settings"] == {}
+    plain = prepare_dataset(ToySource(6), tmp_path / "plain", size=64, min_experts=1, progress=False)
+    assert plain["source_settings"] == {} and plain["min_experts"] == 1  # a slice's class is decided by it
     summary = prepare_dataset(ToySourceWithSettings(6), tmp_path / "a", size=64, progress=False)
     assert summary["source_settings"] == {"spacing": list(SPACING)}
     assert json.loads((tmp_path / "a" / "dataset_summary.json").read_text())["source_settings"] == {

@@ -45,6 +45,8 @@ def _write_predictions(dataset: Path, out: Path, miss: str | None) -> None:
 
 def test_kinds_are_the_painted_ones(dataset):
     kinds = quickstart_by_kind.slice_kinds(dataset)
+    one_nodule = [i for i in load_split(dataset, "test") if i["class"] == 1 and i["nodules"] == 1]
+    assert sorted(kinds) == sorted(Path(i["image"]).name for i in one_nodule)  # every one, by the writer's rule
     assert set(kinds.values()) == {"solid", "part-solid", "ground-glass"}
     median_hu = {kind: [] for kind in ("solid", "part-solid", "ground-glass")}
     for item in load_split(dataset, "test", ("label",)):
@@ -52,7 +54,6 @@ def test_kinds_are_the_painted_ones(dataset):
         if kind:
             label = np.asarray(nib.load(item["label"]).dataobj) > 0
             median_hu[kind].append(float(np.median(np.asarray(nib.load(item["image"]).dataobj)[label])))
-    # ground-glass at -800..-550 HU throughout; solid at -10..60 HU, its median only lowered by the blurred edge
     # ground-glass at -800..-550 HU throughout, blurred into the parenchyma at its edge; solid at -10..60 HU, lowered
     # on a nodule's first and last slices by partial volume (a pixel here is 4.5 mm)
     assert all(-850.0 < hu < -500.0 for hu in median_hu["ground-glass"])

@@ -8,7 +8,8 @@ Layout under ``out_dir``::
     labels/<subject>_<slice>.nii.gz   uint8, 1 = nodule (STAPLE of the experts), empty for negatives
     lungs/<subject>_<slice>.nii.gz    uint8 lung mask of the slice (for keeping candidates inside the lungs)
     datalist.json                     {"training": [...], "validation": [...], "test": [...]}
-    dataset_summary.json              counts per split and class, pixel totals, source, seed, failures
+    dataset_summary.json              counts per split and class, pixel totals, source, seed, the settings that
+                                      decide a slice's class (min_experts, negative_margin), failures
 
 Preparation runs in three steps: *plan* (annotations only: slice classes, the subject split and the negative
 draw), *write* (one subject at a time, in worker processes), *index* (datalist and summary). Every file is written
@@ -502,6 +503,7 @@ def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures:
         "size": settings["size"],
         "negative_ratio": settings["negative_ratio"],
         "negative_margin": settings["negative_margin"],
+        "min_experts": settings["min_experts"],
         "negative_sampling": settings["negative_sampling"],
         "in_channels": settings["in_channels"],
         "context_mm": settings["context_mm"],
