@@ -23,7 +23,8 @@ median area ratio of the best candidate to the truth, and candidates per scope. 
 alternatives of the stage (see ``VARIANTS``: the scope, lung mask, ICM and candidate settings); the JSON goes to
 ``bench/results/oracle_scope.json`` (``--name`` adds a suffix).
 
-    python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16] [--name NAME]
+    python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16] [--displacement 12]
+        [--name NAME]
         [--cache FILE] [--paint agreement|consensus]
 """
 
@@ -506,6 +507,9 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--nam-sigma", type=float, default=NAM_SIGMA_PX, help="the oracle NAM's sigma in px (wider: a larger scope)"
     )
+    parser.add_argument(
+        "--displacement", type=float, default=DISPLACEMENT_PX, help="the displaced NAM's offset from the nodule, px"
+    )
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", default=None, help="pickle of the built slices, kept outside the repo (reused)")
@@ -536,18 +540,19 @@ def main(argv=None) -> dict:
         "slices": len(items),
         "build_s": built,
         "nam_sigma_px": args.nam_sigma,
+        "displacement_px": args.displacement,
         "paint": args.paint,
         "variants": {},
     }
     for name in args.variants:
         t0 = time.perf_counter()
-        summary = evaluate(items, _variant(name), args.seed, args.nam_sigma)
+        summary = evaluate(items, _variant(name), args.seed, args.nam_sigma, args.displacement)
         summary["targets"] = check_targets(summary)
         summary["settings"] = _variant(name)
         summary["seconds"] = time.perf_counter() - t0
         report["variants"][name] = summary
         print(f"\n## {name} ({summary['seconds']:.0f} s), ideal NAM\n{table(summary)}")
-        print(f"\ndisplaced NAM (12 px)\n{table(summary, 'displaced')}")
+        print(f"\ndisplaced NAM ({args.displacement:g} px)\n{table(summary, 'displaced')}")
         print("targets: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summary["targets"].items()))
     out = args.out or REPO / "bench" / "results" / f"oracle_scope{'_' + args.name if args.name else ''}.json"
     write_json(out, report)

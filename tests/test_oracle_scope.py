@@ -42,6 +42,7 @@ def test_real_solid_nodule(report):
 def test_hybrid_slices_are_built_and_scored(report):
     ideal = report["variants"]["current"]["ideal"]
     assert report["slices"] == 8 + 9
+    assert (report["nam_sigma_px"], report["displacement_px"], report["paint"]) == (16.0, 12.0, "agreement")
     assert [ideal[f"hybrid {kind}"]["n"] for kind in oracle_scope.KINDS] == [3, 3, 3]
     assert [ideal[f"hybrid {place}"]["n"] for place in oracle_scope.PLACES] == [3, 3, 3]
     targets = report["variants"]["current"]["targets"]
