@@ -7,7 +7,13 @@ a nodule. The candidates come from the stage exactly as the segmenter runs it wi
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.candidates import dense_phases, extract_candidates, split_attached, trim_partial_volume
+from scripts.candidates import (
+    dense_phases,
+    extract_candidates,
+    parenchyma_value,
+    split_attached,
+    trim_partial_volume,
+)
 from scripts.icm import icm_segmentation
 from scripts.lung_mask import segment_lungs
 from scripts.segmenter import WeaklySupervisedSegmenter
@@ -172,10 +178,11 @@ def test_dense_phase_rules():
         dense_phases(means, rule="bogus")
 
 
-@pytest.mark.parametrize("level", [30.0, -450.0])
+@pytest.mark.parametrize("level", [30.0, -450.0, -700.0])
 def test_nodule_filling_most_of_the_scope_is_still_a_candidate(level):
     """A large nodule that is most of its scope: the phases fitted in the scope make it the most frequent phase, yet
-    it is no parenchyma (its mean is above the -600 HU cut), so it is still denser than the parenchyma."""
+    it is no parenchyma (a solid one's mean is above the -600 HU cut; a ground-glass one is not the least dense phase
+    that holds a tenth of the scope's lungs), so it is still denser than the parenchyma."""
     hu, _ = chest(4)
     nodule = disk((80, 55), 16)
     hu = paint(hu, nodule, level)
@@ -184,3 +191,15 @@ def test_nodule_filling_most_of_the_scope_is_still_a_candidate(level):
     assert nodule.sum() > 0.6 * (scope & lungs).sum()
     area = only_hit(found, nodule).mask.sum() / nodule.sum()
     assert 0.8 <= area <= 1.2, area
+
+
+def test_parenchyma_is_the_least_dense_major_phase():
+    labels = np.repeat([1, 2, 3, 4], [5, 35, 50, 10]).reshape(10, 10).astype(np.int32)
+    means = np.array([-900.0, -850.0, -700.0, 20.0])
+    # -700 HU is the most frequent phase under the -600 HU cut (a ground-glass nodule filling half its scope), -900 HU
+    # holds 5 % (dark noise): the parenchyma is -850 HU
+    assert parenchyma_value(labels, means) == -850.0
+    assert parenchyma_value(labels, means, min_share=0.01) == -900.0
+    assert parenchyma_value(labels, means, min_share=0.6) == -700.0  # no phase holds the share: the most frequent
+    assert parenchyma_value(labels, means, region=labels >= 3) == -700.0
+    assert parenchyma_value(labels, means, region=labels == 4) == -900.0  # nothing under the cut: the lowest mean

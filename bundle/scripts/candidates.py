@@ -70,18 +70,31 @@ def dense_phases(
 
 
 def parenchyma_value(
-    labels: np.ndarray, means: np.ndarray, region: np.ndarray | None = None, min_value: float = -600.0
+    labels: np.ndarray,
+    means: np.ndarray,
+    region: np.ndarray | None = None,
+    min_value: float = -600.0,
+    min_share: float = 0.1,
 ) -> float:
-    """Mean of the most frequent non-dense phase in ``region`` (lung parenchyma): the fill value for R-NAM, and what
-    the relative rule of ``dense_phases`` counts from.
+    """Mean of the lung parenchyma's phase in ``region``: the fill value for R-NAM, and what the relative rule of
+    ``dense_phases`` counts from.
 
-    Falls back to the lowest phase mean when the region holds no non-dense pixel (NaN when no phase has pixels).
+    The parenchyma is the least dense of the phases that are not dense by the fixed cut (mean not above
+    ``min_value``) and hold at least ``min_share`` of the region's labelled pixels: aerated lung is the least dense
+    tissue, and the share keeps a phase of a few dark noisy pixels from being taken for it. Where a faint nodule fills
+    most of a small scope it is the most frequent such phase, but not the least dense (*inferred*;
+    ``bundle/docs/segmentation_choices.md``). Where no such phase holds that share, the most frequent one; the lowest
+    phase mean when the region holds no non-dense pixel (NaN when no phase has pixels).
     """
     means = np.asarray(means, dtype=np.float64)
     region = labels > 0 if region is None else (np.asarray(region, bool) & (labels > 0))
     counts = np.bincount(labels[region], minlength=means.size + 1)[1:].astype(float)
+    labelled = counts.sum()
     counts[np.nan_to_num(means, nan=np.inf) > min_value] = 0
     if counts.max() > 0:
+        major = counts >= min_share * labelled
+        if major.any():
+            return float(means[major].min())
         return float(means[np.argmax(counts)])
     finite = means[np.isfinite(means)]
     return float(finite.min()) if finite.size else float("nan")
@@ -218,8 +231,8 @@ def extract_candidates(
         min_area_mm2: smaller components are dropped.
         hu: the slice in HU, needed by ``trim``.
         rule: ``"fixed"`` (phase mean above ``min_value``) or ``"relative"`` (phase mean above the parenchyma
-            phase's by more than ``margin_hu``; the parenchyma phase is the most frequent one in the lungs whose mean
-            is not above ``min_value``, ``parenchyma_value``).
+            phase's by more than ``margin_hu``; the parenchyma phase is the least dense one in the lungs whose mean
+            is not above ``min_value`` and that holds a tenth of them, ``parenchyma_value``).
         margin_hu: see ``rule``.
         trim: cut each component at half way between the parenchyma and its own median HU (``trim_partial_volume``).
         split_mm: when > 0, split components at necks thinner than a disk of this radius (``split_attached``):
@@ -254,8 +267,8 @@ def extract_candidates(
         labels, means = icm_segmentation(np.asarray(hu, np.float64), region, **refit)
     means = np.asarray(means, dtype=np.float64)
     lungs = labels > 0 if lung_mask is None or refit is not None else np.asarray(lung_mask, bool)
-    # the parenchyma is the most frequent phase not dense by the fixed cut: where a large nodule fills most of the scope
-    # the most frequent phase of the refit is the nodule itself, and nothing would be denser than it
+    # the parenchyma is the least dense major phase not dense by the fixed cut: where a large nodule fills most of the
+    # scope the most frequent phase of the refit is the nodule itself, and nothing would be denser than it
     parenchyma = parenchyma_value(labels, means, lungs, min_value)
     if rule == "relative" and not np.isfinite(parenchyma):  # no labelled lung pixel: nothing to compare with
         return []

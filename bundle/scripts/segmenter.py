@@ -118,7 +118,8 @@ class WeaklySupervisedSegmenter(Inferer):
         multi_gap_min_peak: least normalised peak of a multi-GAP blob to replace C1.
         phases, beta, max_sweeps: ICM parameters (``scripts.icm.icm_segmentation``).
         dense_hu: with ``dense_rule="fixed"``, phases with a mean above it (HU) make candidates; in both rules the
-            parenchyma is the most frequent phase under it: its mean is the R-NAM fill value and what
+            parenchyma is the least dense phase under it that holds a tenth of the lungs
+            (``scripts.candidates.parenchyma_value``): its mean is the R-NAM fill value and what
             ``dense_rule="relative"`` counts from.
         min_area_mm2: smaller candidates are dropped.
         dense_rule: ``"relative"`` (phases denser than the parenchyma phase by ``dense_margin_hu``) or ``"fixed"``
