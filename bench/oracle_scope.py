@@ -24,8 +24,7 @@ alternatives of the stage (see ``VARIANTS``: the scope, lung mask, ICM and candi
 ``bench/results/oracle_scope.json`` (``--name`` adds a suffix).
 
     python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16] [--displacement 12]
-        [--name NAME]
-        [--cache FILE] [--paint agreement|consensus]
+        [--name NAME] [--cache FILE] [--paint agreement|consensus]
 """
 
 from __future__ import annotations
