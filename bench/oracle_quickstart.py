@@ -14,7 +14,6 @@ area ratio and candidates per scope; JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import oracle_scope  # noqa: E402
 from quickstart_by_kind import slice_kinds  # noqa: E402
 from scripts.atomic import write_json  # noqa: E402
 from scripts.checkpoint import bundle_version  # noqa: E402
+from scripts.dataset import load_split  # noqa: E402
 from scripts.quickstart import QUICKSTART_CANDIDATES  # noqa: E402
 
 GROUPS = ("all solid", "all part-solid", "all ground-glass", "all")
@@ -37,7 +37,7 @@ def quickstart_items(dataset_dir: Path) -> list[dict]:
     """``oracle_scope``'s items for the test slices with one nodule: HU, truth, pixel spacing and kind."""
     kinds = slice_kinds(dataset_dir)
     items = []
-    for entry in json.loads((dataset_dir / "datalist.json").read_text())["test"]:
+    for entry in load_split(dataset_dir, "test", ("label", "spacing_mm")):
         name = Path(entry["image"]).name
         if name in kinds:
             items.append(
@@ -46,8 +46,8 @@ def quickstart_items(dataset_dir: Path) -> list[dict]:
                     "kind": kinds[name],
                     "place": "quickstart",
                     "name": name,
-                    "hu": np.asarray(nib.load(dataset_dir / entry["image"]).dataobj),
-                    "truth": np.asarray(nib.load(dataset_dir / entry["label"]).dataobj) > 0,
+                    "hu": np.asarray(nib.load(entry["image"]).dataobj),
+                    "truth": np.asarray(nib.load(entry["label"]).dataobj) > 0,
                     "spacing": tuple(entry["spacing_mm"]),
                 }
             )

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 
 from scripts.atomic import write_json  # noqa: E402
 from scripts.checkpoint import bundle_version  # noqa: E402
-from scripts.dataset import STATE_DIR  # noqa: E402
+from scripts.dataset import STATE_DIR, load_split  # noqa: E402
 from scripts.labels import slice_classes  # noqa: E402
 from scripts.synthetic import NODULE_KINDS, SyntheticSource  # noqa: E402
 
@@ -49,7 +49,7 @@ def slice_kinds(dataset_dir: Path) -> dict[str, str]:
     source = SyntheticSource(n_cases=n_cases, **summary["source_settings"])
     subjects = {}  # per subject: the nodules of each slice and each nodule's kind, drawn once for all its slices
     kinds = {}
-    for entry in json.loads((dataset_dir / "datalist.json").read_text())["test"]:
+    for entry in load_split(dataset_dir, "test", ("class", "nodules", "subject", "slice")):
         if entry["class"] != 1 or entry["nodules"] != 1:
             continue
         subject = entry["subject"]
@@ -66,8 +66,8 @@ def slice_truths(dataset_dir: Path, names: Iterable[str]) -> dict[str, np.ndarra
     """The ground truth of the named test slices (by image file name), read once for every row."""
     wanted = set(names)
     return {
-        Path(e["image"]).name: np.asarray(nib.load(dataset_dir / e["label"]).dataobj) > 0
-        for e in json.loads((dataset_dir / "datalist.json").read_text())["test"]
+        Path(e["image"]).name: np.asarray(nib.load(e["label"]).dataobj) > 0
+        for e in load_split(dataset_dir, "test", ("label",))
         if Path(e["image"]).name in wanted
     }
 
