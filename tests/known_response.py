@@ -84,3 +84,18 @@ class InputRecorder(nn.Module):
         self.seen.append(x.clone())
         logits = torch.stack([torch.zeros(len(x)), torch.full((len(x),), -20.0)], dim=1)
         return logits, torch.zeros_like(x[:, :1])
+
+
+class DomeNet(nn.Module):
+    """Calls every slice "nodule", with a NAM that is one broad dome over the whole window: the scope is then nearly
+    all of the window, and with every ICM phase counted dense (``dense_rule="fixed"`` with ``dense_hu`` below air) the
+    coarse mask is nearly all of the lungs."""
+
+    def forward_with_nam(self, x):
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, x.shape[2]), torch.linspace(-1, 1, x.shape[3]), indexing="ij")
+        nam = (2.0 - rows**2 - cols**2).expand(len(x), 1, -1, -1)
+        logits = torch.stack([torch.zeros(len(x)), torch.full((len(x),), 20.0)], dim=1)
+        return logits, nam
+
+    def forward(self, x):
+        return self.forward_with_nam(x)[0]

@@ -20,7 +20,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial import ConvexHull
 
 from .scan import OUTPUT_CHANNELS
 
@@ -49,28 +49,45 @@ def axial_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(directions[2])))
 
 
-def _diameter_mm(points_mm: np.ndarray) -> float:
-    """Largest distance between two points of a set (through its convex hull when it has one)."""
+def _row_extremes(pixels: np.ndarray) -> np.ndarray:
+    """The first and last pixel of each row of a pixel set ``(N, 2)`` sorted by row then column (``np.argwhere``
+    order): the convex hull of the pixels' squares is that of these pixels' squares, at most 2 per row."""
+    first = np.unique(pixels[:, 0], return_index=True)[1]
+    last = np.append(first[1:], len(pixels)) - 1
+    return np.concatenate([pixels[first], pixels[last]])
+
+
+def _diameter_mm(points_mm: np.ndarray, chunk: int = 1024) -> float:
+    """Largest distance between two points of a set ``(N, 2)`` (mm, in a plane), memory linear in ``N``.
+
+    The farthest pair lies on the convex hull; its vertices are compared ``chunk`` at a time against all the others,
+    so that no ``N x N`` array is made even when the hull is large.
+    """
     if len(points_mm) > 3:
-        try:
-            points_mm = points_mm[ConvexHull(points_mm).vertices]
-        except QhullError:  # all points on a line
-            pass
-    differences = points_mm[:, None, :] - points_mm[None, :, :]
-    return float(np.sqrt((differences**2).sum(-1)).max())
+        points_mm = points_mm[ConvexHull(points_mm).vertices]
+    best = 0.0
+    for start in range(0, len(points_mm), chunk):
+        differences = points_mm[start : start + chunk, None, :] - points_mm[None, :, :]
+        best = max(best, float(np.sqrt((differences**2).sum(-1)).max()))
+    return best
 
 
 def _largest_axial_diameter(component: np.ndarray, affine: np.ndarray, axis: int) -> float:
-    """Largest in-plane Feret diameter (mm) of a 3-D component over its axial slices, measured on pixel corners."""
+    """Largest in-plane Feret diameter (mm) of a 3-D component over its axial slices, measured on pixel corners.
+
+    Each slice's corners are put in orthonormal mm coordinates of the slice's own plane (the QR factor of its two
+    voxel axes, which keeps distances), since in 3-D they are coplanar and have no 3-D hull; only the corners of each
+    row's first and last pixel are kept, so the cost is linear in the component, not quadratic.
+    """
     in_plane = [a for a in range(3) if a != axis]
+    to_plane = np.linalg.qr(np.asarray(affine, float)[:3, in_plane])[1]  # (2, 2): voxel (i, j) -> plane mm
     corners = np.array([[dx, dy] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)])
+    others = tuple(in_plane)
     best = 0.0
-    for index in np.unique(np.nonzero(component)[axis]):
-        pixels = np.argwhere(np.take(component, index, axis=axis)).astype(float)
+    for index in np.flatnonzero(component.any(axis=others)):
+        pixels = _row_extremes(np.argwhere(np.take(component, index, axis=axis))).astype(float)
         points = (pixels[:, None, :] + corners[None]).reshape(-1, 2)
-        voxels = np.zeros((len(points), 3))
-        voxels[:, in_plane] = points
-        best = max(best, _diameter_mm(voxels @ np.asarray(affine, float)[:3, :3].T))
+        best = max(best, _diameter_mm(points @ to_plane.T))
     return best
 
 
