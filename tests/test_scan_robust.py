@@ -1,5 +1,6 @@
-"""Every scan of a folder runs to the end: the nodule table's measurements cost memory linear in a component, and a
-scan whose mask covers most of the lungs is written."""
+"""Every scan of a folder runs to the end: the nodule table's measurements cost memory linear in a component, a scan
+whose mask covers most of the lungs is written, and a scan that fails anywhere (post-processing, writing) is reported
+by name while the others are written, with nothing of it left behind."""
 
 import json
 import resource
@@ -13,9 +14,13 @@ import numpy as np
 import pytest
 from known_response import DomeNet
 from monai.bundle import ConfigParser
+from monai.transforms import MapTransform
 from scripts.assemble import _largest_axial_diameter, axial_axis, nodule_table
+from scripts.atomic import write_folder_atomically
 from scripts.lung_mask import segment_lungs
 from scripts.prepare import scans
+from scripts.read import ScanError
+from scripts.write import ScanWriter
 
 SIZE = 64
 # With DomeNet's NAM, which covers the window, coarse masks that are nearly all of the lungs: every ICM phase dense
@@ -144,3 +149,120 @@ def test_scan_whose_mask_covers_the_lungs_runs_to_the_end(bundle_root, tmp_path)
     voxel_mm3 = float(np.prod(image.header.get_zooms()[:3]))
     assert sum(n["volume_mm3"] for n in result["nodules"]) == pytest.approx(mask.sum() * voxel_mm3, rel=1e-4)
     assert max(n["largest_axial_diameter_mm"] for n in result["nodules"]) > 100.0  # a lung's height, not a nodule's
+
+
+class FailOnd(MapTransform):
+    """A post-processing step that fails, as the diameter of a large component once did, on the scans named."""
+
+    def __init__(self, names):
+        super().__init__("pred")
+        self.names = set(names)
+
+    def __call__(self, data):
+        if data["name"] in self.names:
+            raise MemoryError("Unable to allocate 23.7 GiB for an array with shape (32600, 32600, 3)")
+        return data
+
+
+class FailingWriter(ScanWriter):
+    """A ScanWriter whose overview, written after the mask and the CSV files, fails on the scans named."""
+
+    def __init__(self, names, **kwargs):
+        super().__init__(**kwargs)
+        self.names = set(names)
+
+    def _overview(self, path, data, result, name):
+        if name in self.names:
+            raise OSError(28, "No space left on device")
+        super()._overview(path, data, result, name)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three small synthetic scans."""
+    root = tmp_path_factory.mktemp("scans")
+    scans(str(root), cases=3, seed=5, size=SIZE, n_slices=8)
+    return root
+
+
+def _failing_run(bundle_root, source, out, post=(), write=(), **overrides):
+    """The evaluator on ``source`` with a post-processing step failing on the scans ``post`` and a writer failing on
+    the scans ``write``, both given through the config."""
+    overrides = {"mode": "coarse", "threshold": 0.0, **overrides}
+    parser = _parser(bundle_root, input=str(source), output_dir=str(out), **overrides)
+    parser["postprocessing"]["transforms"].append(FailOnd(post))
+    parser["writer"] = FailingWriter(write, output_dir=str(out), version="test")
+    return parser.get_parsed_content("evaluator")
+
+
+def test_failures_in_post_processing_and_writing_are_reported_and_the_others_written(
+    bundle_root, folder, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    runner = _failing_run(bundle_root, folder, out, post=["SYN-0000"], write=["SYN-0001"])
+    with pytest.raises(ScanError, match=r"2 of 3 scan\(s\) failed: SYN-0000; SYN-0001"):
+        runner.run()
+    log = capsys.readouterr()
+    assert "SYN-0000: FAILED: MemoryError while post-processing: Unable to allocate 23.7 GiB" in log.out + log.err
+    assert "SYN-0001: FAILED: OSError while writing: [Errno 28] No space left on device" in log.out + log.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [d["name"] for d in summary["done"]] == ["SYN-0002"]
+    assert (out / "SYN-0002" / "SYN-0002_nodules.json").is_file()
+    failed = {f["name"]: f for f in summary["failed"]}
+    assert failed["SYN-0000"]["step"] == "post-processing" and "Unable to allocate" in failed["SYN-0000"]["reason"]
+    assert failed["SYN-0001"]["step"] == "writing" and "No space left" in failed["SYN-0001"]["reason"]
+    assert "_overview" in failed["SYN-0001"]["traceback"]  # where a bug is, for its report
+    # nothing of the failed scans: no folder, no file, no temporary folder (SYN-0001's mask and CSVs were written)
+    assert sorted(p.name for p in out.iterdir()) == ["SYN-0002", "summary.json"]
+
+
+def test_a_failed_rewrite_keeps_the_earlier_outputs_whole(bundle_root, folder, tmp_path):
+    """Re-running a finished scan with other settings (``skip_done`` False) when its writing now fails leaves the
+    earlier outputs as they were, not the new mask and tables beside the old picture and JSON."""
+    out, scan = tmp_path / "out", folder / "SYN-0001.nii.gz"
+    _failing_run(bundle_root, scan, out).run()
+    before = {p.name: p.read_bytes() for p in (out / "SYN-0001").iterdir()}
+    rerun = _failing_run(bundle_root, scan, out, write=["SYN-0001"], skip_done=False, **LUNGS)
+    with pytest.raises(ScanError, match=r"1 of 1 scan\(s\) failed: SYN-0001"):
+        rerun.run()
+    assert {p.name: p.read_bytes() for p in (out / "SYN-0001").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["SYN-0001", "summary.json"]
+
+
+class Interrupted(ScanWriter):
+    """A ScanWriter interrupted (Ctrl-C) while writing the overview, after the mask and the CSV files."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = []
+
+    def _overview(self, path, data, result, name):
+        self.seen.append(name)
+        raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_stops_the_run_leaving_nothing(bundle_root, folder, tmp_path):
+    out = tmp_path / "out"
+    parser = _parser(bundle_root, input=str(folder), output_dir=str(out), mode="coarse", threshold=0.0)
+    writer = parser["writer"] = Interrupted(output_dir=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        parser.get_parsed_content("evaluator").run()
+    assert writer.seen == ["SYN-0000"] and list(out.iterdir()) == []
+
+
+def test_folder_written_atomically(tmp_path):
+    """A folder appears whole or not at all, and a failed rewrite keeps the earlier one."""
+    target = tmp_path / "scan"
+    with write_folder_atomically(target) as folder:
+        (folder / "a.txt").write_text("first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"] and (target / "a.txt").read_text() == "first"
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with write_folder_atomically(target) as folder:
+                (folder / "a.txt").write_text("second")
+                raise error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"] and (target / "a.txt").read_text() == "first"
+    with write_folder_atomically(target) as folder:
+        (folder / "b.txt").write_text("third")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]

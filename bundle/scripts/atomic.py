@@ -1,15 +1,19 @@
 """Atomic file writes: every output is written under a temporary name beside its target and renamed when
-complete, so a reader (or a resumed run) never sees a half-written file, and a failed write leaves nothing."""
+complete, so a reader (or a resumed run) never sees a half-written file, and a failed write leaves nothing. A folder
+of outputs (one scan's) is written the same way, as a whole (``write_folder_atomically``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["write_atomically", "write_text", "write_json", "read_json"]
+__all__ = ["write_atomically", "write_folder_atomically", "write_text", "write_json", "read_json"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -25,6 +29,35 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def write_folder_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path`` (named ``.tmp-<name>-*``) to write into; when the block ends without
+    an error it replaces ``path`` (a folder there from an earlier run is removed), else it is removed with what was
+    written in it. So ``path`` holds the earlier complete folder or the new complete one, never a part of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        # a non-empty folder cannot be renamed over: the earlier one is moved aside first, and back if that fails
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".old-{path.name}-"))
+        os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old / path.name, path)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

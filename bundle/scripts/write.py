@@ -1,4 +1,5 @@
-"""The outputs of one scan, each written atomically and named after the scan, under ``<output_dir>/<name>/``:
+"""The outputs of one scan, named after the scan, under ``<output_dir>/<name>/``, a folder that appears only when all
+of them are written (``scripts.atomic.write_folder_atomically``):
 
 - ``<name>_mask.nii.gz``: the nodule mask, uint8, on the input's grid (shape, spacing, origin, direction);
 - ``<name>_seg.dcm``: the same mask as DICOM SEG (highdicom), referencing the source series, when the input was one;
@@ -20,17 +21,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import nibabel as nib
 import numpy as np
 import pydicom
+from matplotlib.figure import Figure
 
 from .assemble import NODULE_COLUMNS, SLICE_COLUMNS
-from .atomic import write_atomically, write_json, write_text
+from .atomic import write_atomically, write_folder_atomically, write_json, write_text
 from .read import dicom_series, scan_name
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 __all__ = ["ScanWriter", "output_paths", "write_mask_nifti", "write_dicom_seg", "write_csv", "save_overview"]
 
@@ -156,7 +154,8 @@ def save_overview(
     by_size = sorted(range(len(nodules)), key=lambda j: -nodules[j]["volume_mm3"])
     nodules, nodule_voxels = [nodules[j] for j in by_size], [nodule_voxels[j] for j in by_size]
     shown = min(len(nodules), MAX_CLOSE_UPS)
-    fig = plt.figure(figsize=(4 * max(3, shown), 8.5))
+    # a Figure of its own, not pyplot's: nothing global holds it, so a failed save cannot leak it
+    fig = Figure(figsize=(4 * max(3, shown), 8.5))
     grid = fig.add_gridspec(2, max(3, shown))
     coronal = fig.add_subplot(grid[0, :2])
     # anterior-posterior mean projection: the lungs, their vessels and the nodules show as on a chest radiograph
@@ -205,7 +204,6 @@ def save_overview(
     fig.suptitle(title)
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=72, format="png"))
-    plt.close(fig)
 
 
 class ScanWriter:
@@ -246,21 +244,25 @@ class ScanWriter:
         affine = np.asarray(pred.affine, float)
         result = {"scan": name, "source": source, **data[result_key]}
         written = {}
-        write_mask_nifti(paths["mask"], mask, affine)
-        written["mask"] = paths["mask"]
-        if self.dicom_seg and Path(source).is_dir():
-            write_dicom_seg(paths["seg"], mask, affine, source, self.version)
-            written["seg"] = paths["seg"]
-        write_csv(paths["nodules_csv"], result["nodules"], NODULE_COLUMNS)
-        write_csv(paths["slices_csv"], result["slices"], SLICE_COLUMNS)
-        written.update(nodules_csv=paths["nodules_csv"], slices_csv=paths["slices_csv"])
-        if self.overview:
-            self._overview(paths["overview"], data, result, name)
-            written["overview"] = paths["overview"]
-        provenance = {"bundle_version": self.version, "segmenter": self.settings}
-        outputs = {k: str(v) for k, v in written.items()}
-        write_json(paths["nodules_json"], {**result, **provenance, "outputs": outputs})
-        written["nodules_json"] = paths["nodules_json"]
+        # the scan's files are written in a folder of their own that takes the final name only when all are there,
+        # so that a failure on any of them (or Ctrl-C) leaves no part of the scan's outputs
+        with write_folder_atomically(paths["nodules_json"].parent) as folder:
+            staged = {key: folder / path.name for key, path in paths.items()}
+            write_mask_nifti(staged["mask"], mask, affine)
+            written["mask"] = paths["mask"]
+            if self.dicom_seg and Path(source).is_dir():
+                write_dicom_seg(staged["seg"], mask, affine, source, self.version)
+                written["seg"] = paths["seg"]
+            write_csv(staged["nodules_csv"], result["nodules"], NODULE_COLUMNS)
+            write_csv(staged["slices_csv"], result["slices"], SLICE_COLUMNS)
+            written.update(nodules_csv=paths["nodules_csv"], slices_csv=paths["slices_csv"])
+            if self.overview:
+                self._overview(staged["overview"], data, result, name)
+                written["overview"] = paths["overview"]
+            provenance = {"bundle_version": self.version, "segmenter": self.settings}
+            outputs = {k: str(v) for k, v in written.items()}
+            write_json(staged["nodules_json"], {**result, **provenance, "outputs": outputs})
+            written["nodules_json"] = paths["nodules_json"]
         return written
 
     def _overview(self, path: Path, data: Mapping[str, Any], result: Mapping[str, Any], name: str) -> None:
