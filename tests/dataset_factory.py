@@ -66,6 +66,7 @@ def write_tiny_dataset(out_dir: str | Path, n_subjects: int = 6, size: int = 64,
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
+    (out / "lungs").mkdir(parents=True, exist_ok=True)
     n_val = n_test = max(1, n_subjects // 6)
     splits = ["training"] * (n_subjects - n_val - n_test) + ["validation"] * n_val + ["test"] * n_test
     datalist: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
@@ -86,10 +87,12 @@ def write_tiny_dataset(out_dir: str | Path, n_subjects: int = 6, size: int = 64,
             name = f"{subject}_{slice_index:03d}.nii.gz"
             _save(np.clip(hu, -1024, 3071), out / "images" / name, np.int16)
             _save(mask, out / "labels" / name, np.uint8)
+            _save(lung.astype(np.uint8), out / "lungs" / name, np.uint8)
             datalist[split].append(
                 {
                     "image": f"images/{name}",
                     "label": f"labels/{name}",
+                    "lung": f"lungs/{name}",
                     "class": int(bool(diameters)),
                     "subject": subject,
                     "slice": slice_index,

@@ -4,13 +4,14 @@ import io
 
 import numpy as np
 import pytest
-import scripts.networks as networks
+import scripts.pretrained as pretrained
 import torch
 from scripts.checkpoint import load_checkpoint
-from scripts.networks import IMAGENET_MEAN, IMAGENET_STD, GAPClassifier, NAMInferer
+from scripts.networks import GAPClassifier, NAMInferer
 from scripts.rnam import rnam_scores
 
 WIDTH = 1 / 16
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's convention
 
 # torchvision vgg16().features: (index, out, in) of every conv, up to conv5_3
 TORCHVISION_CONVS = [
@@ -52,24 +53,62 @@ def test_shapes(gap_levels, size):
     assert model.nam_stride == 16
 
 
-@pytest.mark.parametrize("gap_levels", [1, 2, 3])
-def test_nam_identity(gap_levels):
-    """Mean of each head's NAM = that head's share of the nodule logit; their sum = logit - bias."""
-    model = _model(gap_levels).double()
-    x = torch.rand(3, 1, 64, 64, dtype=torch.float64)
+def _train_a_few_steps(model: GAPClassifier, steps: int = 5, weight_decay: float = 0.0) -> GAPClassifier:
+    """Adam on random slices with random classes: enough for every row of ``fc`` to move."""
+    generator = torch.Generator().manual_seed(7)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=weight_decay)
+    model.train()
+    for _ in range(steps):
+        x = torch.rand(4, model.in_channels, 64, 64, generator=generator, dtype=model.fc.weight.dtype)
+        y = torch.randint(0, 2, (4,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("gap_levels, in_channels, weight_decay", [(1, 1, 0.0), (2, 3, 0.0), (3, 1, 1e-3)])
+def test_nam_identity_holds_for_what_was_learned(gap_levels, in_channels, weight_decay):
+    """Eq. 2 after training: fc's rows stay opposite, so the NAM is exactly half the logit-difference map.
+
+    Each head's NAM has the spatial mean of that head's share of half the logit difference; summed over the heads
+    it is half the logit difference less half the biases' difference. Fails when the rows start independent (their
+    sum, which no gradient reaches, stays random) or when the NAM is read from ``fc``'s nodule row alone.
+    """
+    start = _model(gap_levels, in_channels=in_channels).double()
+    torch.testing.assert_close(start.fc.weight[0], -start.fc.weight[1], rtol=0, atol=0)
+    before = start.fc.weight.detach().clone()
+    model = _train_a_few_steps(start, weight_decay=weight_decay)
+    assert (model.fc.weight - before).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(model.fc.weight.sum(dim=0), torch.zeros(model.fc.in_features, dtype=torch.float64))
+    torch.testing.assert_close(model.nam_weights(), model.fc.weight[1], rtol=1e-12, atol=1e-12)
+    x = torch.rand(3, in_channels, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         activations = model._head_activations(x)
         heads = model.head_nams(x)
         logits = model(x)
-    weights = torch.split(model.fc.weight[1], model.head_sizes)
-    for head, a, w in zip(heads, activations, weights):
-        contribution = a.mean(dim=(2, 3)) @ w
-        torch.testing.assert_close(head.mean(dim=(1, 2, 3)), contribution)
+    for head, a, w in zip(heads, activations, torch.split(model.fc.weight[1], model.head_sizes)):
+        torch.testing.assert_close(head.mean(dim=(1, 2, 3)), a.mean(dim=(2, 3)) @ w)
     total = torch.stack([h.mean(dim=(1, 2, 3)) for h in heads]).sum(0)
-    torch.testing.assert_close(total, logits[:, 1] - model.fc.bias[1])
+    half_difference = (logits[:, 1] - logits[:, 0]) / 2 - (model.fc.bias[1] - model.fc.bias[0]) / 2
+    torch.testing.assert_close(total, half_difference, rtol=1e-10, atol=1e-10)
     with torch.no_grad():
         _, nam = model.forward_with_nam(x)
     torch.testing.assert_close(nam, model.nam(x))
+
+
+def test_nam_of_a_checkpoint_with_independent_rows_drops_their_untrained_sum():
+    """Checkpoints trained before the rows started opposite: the NAM is half the difference of the rows."""
+    model = _model(1).double()
+    with torch.no_grad():
+        model.fc.weight[0] = torch.randn(model.fc.in_features, dtype=torch.float64)  # an independent, random row
+    x = torch.rand(2, 1, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+        total = model.head_nams(x)[0].mean(dim=(1, 2, 3))
+    half_difference = (logits[:, 1] - logits[:, 0]) / 2 - (model.fc.bias[1] - model.fc.bias[0]) / 2
+    torch.testing.assert_close(total, half_difference, rtol=1e-10, atol=1e-10)
 
 
 def test_nam_is_raw_sum_of_upsampled_heads():
@@ -248,12 +287,13 @@ def test_pretrained_imagenet_through_torch_hub(tmp_path, monkeypatch):
     torch.testing.assert_close(model.features[0].bias, from_file.features[0].bias, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs width=1, got 0.0625"):
         _model(1, pretrained="imagenet")
-    # offline: nothing cached and the server unreachable (a closed local port stands in for no network)
+    # offline: nothing cached and the server unreachable (a closed local port stands in for no network); the
+    # Oxford weights have no batch-normalised variant, so vgg16_bn has nowhere else to come from
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    monkeypatch.setitem(networks.IMAGENET_URLS, True, "http://127.0.0.1:9/models/vgg16_bn-6c64b313.pth")
+    monkeypatch.setitem(pretrained.TORCHVISION_URLS, True, "http://127.0.0.1:9/models/vgg16_bn-6c64b313.pth")
     message = (
-        r"cannot download torchvision's ImageNet VGG16 weights from http://127\.0\.0\.1:9/models/vgg16_bn-6c64b313"
-        r"\.pth .*copy it to .*empty/hub/checkpoints/vgg16_bn-6c64b313\.pth .*pretrained=/path/to/vgg16_bn"
+        r"vgg16_bn weights cannot be downloaded from http://127\.0\.0\.1:9/models/vgg16_bn-6c64b313\.pth .*offline "
+        r"Oxford weights have no batch normalisation. Copy that file into .*empty/hub/checkpoints"
     )
     with pytest.raises(RuntimeError, match=message):
         GAPClassifier(width=1.0, head_channels=8, batch_norm=True, pretrained="imagenet")

@@ -19,6 +19,8 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from scripts.checkpoint import load_checkpoint
+from scripts.localisation import localise
+from scripts.metrics import classification_summary
 from scripts.networks import GAPClassifier
 from scripts.training import last_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -244,6 +246,24 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
         np.testing.assert_allclose(saved.get_fdata(), nam[0, 0].numpy(), atol=1e-4)
     assert len(list((tmp_path / "classify" / "overlays").glob("*_nam.png"))) == 3
 
+    # the report: AUC and accuracy of the CSV's probabilities, localisation of the saved NAMs on the dataset's truth
+    report = json.loads((tmp_path / "classify" / "classifier_report.json").read_text())
+    classes = {Path(i["image"]).name: int(i["class"]) for i in items}
+    expected = classification_summary([rows[n] for n in classes], list(classes.values()))
+    assert (report["auc"], report["accuracy"], report["slices"]) == (expected["auc"], expected["accuracy"], len(items))
+    found = []
+    for item in items:
+        if item["class"] == 1:
+            name = Path(item["image"]).name.replace(".nii.gz", "_nam.nii.gz")
+            nam = nib.load(tmp_path / "classify" / "nam" / name).get_fdata()
+            truth = [np.asarray(nib.load(dataset / item[key]).dataobj) for key in ("label", "lung")]
+            found.append(localise(nam, *truth))
+    assert report["nodule_slices"] == len(found) > 0
+    assert report["peak_near"] == pytest.approx(np.mean([f.near for f in found]))
+    assert report["percentile"] == pytest.approx(np.mean([f.percentile for f in found]), abs=1e-3)
+    assert report["chance"] == pytest.approx(np.mean([f.chance for f in found]))
+    assert (tmp_path / "classify" / "nam_sheet.png").stat().st_size > 10_000
+
     folder = ConfigWorkflow(
         config_file=str(CONFIGS / "classify.json"),
         workflow_type=None,
@@ -253,6 +273,7 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
     folder.run()
     folder.finalize()
     assert len(list((tmp_path / "folder" / "nam").glob("*_nam.nii.gz"))) == 48
+    assert not (tmp_path / "folder" / "classifier_report.json").exists()  # a folder of slices has no truth
 
 
 def test_slice_class_comes_from_the_item_or_from_the_mask(tmp_path):

@@ -83,6 +83,8 @@ class TrainingRecord:
         image_size: side of the square slices the network sees.
         hu_window: the HU window mapped to [0, 1].
         bundle_root: where ``configs/metadata.json`` gives the bundle version.
+        freeze_through: the last conv kept frozen in training (None: every layer trained); with the backbone's
+            origin (``pretrained``), recorded so that a checkpoint says how it was made.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class TrainingRecord:
         image_size: int,
         hu_window: Sequence[float],
         bundle_root: str | os.PathLike = ".",
+        freeze_through: str | None = None,
     ) -> None:
         items = list(datalist)
         spacings = np.array([_pixel_spacing(item) for item in items], dtype=float).reshape(-1, 2)
@@ -104,6 +107,8 @@ class TrainingRecord:
             "pixel_spacing_mm": spacing,
             "hu_window": [float(hu_window[0]), float(hu_window[1])],
             "bundle_version": bundle_version(bundle_root),
+            "pretrained": getattr(model, "pretrained_origin", None),
+            "freeze_through": freeze_through,
         }
 
     def state_dict(self) -> dict[str, Any]:

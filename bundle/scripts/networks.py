@@ -18,15 +18,9 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from torch import nn
 
-__all__ = [
-    "VGG16_CONFIG",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "IMAGENET_URLS",
-    "GAPClassifier",
-    "NAMInferer",
-    "imagenet_vgg16_state",
-]
+from .pretrained import imagenet_vgg16_state
+
+__all__ = ["VGG16_CONFIG", "CONV_NAMES", "INPUT_NORMS", "GAPClassifier", "BackboneTail", "trainable_part", "NAMInferer"]
 
 # torchvision's VGG16 "D" layout: channel counts, "M" = 2x2 max pooling (pool5 left out).
 VGG16_CONFIG: tuple[int | str, ...] = (
@@ -48,63 +42,40 @@ VGG16_CONFIG: tuple[int | str, ...] = (
     512,
     512,
 )
+# VGG's names of the 13 convolutions, in order.
+CONV_NAMES = tuple(f"conv{block}_{j}" for block, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for j in range(1, n + 1))
 # The heads' inputs, in head order: the ReLUs after conv5_3, conv4_3 and conv3_3 (the 13th, 10th and 7th convs;
 # in ``features`` indices 29, 22, 15 without batch normalisation and 42, 32, 22 with it, as in torchvision).
 _TAP_CONVS = (13, 10, 7)
 _NUM_CLASSES = 2
 
-# The per-channel (RGB) statistics that torchvision's ImageNet weights expect on [0, 1] input.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision's ImageNet VGG16 weights (``vgg16`` / ``vgg16_bn``), fetched through torch.hub for "imagenet".
-IMAGENET_URLS = {
-    False: "https://download.pytorch.org/models/vgg16-397923af.pth",
-    True: "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth",
+# The per-channel statistics ImageNet weights expect of a [0, 1] input, by convention: torchvision's (RGB, normalised
+# by ImageNet's mean and standard deviation) and Caffe's, which the Oxford weights keep (BGR, 0-255 minus the BGR
+# means, no division: mean m / 255 and standard deviation 1 / 255 on [0, 1]).
+_IMAGENET_STATISTICS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "caffe": ((103.939 / 255, 116.779 / 255, 123.68 / 255), (1 / 255, 1 / 255, 1 / 255)),
 }
-INPUT_NORMS = (None, "imagenet")
+INPUT_NORMS = (None, *_IMAGENET_STATISTICS)
 
 
 def _input_statistics(input_norm: str | None, in_channels: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation the network normalises its input with.
 
-    ``"imagenet"`` on one channel uses the means of ImageNet's RGB statistics (*inferred*: ImageNet has no grey
-    statistics); ``load_backbone`` folds the per-channel rest into conv1_1, so that the grey model computes what the
-    RGB model computes (see there).
+    An ImageNet convention on one channel uses the averages of its three channels' statistics (*inferred*: ImageNet
+    has no grey statistics); ``load_backbone`` folds the per-channel rest into conv1_1, so that the grey model
+    computes what the three-channel model computes (see there).
     """
     if input_norm not in INPUT_NORMS:
         raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.")
     if input_norm is None:
         return [0.0] * in_channels, [1.0] * in_channels
+    mean, std = _IMAGENET_STATISTICS[input_norm]
     if in_channels == 3:
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+        return list(mean), list(std)
     if in_channels == 1:
-        return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
-    raise ValueError(f"input_norm='imagenet' needs in_channels 1 (grey) or 3 (RGB), got {in_channels}.")
-
-
-def imagenet_vgg16_state(batch_norm: bool = False) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet VGG16 (``batch_norm``: ``vgg16_bn``) state dict, from the torch.hub cache or the web.
-
-    Raises:
-        RuntimeError: the weights are not cached and cannot be downloaded (offline); the message says where to put
-            the file.
-    """
-    url = IMAGENET_URLS[bool(batch_norm)]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    try:
-        state = torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
-        )
-    except OSError as error:  # URLError (offline, refused, DNS) and HTTPError are OSErrors
-        raise RuntimeError(
-            f"pretrained='imagenet': cannot download torchvision's ImageNet VGG16 weights from {url} ({error}). "
-            f"Offline? Download that file on a machine that is online and copy it to {cached} (the torch.hub cache; "
-            "set TORCH_HOME to move it), or give its path instead: pretrained=/path/to/"
-            f"{os.path.basename(url)} (--pretrained on the command line)."
-        ) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{cached}: expected a state dict, got {type(state).__name__}.")
-    return state
+        return [sum(mean) / 3], [sum(std) / 3]
+    raise ValueError(f"input_norm={input_norm!r} needs in_channels 1 (grey) or 3, got {in_channels}.")
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -186,8 +157,8 @@ class GAPClassifier(nn.Module):
             tap_channels[len(layers) - 1] = out
         self.features = nn.Sequential(*layers)
 
-        relu_after_conv = sorted(tap_channels)  # index in ``features`` of the ReLU after each conv, in order
-        self.tap_indices = [relu_after_conv[n - 1] for n in _TAP_CONVS[:gap_levels]]
+        self.relu_after_conv = sorted(tap_channels)  # index in ``features`` of the ReLU after each conv, in order
+        self.tap_indices = [self.relu_after_conv[n - 1] for n in _TAP_CONVS[:gap_levels]]
         n_head = _scaled(head_channels, width)
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Conv2d(tap_channels[i], n_head, kernel_size=3, padding=1), nn.ReLU(inplace=True))
@@ -199,6 +170,7 @@ class GAPClassifier(nn.Module):
         self.head_strides = strides
         self.nam_stride = max(strides)
         self.nam_context_radius = max(radii)
+        self.pretrained_origin: str | None = None  # where the backbone's weights came from (``load_backbone``)
         self._init_weights()
         if pretrained is not None:
             self.load_backbone(pretrained)
@@ -231,11 +203,17 @@ class GAPClassifier(nn.Module):
 
     def _init_weights(self) -> None:
         # torchvision's VGG initialisation for the convolutions (it trains without batch normalisation); fc keeps
-        # PyTorch's default: torchvision's N(0, 0.01) suits 4096-wide layers and stalls SGD on narrow heads.
+        # PyTorch's default (torchvision's N(0, 0.01) suits 4096-wide layers and stalls SGD on narrow heads), with its
+        # two rows opposite: the cross-entropy's gradients on the two rows are opposite, so the rows stay opposite
+        # (for SGD and Adam, with or without weight decay) and their sum, which no gradient reaches, stays zero. With
+        # independent rows that sum keeps its random start for ever and is half of Eq. 2's map (see ``nam_weights``).
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.fc.weight[0] = -self.fc.weight[1]
+            self.fc.bias[0] = -self.fc.bias[1]
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments that fix the parameter shapes, and the input normalisation in use (read from
@@ -284,34 +262,39 @@ class GAPClassifier(nn.Module):
     def load_backbone(self, pretrained: str | os.PathLike) -> None:
         """Load conv1_1 ... conv5_3 from torchvision-layout VGG16 weights (``features.N.weight/bias``).
 
-        ``pretrained`` is a state dict's path, or ``"imagenet"`` for torchvision's ImageNet weights through torch.hub
-        (see ``imagenet_vgg16_state``). The heads and ``fc`` keep their random initialisation; other keys (pool5's
-        classifier) are ignored. Weights whose conv1_1 has 3 input channels are ImageNet's (RGB), which expect input
-        normalised per channel: the model switches to ``input_norm="imagenet"``. With 3 input channels they load as
-        they are. With 1, conv1_1 is folded so that the model computes what the RGB model computes on a grey slice
-        ``g`` repeated to RGB and normalised per channel, ``sum_c w_c * (g - m_c) / s_c + b``: the model normalises
-        ``g`` with the channel averages ``m``, ``s`` and uses ``w = s * sum_c w_c / s_c`` and
-        ``b = b - sum_c (m_c - m) / s_c * sum(w_c)``. That is exact wherever the 3x3 window lies inside the slice;
-        on the one-pixel border the RGB model's zero padding stands for the grey ``m_c``, this model's for ``m``.
+        ``pretrained`` is a state dict's path, or ``"imagenet"`` for ImageNet weights (torchvision's where they can be
+        had, else the Oxford weights from the package index: ``scripts.pretrained``). The heads and ``fc`` keep their
+        initialisation; other keys (pool5's classifier) are ignored. Weights whose conv1_1 has 3 input channels are
+        ImageNet's, which expect input normalised per channel: the model switches to that convention's
+        ``input_norm`` (``"caffe"`` for the Oxford weights and for a file whose name says ``caffe`` or ``oxford``,
+        else ``"imagenet"``). With 3 input channels they load as they are. With 1, conv1_1 is folded so that the model
+        computes what the 3-channel model computes on a grey slice ``g`` repeated to 3 channels and normalised per
+        channel, ``sum_c w_c * (g - m_c) / s_c + b``: the model normalises ``g`` with the channel averages ``m``,
+        ``s`` and uses ``w = s * sum_c w_c / s_c`` and ``b = b - sum_c (m_c - m) / s_c * sum(w_c)``. That is exact
+        wherever the 3x3 window lies inside the slice; on the one-pixel border the 3-channel model's zero padding
+        stands for the grey ``m_c``, this model's for ``m``.
 
         Raises:
             FileNotFoundError: the file does not exist.
-            RuntimeError: ``"imagenet"`` cannot be downloaded (offline); the message says what to do.
+            RuntimeError: ``"imagenet"`` weights cannot be had (offline and no package index); the message says what
+                to do.
             ValueError: ``"imagenet"`` with a width other than 1, or a backbone key is missing or has the wrong
                 shape.
         """
         if str(pretrained) == "imagenet":
             if self.width != 1.0:
                 raise ValueError(
-                    f"pretrained='imagenet' is torchvision's VGG16, which needs width=1, got {self.width}."
+                    f"pretrained='imagenet' is VGG16 as ImageNet trained it, which needs width=1, got {self.width}."
                 )
-            origin = f"torchvision's ImageNet VGG16 ({IMAGENET_URLS[self.batch_norm]})"
-            state = imagenet_vgg16_state(self.batch_norm)
+            state, convention, origin = imagenet_vgg16_state(self.batch_norm)
         else:
             if not os.path.isfile(pretrained):
                 raise FileNotFoundError(f"pretrained VGG16 state dict not found: {pretrained}")
             origin = str(pretrained)
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            convention = (
+                "caffe" if any(word in Path(origin).name.lower() for word in ("caffe", "oxford")) else "imagenet"
+            )
         if not isinstance(state, dict):
             raise ValueError(f"{origin}: expected a state dict, got {type(state).__name__}.")
         own = {k: v for k, v in self.state_dict().items() if k.startswith("features.")}
@@ -321,8 +304,8 @@ class GAPClassifier(nn.Module):
         loaded = {key: state[key] for key in own}
         rgb = loaded["features.0.weight"].ndim == 4 and loaded["features.0.weight"].shape[1] == 3
         if rgb and self.in_channels == 1:
-            loaded["features.0.weight"], loaded["features.0.bias"] = _fold_rgb_conv(
-                loaded["features.0.weight"], loaded["features.0.bias"]
+            loaded["features.0.weight"], loaded["features.0.bias"] = _fold_to_grey(
+                loaded["features.0.weight"], loaded["features.0.bias"], convention
             )
         for key, target in own.items():
             if loaded[key].shape != target.shape:
@@ -332,20 +315,33 @@ class GAPClassifier(nn.Module):
                 )
         self.load_state_dict(loaded, strict=False)
         if rgb and self.in_channels in (1, 3):
-            self._set_input_norm("imagenet")
+            self._set_input_norm(convention)
+        self.pretrained_origin = origin
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the backbone sees it: ``(x - input_mean) / input_std`` (the identity without ImageNet
         weights). Every forward path applies it; code that runs ``features`` itself (incremental R-NAM) must too."""
         return (x - self.input_mean) / self.input_std
 
-    def _head_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.normalize_input(x)
+    def prefix_length(self, through: str) -> int:
+        """The number of layers of ``features`` up to and including the ReLU after the conv named ``through``
+        (VGG's names, ``"conv1_1"`` ... ``"conv5_3"``)."""
+        if through not in CONV_NAMES:
+            raise ValueError(f"unknown layer {through!r}: one of {', '.join(CONV_NAMES)}")
+        return self.relu_after_conv[CONV_NAMES.index(through)] + 1
+
+    def _head_activations(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+        """The heads' activations of an input ``x`` (``start`` 0), or of ``features[:start]``'s output ``x``."""
+        if start == 0:
+            x = self.normalize_input(x)
         taps: list[torch.Tensor] = []
+        if start - 1 in self.tap_indices:
+            taps.append(x)
         for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index in self.tap_indices:
-                taps.append(x)
+            if index >= start:
+                x = layer(x)
+                if index in self.tap_indices:
+                    taps.append(x)
         # taps are in backbone order (conv3_3 first); heads are in tap order (conv5_3 first)
         activations: list[torch.Tensor] = []
         for j, head in enumerate(self.heads):
@@ -356,8 +352,19 @@ class GAPClassifier(nn.Module):
         pooled = [a.mean(dim=(2, 3)) for a in activations]
         return self.fc(torch.cat(pooled, dim=1))
 
+    def nam_weights(self) -> torch.Tensor:
+        """The weights of Eq. 2, ``(K,)`` over the concatenated head channels: half the difference of ``fc``'s rows.
+
+        A two-class softmax sees only the difference of its logits, so only the difference of the rows is learned.
+        A model trained from opposite rows (every model built here since 0.6.0) has ``w_nodule = (w_nodule - w_other)
+        / 2``, so this is exactly Eq. 2's ``w_nodule``, and the NAM's spatial mean is half the logit difference less
+        the bias. For a checkpoint trained from independent rows (before 0.6.0), ``w_nodule`` also holds the rows'
+        untrained random sum; this drops it and keeps what was learned.
+        """
+        return (self.fc.weight[1] - self.fc.weight[0]) / 2
+
     def _head_nams(self, activations: list[torch.Tensor]) -> list[torch.Tensor]:
-        weights = torch.split(self.fc.weight[1], self.head_sizes)
+        weights = torch.split(self.nam_weights(), self.head_sizes)
         return [torch.einsum("bkhw,k->bhw", a, w).unsqueeze(1) for a, w in zip(activations, weights)]
 
     def _nam(self, activations: list[torch.Tensor], size: list[int]) -> torch.Tensor:
@@ -377,8 +384,8 @@ class GAPClassifier(nn.Module):
     def head_nams(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The NAM of each head ``(B, 1, h, w)`` at the head's own resolution, in head order.
 
-        The spatial mean of head ``j``'s NAM is that head's contribution to the nodule logit, so the means summed
-        over the heads equal the nodule logit minus the bias of ``fc``.
+        The spatial mean of head ``j``'s NAM is that head's contribution to half the logit difference (nodule minus
+        other), so the means summed over the heads equal half the logit difference less half the biases' difference.
         """
         return self._head_nams(self._head_activations(x))
 
@@ -389,11 +396,47 @@ class GAPClassifier(nn.Module):
         return self._logits(activations), self._nam(activations, [x.shape[2], x.shape[3]])
 
 
-def _fold_rgb_conv(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """conv1_1 of RGB ImageNet weights for a grey input normalised with the RGB averages (see ``load_backbone``)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
-    (grey_mean,), (grey_std,) = _input_statistics("imagenet", 1)
+class BackboneTail(nn.Module):
+    """The part of a ``GAPClassifier`` that trains when its backbone is frozen up to a layer: fed that layer's
+    activations (``scripts.transforms.BackboneFeaturesd`` computes them once per slice), it returns the classifier's
+    logits. Its parameters are the classifier's own, so training it trains the classifier; the frozen layers'
+    parameters get ``requires_grad=False``.
+
+    *Inferred*: the paper fine-tunes every layer. On a CPU an epoch of VGG16 at width 1 costs minutes; freezing the
+    first blocks and caching their activations once makes it seconds (docs: the classifier's recipe).
+
+    Args:
+        network: the classifier.
+        freeze_through: the last frozen conv (``"conv4_3"``: blocks 1-4 frozen, conv5 block and heads trained). The
+            heads must read layers after it, or exactly it.
+    """
+
+    def __init__(self, network: GAPClassifier, freeze_through: str) -> None:
+        super().__init__()
+        self.network = network
+        self.start = network.prefix_length(freeze_through)
+        if min(network.tap_indices) < self.start - 1:
+            raise ValueError(
+                f"a {network.gap_levels}-GAP head reads a layer before {freeze_through}: freeze fewer layers"
+            )
+        for parameter in network.features[: self.start].parameters():
+            parameter.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 2)`` of the frozen prefix's activations ``x``."""
+        return self.network._logits(self.network._head_activations(x.float(), self.start))
+
+
+def trainable_part(network: GAPClassifier, freeze_through: str | None = None) -> nn.Module:
+    """What the trainer updates: the classifier, or its ``BackboneTail`` after ``freeze_through``."""
+    return network if freeze_through is None else BackboneTail(network, freeze_through)
+
+
+def _fold_to_grey(weight: torch.Tensor, bias: torch.Tensor, convention: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv1_1 of 3-channel ImageNet weights for a grey input normalised with the channel averages of ``convention``
+    (see ``load_backbone``)."""
+    mean, std = (torch.tensor(v, dtype=torch.float64) for v in _IMAGENET_STATISTICS[convention])
+    (grey_mean,), (grey_std,) = _input_statistics(convention, 1)
     w, b = weight.double(), bias.double()
     folded = grey_std * (w / std[None, :, None, None]).sum(dim=1, keepdim=True)
     shifted = b - (w.sum(dim=(2, 3)) * (mean - grey_mean) / std).sum(dim=1)

@@ -14,7 +14,6 @@ interruption skips the finished steps and redoes only the unfinished one (its pa
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import logging
@@ -34,9 +33,9 @@ from monai.bundle import run
 from tqdm import tqdm
 
 from .atomic import write_json, write_text
-from .dataset import load_split, prepare_dataset
+from .dataset import prepare_dataset
 from .evaluate import format_mean_sd, format_number, table1_cells
-from .metrics import classification_summary
+from .localisation import format_localisation
 from .synthetic import SyntheticSource
 
 __all__ = ["quickstart", "quickstart_full", "StageProgress", "quiet_log", "PAPER_TABLE1", "PAPER_ACCURACY"]
@@ -247,6 +246,10 @@ def _stage(title: str) -> float:
 
 
 # AMP only where it does something: on a CPU MONAI's engines would disable it with a warning on every config.
+def _describe_recipe(width: float, epochs: int) -> str:
+    return f"width {width}, batch norm, Adam, {epochs} epochs"
+
+
 def _amp() -> bool:
     return torch.cuda.is_available()
 
@@ -380,17 +383,21 @@ def _quickstart_short(
     }
     timings = {}
 
-    start = _stage(f"1/4 synthetic dataset: {cases} cases at {size} px -> {dataset_dir}")
+    start = _stage(f"1/5 synthetic dataset: {cases} cases at {size} px -> {dataset_dir}")
     _prepare(dataset_dir, cases, size, seed, workers)
     timings["prepare_s"] = time.perf_counter() - start
 
-    start = _stage(f"2/4 train a 1-GAP classifier (width {width}, batch norm, Adam, {epochs} epochs)")
+    start = _stage(f"2/5 train a 1-GAP classifier ({_describe_recipe(width, epochs)})")
     ckpt = _train_classifier(out_dir, "", 1, common, epochs, batch_size, learning_rate, seed)
     timings["train_s"] = time.perf_counter() - start
 
+    start = _stage("3/5 classify the test split: does the classifier see the nodules, and where does its NAM look?")
+    report = _classify(out_dir / "classification", ckpt, 1, common)
+    timings["classify_s"] = time.perf_counter() - start
+
     predictions = {}
     for mode in ("coarse", "fine"):
-        start = _stage(f"3/4 segment the test split: {mode}")
+        start = _stage(f"4/5 segment the test split: {mode}")
         predictions[f"1-GAP {mode}"] = str(out_dir / "predictions" / f"1gap_{mode}")
         _run_config(
             "run",
@@ -405,16 +412,36 @@ def _quickstart_short(
         )
         timings[f"segment_{mode}_s"] = time.perf_counter() - start
 
-    start = _stage("4/4 evaluate (the paper's Table 1 and Fig. 3)")
+    start = _stage("5/5 evaluate (the paper's Table 1 and Fig. 3)")
     evaluation_dir = out_dir / "evaluation"
     _evaluate(dataset_dir, predictions, evaluation_dir)  # evaluate.json prints the table and its files
     timings["evaluate_s"] = time.perf_counter() - start
 
     metrics = json.loads((evaluation_dir / "metrics.json").read_text())
+    print("\n" + format_localisation(report))
+    print(f"NAMs on a dozen test nodule slices: {out_dir / 'classification' / 'nam_sheet.png'}")
     print(f"outputs: {out_dir}")
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     write_json(out_dir / "timings.json", timings)
     return metrics
+
+
+def _classify(output_dir: Path, ckpt: Path, gap_levels: int, common: dict) -> dict:
+    """``configs/classify.json`` on the test split: probabilities, NAMs and the classifier's report (AUC,
+    accuracy, NAM localisation and the NAM picture); returns the report."""
+    _run_config(
+        "run",
+        "classify.json",
+        desc=f"classify {gap_levels}-GAP",
+        ckpt_path=str(ckpt),
+        gap_levels=gap_levels,
+        output_dir=str(output_dir),
+        num_overlays=0,
+        num_workers=0,
+        amp=_amp(),
+        **common,
+    )
+    return _json_file(output_dir / "classifier_report.json")
 
 
 def _evaluate(dataset_dir: Path, predictions: dict[str, str], output_dir: Path) -> None:
@@ -464,20 +491,6 @@ def _step(out_dir: Path, name: str, settings: dict, outputs: list[Path], fn: Cal
     }
     write_json(marker, record)
     return {**record, "skipped": False}
-
-
-def _test_accuracy(dataset_dir: Path, csv_path: Path) -> dict:
-    """Accuracy and AUC at 0.5 of ``classify.json``'s ``nodule_probability.csv`` against the test split's classes."""
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"missing classifier output: {csv_path}")
-    with open(csv_path, newline="") as f:
-        probability = {Path(row[0]).name: float(row[1]) for row in csv.reader(f) if row}
-    items = load_split(dataset_dir, "test", required=("image", "class"))
-    missing = [Path(i["image"]).name for i in items if Path(i["image"]).name not in probability]
-    if missing:
-        raise ValueError(f"{csv_path}: no probability for {len(missing)} test slices, e.g. {missing[0]}.")
-    names = [Path(i["image"]).name for i in items]
-    return classification_summary([probability[n] for n in names], [int(i["class"]) for i in items], 0.5)
 
 
 def quickstart_full(
@@ -567,18 +580,7 @@ def quickstart_full(
         step(
             f"classify_{k}gap",
             [classify_dir / f"gap{k}"],
-            lambda k=k: _run_config(
-                "run",
-                "classify.json",
-                desc=f"classify {k}-GAP",
-                ckpt_path=str(models / f"gap{k}" / "model.pt"),
-                gap_levels=k,
-                output_dir=str(classify_dir / f"gap{k}"),
-                num_overlays=0,
-                num_workers=0,
-                amp=_amp(),
-                **common,
-            ),
+            lambda k=k: _classify(classify_dir / f"gap{k}", models / f"gap{k}" / "model.pt", k, common),
         )
     predictions = {}
     for row, (k, mode) in WEAK_ROWS.items():
@@ -620,7 +622,7 @@ def quickstart_full(
     step("evaluate", [evaluation_dir], lambda: _evaluate(dataset_dir, predictions, evaluation_dir))
 
     metrics = _json_file(evaluation_dir / "metrics.json")
-    accuracy = {k: _test_accuracy(dataset_dir, classify_dir / f"gap{k}" / "nodule_probability.csv") for k in (1, 2, 3)}
+    classifiers = {f"{k}-GAP": _json_file(classify_dir / f"gap{k}" / "classifier_report.json") for k in (1, 2, 3)}
     seconds = {name: record["seconds"] for name, record in steps.items()}
     summary = {
         "settings": settings,
@@ -628,7 +630,7 @@ def quickstart_full(
             torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
         ),
         "metrics": metrics,
-        "classifier_test_accuracy": {f"{k}-GAP": accuracy[k] for k in (1, 2, 3)},
+        "classifiers": classifiers,
         "steps_s": seconds,
         "all_steps_s": sum(seconds.values()),
         "skipped_steps": [name for name, record in steps.items() if record["skipped"]],
@@ -675,12 +677,17 @@ def format_full_report(summary: dict, fig3: Path) -> str:
     for name, s in methods.items():
         two = s["two_nodules"]
         lines.append(f"| {name} | {two['slices']} | {two['both']} | {two['one']} | {two['none']} |")
-    lines += ["", "| Classifier | test accuracy | paper | test AUC | slices |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| Classifier | test accuracy | paper | test AUC | NAM peak within 8 px of the nodule | chance | NAM "
+        "percentile on the nodule | slices |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for k in (1, 2, 3):
-        acc = summary["classifier_test_accuracy"][f"{k}-GAP"]
+        c = summary["classifiers"][f"{k}-GAP"]
         lines.append(
-            f"| {k}-GAP | {format_number(acc['accuracy'], 3)} | {PAPER_ACCURACY[k]:.3f} | "
-            f"{format_number(acc['auc'], 3)} | {acc['n']} |"
+            f"| {k}-GAP | {format_number(c['accuracy'], 3)} | {PAPER_ACCURACY[k]:.3f} | {format_number(c['auc'], 3)} | "
+            f"{100 * c['peak_near']:.1f} % | {100 * c['chance']:.1f} % | {c['percentile']:.0f} | {c['slices']} |"
         )
     steps = summary["steps_s"]
     skipped = summary["skipped_steps"]

@@ -203,7 +203,7 @@ class _IncrementalNAM:
         self.layers = list(network.features[: max(self.taps) + 1])
         self.inputs, _, taps = _cache_inputs(self.layers, self.normalize(image[None]), keep=self.taps)
         self.heads = []  # per head: (layers, cached inputs, unmasked activations, NAM weights), in head order
-        for head, tap, weight in zip(network.heads, self.taps, torch.split(network.fc.weight[1], network.head_sizes)):
+        for head, tap, weight in zip(network.heads, self.taps, torch.split(network.nam_weights(), network.head_sizes)):
             inputs, activations, _ = _cache_inputs(list(head), taps[tap])
             self.heads.append((list(head), inputs, activations, weight))
 

@@ -12,12 +12,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.visualize import blend_images
 
 from .context import centre_channel
+from .precision import reduced_precision
 
-__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "nam_overlay"]
+__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "BackboneFeaturesd", "nam_overlay"]
 
 # The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
 HU_WINDOW = (-1000.0, 400.0)
@@ -106,6 +108,53 @@ class SliceClassd(MapTransform):
             label = d[self.label_key]
             mask = nib.load(str(label)).dataobj if isinstance(label, (str, os.PathLike)) else label
             d[self.class_key] = int(np.asarray(mask).any())
+        return d
+
+
+class BackboneFeaturesd(MapTransform):
+    """Replace a windowed slice by the activations of the classifier's frozen first layers, once per slice.
+
+    Placed last among the deterministic transforms of a training dataset that caches (``CacheDataset``), it makes
+    an epoch cost only the layers that train (``scripts.networks.BackboneTail``): the frozen layers run once per
+    slice, in reduced precision where the device has it (``scripts.precision``), and their output is kept in that
+    precision (half the memory). Random spatial transforms cannot follow it: they would act on activations.
+
+    Args:
+        keys: the image key.
+        network: the classifier (``scripts.networks.GAPClassifier``); its layers are only read.
+        freeze_through: the last frozen conv (``"conv4_3"``).
+        device: where the frozen layers run.
+        reduced_precision: bfloat16 (CPU) or float16 (CUDA) where the device has it; False: float32.
+    """
+
+    def __init__(
+        self,
+        keys: str,
+        network: torch.nn.Module,
+        freeze_through: str,
+        device: str | torch.device = "cpu",
+        reduced_precision: bool = True,
+    ) -> None:
+        super().__init__(keys)
+        self.network = network
+        self.start = network.prefix_length(freeze_through)
+        self.device = torch.device(device)
+        self.reduced_precision = reduced_precision
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        prefix = self.network.features[: self.start]
+        modes = [m.training for m in prefix.modules()]
+        prefix.eval()  # batch normalisation, if any, with its running statistics, whatever the trainer's mode
+        try:
+            with torch.no_grad(), reduced_precision(self.device, self.reduced_precision):
+                for key in self.key_iterator(d):
+                    image = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+                    image = image.to(self.device, torch.float32)[None]
+                    d[key] = prefix(self.network.normalize_input(image))[0].cpu()
+        finally:
+            for module, mode in zip(prefix.modules(), modes):
+                module.training = mode
         return d
 
 
