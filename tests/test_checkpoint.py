@@ -60,6 +60,8 @@ def test_old_bare_state_dict_loads_with_flags(tmp_path):
     assert settings["image_size"] == 384 and settings["pixel_spacing_mm"] is None
     model = GAPClassifier(**{k: settings[k] for k in ("gap_levels", "width", "head_channels")})
     load_checkpoint(model, path)
+    x = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(model.forward_with_nam(x), trained.forward_with_nam(x))
     # without the flags the defaults do not match the weights: the message describes both networks
     with pytest.raises(ValueError, match=r"holds a network with 2 GAP head\(s\) of 16 channels.*this model"):
         load_checkpoint(GAPClassifier(gap_levels=1, width=1.0), path)
@@ -77,7 +79,9 @@ def test_state_dict_from_before_the_normalisation_buffers_loads(tmp_path):
 def test_last_checkpoint_and_bad_files(tmp_path):
     trained = GAPClassifier(width=0.0625, head_channels=64)
     torch.save({"model": trained.state_dict(), "optimizer": {}}, tmp_path / "last.pt")
-    load_checkpoint(GAPClassifier(width=0.0625, head_channels=64), tmp_path / "last.pt")
+    model = load_checkpoint(GAPClassifier(width=0.0625, head_channels=64), tmp_path / "last.pt")
+    x = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(model(x), trained(x))
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_checkpoint(GAPClassifier(), tmp_path / "nothing.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")

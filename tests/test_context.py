@@ -12,11 +12,15 @@ from known_response import InputRecorder
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.checkpoint import read_checkpoint
 from scripts.context import centre_channel, context_offsets, stack_context
+from scripts.crop import crop_window
 from scripts.dataset import prepare_dataset
+from scripts.lung_mask import segment_lungs
+from scripts.orient import axial_affine
 from scripts.prepare import scans
 from scripts.scan import ScanSegmenter
 from scripts.segmenter import WeaklySupervisedSegmenter
 from scripts.synthetic import SyntheticSource
+from trained_classifier import nodule_probability, trained_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -164,14 +168,23 @@ def test_inference_on_2_5_d_slices(datasets, trained, tmp_path):
     workflow.initialize()
     workflow.run()
     workflow.finalize()
+    network = trained_classifier(trained)
     test = [i for i in _items(root / "c3") if i["split"] == "test"]
     assert test
+    segmented = 0
     for item in test:
         stem = Path(item["image"]).name[: -len(".nii.gz")]
         mask = nib.load(str(out / "masks" / f"{stem}.nii.gz"))
         assert mask.shape[:2] == (SIZE, SIZE)
         record = json.loads((out / "records" / f"{stem}.json").read_text())
         assert record["status"] != "negative"
+        # the trained network's own probability on the slice and its two neighbours, windowed by hand
+        channels = np.asarray(nib.load(str(root / "c3" / item["image"])).dataobj, np.float64).transpose(2, 0, 1)
+        assert record["probability"] == pytest.approx(nodule_probability(network, channels), abs=1e-5), stem
+        voxels = int((np.asarray(mask.dataobj) > 0).sum())
+        assert voxels * np.prod(item["spacing_mm"]) == pytest.approx(record["mask_area_mm2"])
+        segmented += record["status"] == "segmented" and voxels > 0
+    assert segmented > 0
 
 
 def test_inference_on_a_scan_with_a_2_5_d_model(trained, tmp_path):
@@ -198,6 +211,26 @@ def test_inference_on_a_scan_with_a_2_5_d_model(trained, tmp_path):
     np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-5)
     slices = (out / "SYN-0000" / "SYN-0000_slices.csv").read_text().splitlines()
     assert len(slices) == scan.shape[2] + 1
+    table = json.loads((out / "SYN-0000" / "SYN-0000_nodules.json").read_text())["slices"]
+    voxels = (np.asarray(mask.dataobj) > 0).sum(axis=(0, 1))
+    assert [row["nodule_voxels"] for row in table] == voxels.tolist() and voxels.sum() > 0
+    # the scan is on the axial grid at the training slices' pixel spacing: the network sees the writer's window around
+    # the lungs, each slice with those context_mm (2.5 mm) above and below, interpolated, the ends repeated
+    spacing = scan.header.get_zooms()
+    assert spacing[:2] == pytest.approx((4.5, 4.5)) and np.allclose(scan.affine[:3, :3], axial_affine(spacing)[:3, :3])
+    hu = np.asarray(scan.dataobj, np.float64)
+    lungs = segment_lungs(np.clip(hu, -1000.0, 400.0), spacing)
+    (r, c), step = crop_window(lungs, SIZE), 2.5 / spacing[2]
+    assert 0 <= r <= hu.shape[0] - SIZE and 0 <= c <= hu.shape[1] - SIZE
+    window = hu[r : r + SIZE, c : c + SIZE]
+    assert [row["classified"] for row in table] == lungs.any(axis=(0, 1)).tolist() and lungs.any()
+    network = trained_classifier(trained)
+    for row in [row for row in table if row["classified"]]:
+        heights = np.clip(row["slice"] + np.array([-step, 0.0, step]), 0, hu.shape[2] - 1)
+        below, above = np.floor(heights).astype(int), np.ceil(heights).astype(int)
+        share = (heights - below)[:, None, None]
+        channels = (1 - share) * window[..., below].transpose(2, 0, 1) + share * window[..., above].transpose(2, 0, 1)
+        assert row["probability"] == pytest.approx(nodule_probability(network, channels), abs=6e-5), row["slice"]
 
 
 def test_the_scan_path_feeds_what_the_dataset_writer_wrote(datasets, tmp_path):
@@ -221,8 +254,6 @@ def test_the_scan_path_feeds_what_the_dataset_writer_wrote(datasets, tmp_path):
     prepared = np.asarray(nib.load(str(root / "c3" / item["image"])).dataobj, dtype=np.float64)
     expected = np.clip((prepared + 1000.0) / 1400.0, 0.0, 1.0).transpose(2, 0, 1)
     # the writer may move its window to hold the nodules; compare where both windows see the scan
-    from scripts.crop import crop_window
-
     corner = crop_window(result.lungs, SIZE)
     dr, dc = item["crop_origin"][0] - corner[0], item["crop_origin"][1] - corner[1]
     got = seen[item["slice"]]

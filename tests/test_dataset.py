@@ -295,11 +295,27 @@ def test_bad_input_is_reported_and_leaves_nothing(tmp_path):
 
 
 def test_contact_sheet(tmp_path):
+    from matplotlib.image import imread
     from scripts.contact_sheet import contact_sheet
 
     prepare_dataset(ToySource(6), tmp_path / "ds", size=64, progress=False)
+    training = json.loads((tmp_path / "ds" / "datalist.json").read_text())["training"]
+    assert sum(i["class"] for i in training) >= 2 and sum(1 - i["class"] for i in training) >= 2
     png = Path(contact_sheet(str(tmp_path / "ds"), n=4))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rgb = np.round(imread(png)[..., :3] * 255).astype(int)
+    assert rgb.shape == (3 * 80, 4 * 3 * 80, 3)  # one row of four 3-inch panels at 80 dpi
+    red = (rgb[..., 0] > 180) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)
+    grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
+    outlined = []
+    for panel in np.split(np.arange(rgb.shape[1]), 4):
+        # the slice in the lung window (-1000 to 400 HU): the toy's lungs (-850 HU) dark grey, its body (40 HU) light
+        levels = rgb[:, panel, 0][grey[:, panel]]
+        for hu in (-850.0, 40.0):
+            pixels = int((np.abs(levels - (hu + 1000) / 1400 * 255) <= 8).sum())
+            assert pixels > 1000, (hu, pixels)
+        outlined.append(int(red[:, panel].sum()) > 20)
+    assert outlined.count(True) == 2  # half the slices, those with a nodule, have its label outlined in red
     with pytest.raises(FileNotFoundError, match="no prepared dataset"):
         contact_sheet(str(tmp_path / "missing"))
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -39,13 +40,59 @@ def test_cpu_checks_run_tiny_and_cuda_ones_skip(tmp_path, capsys):
     assert throughput["status"] == "measured" and throughput["bf16_peak_tflops"] is None
     gflops = [throughput[f"{k}-GAP"]["gflop_per_slice_step"] for k in (1, 2, 3)]
     assert gflops[0] < gflops[1] < gflops[2]  # each head adds its convolution
-    assert all(throughput[f"{k}-GAP"]["slices_per_s"] > 0 for k in (1, 2, 3))
+    batch, steps = gpu_check.TINY_SIZE["batch"], 2  # --tiny times 2 steps of each model
+    for k in (1, 2, 3):
+        entry = throughput[f"{k}-GAP"]
+        assert entry["achieved_tflops"] == pytest.approx(entry["slices_per_s"] * entry["gflop_per_slice_step"] / 1e3)
+        # half the steps take at least the median, and they all ran within the check's time
+        assert entry["slices_per_s"] >= batch * steps / (2 * throughput["seconds"]), k
+    # the same training step and the same inference pass timed here: the check's rates agree within a factor of ten
+    own = _own_rates()
+    assert own["training"] / 10 < throughput["1-GAP"]["slices_per_s"] < 10 * own["training"], own
+    classification = checks["classification_throughput"]["slices_per_s"]
+    assert own["classification"] / 10 < classification < 10 * own["classification"], own
     rnam = checks["rnam_batched"]
     assert rnam["status"] == "measured" and rnam["candidates"] == 8
     for path in ("full_image", "default"):
-        assert rnam[path]["max_rel_diff_batched_vs_one_by_one"] < 1e-3 and rnam[path]["batched_speedup"] > 0
-    assert checks["classification_throughput"]["slices_per_s"] > 0
+        assert rnam[path]["max_rel_diff_batched_vs_one_by_one"] < 1e-3
+        assert rnam[path]["batched_speedup"] == pytest.approx(rnam[path]["one_by_one_s"] / rnam[path]["batched_s"])
+        assert 0 < rnam[path]["batched_s"] < rnam["seconds"] and 0 < rnam[path]["one_by_one_s"] < rnam["seconds"]
     assert "wrote" in capsys.readouterr().out
+
+
+def _own_rates(repeats: int = 5) -> dict:
+    """Slices/s of the tiny 1-GAP classifier's AMP training step (SGD, cross-entropy) and of its logits-and-NAM pass
+    in evaluation mode, the best of ``repeats`` after a first run, as bench/gpu_check.py runs them on a CPU."""
+    sizes = gpu_check.TINY_SIZE
+    torch.manual_seed(0)
+    model = gpu_check.classifier(1, sizes["width"]).to(memory_format=torch.channels_last)
+    images = torch.rand(sizes["batch"], 1, sizes["size"], sizes["size"])
+    labels = torch.arange(sizes["batch"]) % 2
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    doubled = torch.cat([images, images])  # the classification check's batch
+
+    def train() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    def classify() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.forward_with_nam(doubled)
+
+    def best_seconds(step) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    training = len(images) / best_seconds(train)
+    model.eval()
+    return {"training": training, "classification": len(doubled) / best_seconds(classify)}
 
 
 def test_a_failing_check_does_not_stop_the_others(tmp_path, monkeypatch):

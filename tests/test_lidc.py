@@ -103,6 +103,7 @@ def test_annotations_match_db(lidc_root, patient):
         full = np.zeros(annotations.shape, dtype=int)
         full[nodule.box()] = nodule.masks.sum(axis=0)
         ours.append(full)
+    assert (len(votes), len(ours)) == (len(EXPERTS[patient]),) * 2
     for expected, got in zip(votes, sorted(ours, key=lambda v: v.sum())):
         np.testing.assert_array_equal(got, expected)
     assert all(n.diameter_mm >= 3 for n in annotations.nodules)
@@ -263,5 +264,7 @@ def test_prepared_negatives_avoid_xml_marks(prepared, lidc_root):
     source = LidcSource(lidc_root)
     for patient in PATIENTS:
         marked = np.flatnonzero(source.annotations(patient).marked_slices)
-        for item in [i for i in _items(prepared["out"]) if i["subject"] == patient and i["class"] == 0]:
+        negatives = [i for i in _items(prepared["out"]) if i["subject"] == patient and i["class"] == 0]
+        assert negatives and len(marked) > 0
+        for item in negatives:
             assert np.abs(marked - item["slice"]).min() > 2  # prepare's default negative margin

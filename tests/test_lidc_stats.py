@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 from scripts.labels import consensus_mask, slice_classes
-from scripts.lidc import LidcSource
+from scripts.lidc import LidcSource, patient_scan
 from scripts.lidc_stats import PAPER, lidc_statistics, main, markdown_table, scan_statistics
 
 PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0003"]
+# Slices with nodule and nodule pixels of each scan, counted by _vote_counts below without scripts.labels.
+VOTE_COUNTS = {"LIDC-IDRI-0001": (8, 5428), "LIDC-IDRI-0003": (13, 4206)}
 
 
 @pytest.fixture(autouse=True)
@@ -39,11 +41,33 @@ def _expected(lidc_root, patient: str) -> dict:
     }
 
 
+def _vote_counts(patient: str) -> tuple[int, int]:
+    """Slices with nodule and nodule pixels from pylidc's own masks and boxes: on each slice, the union over nodules
+    >= 3 mm of the pixels that two or more of a nodule's experts mark. On these scans that vote is the STAPLE consensus
+    (tests/test_lidc.py checks it on the prepared labels), so it gives the writer's counts another way."""
+    union = {}
+    for cluster in patient_scan(patient).cluster_annotations(verbose=False):
+        if np.mean([a.diameter for a in cluster]) < 3:
+            continue
+        votes = {}
+        for annotation in cluster:
+            rows, cols, slices = annotation.bbox()
+            mask = annotation.boolean_mask()
+            for k in range(mask.shape[2]):
+                plane = votes.setdefault(slices.start + k, np.zeros((512, 512), int))
+                plane[rows, cols] += mask[..., k]
+        for s, plane in votes.items():
+            if (plane >= 2).any():
+                union[s] = union.get(s, False) | (plane >= 2)
+    return len(union), int(sum(plane.sum() for plane in union.values()))
+
+
 @pytest.mark.parametrize("patient", PATIENTS)
 def test_scan_statistics_match_writer_rules(lidc_root, patient):
     got = scan_statistics(patient)
     expected = _expected(lidc_root, patient)
     assert {k: got[k] for k in expected} == expected
+    assert (got["slices_with_nodule"], got["nodule_pixels"]) == VOTE_COUNTS[patient] == _vote_counts(patient)
     assert got["slices_with_nodule"] > 0 and got["nodule_pixels"] > 0
     assert got["slices"] == LidcSource(lidc_root).annotations(patient).shape[2]
 

@@ -352,11 +352,13 @@ def test_batch_norm_variant_follows_torchvision_vgg16_bn_layout(tmp_path):
     assert model.tap_indices == [42, 32, 22]
     assert isinstance(model.features[1], torch.nn.BatchNorm2d)
     x = torch.randn(2, 1, 64, 64)
+    model(x)  # in training mode: the running statistics leave their initial values, so a load must copy them too
     model.eval()
     logits, nam = model.forward_with_nam(x)
     assert logits.shape == (2, 2) and nam.shape == (2, 1, 64, 64)
     path = tmp_path / "bn.pt"
     torch.save(model.state_dict(), path)
-    load_checkpoint(GAPClassifier(gap_levels=3, width=0.0625, batch_norm=True), path)
+    loaded = load_checkpoint(GAPClassifier(gap_levels=3, width=0.0625, batch_norm=True), path).eval()
+    torch.testing.assert_close(loaded.forward_with_nam(x), (logits, nam))
     with pytest.raises(ValueError, match=r"batch_norm=True; this model .* has .*batch_norm=False"):
         load_checkpoint(GAPClassifier(gap_levels=3, width=0.0625), path)

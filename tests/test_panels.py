@@ -60,9 +60,11 @@ def test_panel_outcomes():
     assert panel_outcome(none, none, "negative") is None and panel_outcome(none, None, "negative") is None
 
 
-def write_slice(root, stem, label):
+def write_slice(root, stem, label, nodule=None):
+    """A slice at -850 HU with a 30 HU ``nodule`` (default: where ``label`` is), and its label file."""
     affine = np.diag([0.8, 0.8, 1.0, 1.0])
-    for folder, array in (("images", np.where(label > 0, 30, -850).astype(np.int16)), ("labels", label)):
+    image = np.where((label if nodule is None else nodule) > 0, 30, -850).astype(np.int16)
+    for folder, array in (("images", image), ("labels", label)):
         (root / folder).mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(array, affine), str(root / folder / f"{stem}.nii.gz"))
     return str(root / "images" / f"{stem}.nii.gz"), str(root / "labels" / f"{stem}.nii.gz")
@@ -139,7 +141,8 @@ def test_inference_config_panels_show_the_ground_truth(tmp_path, bundle_root):
     for i, subject in enumerate(("P", "Q")):
         for j, label in enumerate((square(12 + 4 * i, 14, 3, (64, 64)), np.zeros((64, 64), np.uint8))):
             stem = f"{subject}_{j:04d}"
-            write_slice(root, stem, label)
+            # Q_0000's label marks a place where its image shows nothing: a mask on its nodule is in the wrong place
+            write_slice(root, stem, label, square(30, 30, 3, (64, 64)) if stem == "Q_0000" else None)
             item = {"image": f"images/{stem}.nii.gz", "label": f"labels/{stem}.nii.gz", "class": int(label.any())}
             items.append({**item, "subject": subject, "slice": j, "nodules": int(label.any()), "diameters_mm": []})
     (root / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": items}))
@@ -171,7 +174,19 @@ def test_inference_config_panels_show_the_ground_truth(tmp_path, bundle_root):
     index = json.loads((out / "panels" / "index.json").read_text())
     assert index["slices"] == 4 and not index["all_negative"]
     drawn = {p["stem"]: p["outcome"] for p in index["panels"]}
-    assert {"P_0000", "Q_0000"} <= set(drawn) and {drawn["P_0000"], drawn["Q_0000"]} <= set(OUTCOMES[:3])
+    # each slice's outcome from its written mask and its label file, counted here
+    expected = {}
+    for item in items:
+        stem = item["image"][len("images/") : -len(".nii.gz")]
+        mask = np.asarray(nib.load(str(out / "masks" / f"{stem}.nii.gz")).dataobj) > 0
+        label = np.asarray(nib.load(str(root / item["label"])).dataobj) > 0
+        if label.any():
+            expected[stem] = "TP" if (mask & label).any() else ("wrong place" if mask.any() else "miss")
+        else:
+            expected[stem] = "FP" if mask.any() else "nothing segmented"  # every slice is called "nodule"
+    assert drawn == expected
+    assert index["outcomes"] == {o: list(expected.values()).count(o) for o in OUTCOMES}
+    assert expected["P_0000"] == "TP" and expected["Q_0000"] == "wrong place"
     for stem in ("P_0000", "Q_0000"):  # nodule slices: the contour is there
         assert lime_pixels(out / "panels" / f"{stem}.png", "image") > 10, stem
     for stem in set(drawn) - {"P_0000", "Q_0000"}:  # clean slices: nothing in lime

@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import BUNDLE, REPO
 from scripts.evaluate import PAPER_ORDER
@@ -26,6 +28,7 @@ from scripts.quickstart import (
     quickstart,
     quiet_log,
 )
+from trained_classifier import nodule_probability, trained_classifier
 
 TINY = {"cases": 8, "size": 96, "width": 0.0625, "epochs": 1, "batch_size": 8, "max_panels": 1}
 TINY_UNET = {"unet_features": (4, 4, 8, 8, 16, 4), "unet_batch_size": 8}
@@ -63,6 +66,34 @@ def test_quickstart_runs_every_step(short_run):
         n_slices = row["counts"]["S+"] + row["counts"]["S-"] + row["two_nodules"]["slices"]
         assert n_slices == len(test_items)
         assert 0.0 <= row["TPR"] <= 1.0 and 0.0 <= row["FPR"] <= 1.0
+    # each row's figures counted here from the masks and labels on disk; its records' probabilities are the trained
+    # model's own on each slice
+    network = trained_classifier(out / "models" / "model.pt")
+    for mode in ("coarse", "fine"):
+        row, pred = metrics["methods"][f"1-GAP {mode}"], out / "predictions" / f"1gap_{mode}"
+        outcomes, dice, called = [], [], []
+        for item in test_items:
+            stem = item["image"].split("/")[-1].removesuffix(".nii.gz")
+            probability = json.loads((pred / "records" / f"{stem}.json").read_text())["probability"]
+            hu = np.asarray(nib.load(dataset / item["image"]).dataobj)
+            assert probability == pytest.approx(nodule_probability(network, hu), abs=1e-5), stem
+            called.append((probability >= 0.5) == (item["class"] == 1))
+            if item["nodules"] >= 2:
+                continue
+            mask = np.asarray(nib.load(pred / "masks" / f"{stem}.nii.gz").dataobj) > 0
+            label = np.asarray(nib.load(dataset / item["label"]).dataobj) > 0
+            if label.any():
+                outcomes.append("TP" if (mask & label).any() else ("FP_nodule" if mask.any() else "FN"))
+                dice.append(2 * (mask & label).sum() / (mask.sum() + label.sum()))
+            else:
+                outcomes.append("FP" if mask.any() else "TN")
+        counts = {k: outcomes.count(k) for k in ("TP", "FN", "FP", "TN")}
+        assert dice and counts["FP"] + counts["TN"] > 0  # slices of both classes
+        assert [row["counts"][k] for k in ("TP", "FN", "FP")] == [counts["TP"], counts["FN"], counts["FP"]]
+        assert row["TPR"] == pytest.approx(counts["TP"] / len(dice))
+        assert row["FPR"] == pytest.approx(counts["FP"] / (counts["FP"] + counts["TN"]))
+        assert row["dice"]["mean"] == pytest.approx(np.mean(dice))
+        assert row["classification"]["accuracy"] == pytest.approx(np.mean(called))
     for mode in ("coarse", "fine"):  # the quick start's own candidate rule reached the segmentations
         used = json.loads((out / "predictions" / f"1gap_{mode}" / "settings.json").read_text())["segmenter"]
         assert used["mode"] == mode and {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES
@@ -185,7 +216,16 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
         assert row["counts"]["S+"] + row["counts"]["S-"] + row["two_nodules"]["slices"] == len(test_items), name
     accuracy = summary["classifier_test_accuracy"]
     assert list(accuracy) == ["1-GAP", "2-GAP", "3-GAP"]
-    assert all(0.0 <= a["accuracy"] <= 1.0 and a["n"] == len(test_items) for a in accuracy.values())
+    classes = np.array([i["class"] for i in test_items])
+    assert 0 < classes.sum() < len(classes)
+    for k in (1, 2, 3):  # each classifier's own calls on the test slices: accuracy at 0.5, and the AUC by its pairs
+        network = trained_classifier(out / "models" / f"gap{k}" / "model.pt")
+        assert network.gap_levels == k
+        p = np.array([nodule_probability(network, nib.load(out / "dataset" / i["image"]).dataobj) for i in test_items])
+        pairs = p[classes == 1][:, None] - p[classes == 0][None, :]
+        assert accuracy[f"{k}-GAP"]["n"] == len(test_items)
+        assert accuracy[f"{k}-GAP"]["accuracy"] == pytest.approx(np.mean((p >= 0.5) == (classes == 1))), k
+        assert accuracy[f"{k}-GAP"]["auc"] == pytest.approx(np.mean((pairs > 0) + 0.5 * (pairs == 0))), k
     # the 2-/3-GAP rows ran the multi-GAP modes (their records keep the 1-GAP scope C1 beside the refined C), the
     # 1-GAP rows the plain ones; a 2-/3-GAP checkpoint paired with the wrong multi_gap_levels would not load
     for name, row in methods.items():

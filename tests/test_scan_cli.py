@@ -90,18 +90,21 @@ def test_compressed_dicom_reads_as_the_uncompressed_series(lidc_root, tmp_path):
 
 def test_oblique_grid_is_refused(tmp_path):
     """A grid 30 degrees off the patient axes is refused; 10 degrees is processed on its own grid."""
+    volume = np.random.default_rng(0).integers(-1000, 400, (32, 32, 8)).astype(np.int16)
     for degrees, refused in ((30.0, True), (10.0, False)):
         angle = np.radians(degrees)
         affine = np.eye(4)
         affine[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
         path = tmp_path / f"oblique{int(degrees)}.nii.gz"
-        nib.save(nib.Nifti1Image(np.full((32, 32, 8), -1000, np.int16), affine), path)
+        nib.save(nib.Nifti1Image(volume, affine), path)
         data = LoadScand("image")({"image": str(path)})
         if refused:
             with pytest.raises(ScanError, match=r"oblique, 30\.0 degrees from the patient axes"):
                 CheckScand("image")(data)
         else:
-            CheckScand("image")(data)
+            checked = CheckScand("image")(data)["image"]
+            np.testing.assert_allclose(checked.affine, affine, atol=1e-6)  # its own grid: neither snapped nor resampled
+            np.testing.assert_array_equal(np.asarray(checked[0]), volume)
 
 
 def test_datalist_sources(scans, tmp_path):

@@ -164,35 +164,63 @@ def test_two_processes_share_the_scans(bundle_root, tmp_path):
     assert sum(json.loads((tmp_path / "one" / "summary.json").read_text())["done"][i]["nodules"] for i in range(3)) > 0
 
 
+# Each mode that chooses among the candidates, and the mode that keeps every candidate of the same scope(s) C.
+KEEPS_ALL = {"fine": "coarse", "multi_gap": "multi_gap_coarse", "two_nodule": "coarse"}
+
+
+@pytest.fixture(scope="module")
+def segment_in_mode(bundle_root, tmp_path_factory):
+    """``segment(mode)``: a small synthetic scan segmented through configs/inference.json in that mode with untrained
+    1-/2-GAP checkpoints, every slice with lung called "nodule"; each mode runs once, its summary and table kept."""
+    folder = tmp_path_factory.mktemp("modes")
+    scans(str(folder), cases=1, seed=3, size=64, n_slices=12)
+    torch.manual_seed(0)
+    for levels, name in ((1, "model.pt"), (2, "model_2gap.pt")):
+        model = GAPClassifier(gap_levels=levels, width=0.0625, head_channels=64)
+        record = TrainingRecord(model, [{"image": "", "spacing_mm": [4.5, 4.5]}], 64, (-1000, 400), bundle_root)
+        torch.save({"model": model.state_dict(), "config": record.state_dict()}, folder / name)
+    done = {}
+
+    def segment(mode):
+        if mode not in done:
+            parser = ConfigParser()
+            parser.read_config(str(bundle_root / "configs" / "inference.json"))
+            out = folder / f"out-{mode}"
+            parser.update(
+                {
+                    "bundle_root": str(bundle_root),
+                    "ckpt_path": str(folder / "model.pt"),
+                    "multi_gap_ckpt_path": str(folder / "model_2gap.pt"),
+                    "input": str(folder / "SYN-0000.nii.gz"),
+                    "output_dir": str(out),
+                    "mode": mode,
+                    "threshold": 0.0,  # every slice with lung is segmented
+                    "overview": False,
+                }
+            )
+            summary = parser.get_parsed_content("evaluator").run()
+            done[mode] = summary, json.loads((out / "SYN-0000" / "SYN-0000_nodules.json").read_text()), out
+        return done[mode]
+
+    return folder, segment
+
+
 @pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule"])
-def test_every_mode_runs_on_a_scan(bundle_root, tmp_path_factory, mode):
-    folder = tmp_path_factory.getbasetemp() / "modes"
-    if not (folder / "SYN-0000.nii.gz").exists():
-        scans(str(folder), cases=1, seed=3, size=64, n_slices=12)
-        torch.manual_seed(0)
-        for levels, name in ((1, "model.pt"), (2, "model_2gap.pt")):
-            model = GAPClassifier(gap_levels=levels, width=0.0625, head_channels=64)
-            record = TrainingRecord(model, [{"image": "", "spacing_mm": [4.5, 4.5]}], 64, (-1000, 400), bundle_root)
-            torch.save({"model": model.state_dict(), "config": record.state_dict()}, folder / name)
-    parser = ConfigParser()
-    parser.read_config(str(bundle_root / "configs" / "inference.json"))
-    out = folder / f"out-{mode}"
-    parser.update(
-        {
-            "bundle_root": str(bundle_root),
-            "ckpt_path": str(folder / "model.pt"),
-            "multi_gap_ckpt_path": str(folder / "model_2gap.pt"),
-            "input": str(folder / "SYN-0000.nii.gz"),
-            "output_dir": str(out),
-            "mode": mode,
-            "threshold": 0.0,  # every slice with lung is segmented
-            "overview": False,
-        }
-    )
-    summary = parser.get_parsed_content("evaluator").run()
+def test_every_mode_runs_on_a_scan(segment_in_mode, mode):
+    """Every mode segments some slice, and the table agrees with the mask; a mode that chooses (R-NAM) keeps fewer
+    voxels than the mode that keeps every candidate of the same scope on a slice with several candidates."""
+    folder, segment = segment_in_mode
+    summary, result, out = segment(mode)
     assert [d["name"] for d in summary["done"]] == ["SYN-0000"]
-    result = json.loads((out / "SYN-0000" / "SYN-0000_nodules.json").read_text())
-    assert result["mode"] == mode and all(n["mode"] == mode for n in result["nodules"])
+    assert result["mode"] == mode and result["nodules"] and all(n["mode"] == mode for n in result["nodules"])
     assert sum(s["called_nodule"] for s in result["slices"]) == sum(s["classified"] for s in result["slices"]) > 0
     mask, image = nib.load(out / "SYN-0000" / "SYN-0000_mask.nii.gz"), nib.load(folder / "SYN-0000.nii.gz")
     assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
+    voxels = [s["nodule_voxels"] for s in result["slices"]]
+    assert voxels == (np.asarray(mask.dataobj) > 0).sum(axis=(0, 1)).tolist() and sum(voxels) > 0
+    if mode in KEEPS_ALL:
+        every = [s["nodule_voxels"] for s in segment(KEEPS_ALL[mode])[1]["slices"]]
+        assert len(every) == len(voxels)
+        assert any(v < e for v, e in zip(voxels, every)), (voxels, every)
+        if mode != "two_nodule":  # one scope: the chosen candidate is one of those the other mode keeps
+            assert all(v <= e for v, e in zip(voxels, every)), (voxels, every)

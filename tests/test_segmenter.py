@@ -365,7 +365,8 @@ def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
 
 
 def test_monai_label_style_inference(tiny_bundle, bundle_root):
-    """What MONAI Label's BundleInferTask uses: network_def, preprocessing, inferer, postprocessing; result JSON."""
+    """What MONAI Label's BundleInferTask uses: network_def, preprocessing, inferer, postprocessing; result JSON.
+    The probability is the network's own on the slice, and the mask returned is the chosen candidates, not empty."""
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference_slices.json"))
     parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(tiny_bundle / "model.pt"), "use_lung_mask": False})
@@ -376,11 +377,18 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
     data = parser.get_parsed_content("preprocessing")({"image": str(tiny_bundle / "images" / "S0_10.nii.gz")})
     with torch.no_grad():
         pred = parser.get_parsed_content("inferer")(data["image"][None], network)
+        expected = float(torch.softmax(network(data["image"][None].as_tensor()), dim=1)[0, 1])
     data["pred"] = pred[0]
     data = parser.get_parsed_content("postprocessing")(data)
     assert data["pred"].shape == (1, SIZE, SIZE)
-    assert 0.0 <= data["result"]["probability"] <= 1.0
-    json.dumps(data["result"])
+    result = data["result"]
+    assert result["probability"] == pytest.approx(expected, abs=1e-6)
+    assert result["status"] == "segmented" and result["chosen"]  # the fc bias calls the slice "nodule"
+    mask = data["pred"][0].numpy() > 0
+    chosen = np.isin(data["candidates"][0].numpy(), [i + 1 for i in result["chosen"]])
+    assert mask.any() and np.array_equal(mask, chosen)
+    assert mask.sum() * SPACING**2 == pytest.approx(result["mask_area_mm2"])
+    json.dumps(result)
 
 
 def test_missing_inputs_give_clear_errors(tmp_path):

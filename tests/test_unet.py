@@ -187,14 +187,27 @@ def test_train_then_infer_then_evaluate(tmp_path, bundle_root):
     infer = ["--config_file", "configs/inference_unet.json", "--dataset_dir", str(tmp_path / "data")]
     infer += ["--ckpt_path", str(models / "unet.pt"), "--output_dir", str(pred), *TINY]
     bundle_run(infer, bundle_root)  # from the bundle
+    # the trained network's own output on each test slice, windowed by hand: what the masks and records must hold
+    trained = BasicUNet(2, 1, 1, features=(4, 4, 8, 8, 16, 4)).eval()
+    trained.load_state_dict(torch.load(models / "unet.pt", map_location="cpu"))
+    outcomes = []
     for item in items["test"]:
         stem = item["image"][len("images/") : -len(".nii.gz")]
         mask, image = nib.load(str(pred / "masks" / f"{stem}.nii.gz")), nib.load(str(tmp_path / "data" / item["image"]))
         assert mask.shape == image.shape == (SIZE, SIZE) and mask.get_data_dtype() == np.uint8
         np.testing.assert_allclose(mask.affine, image.affine)
-        assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+        voxels = np.asanyarray(mask.dataobj)
+        assert set(np.unique(voxels)) <= {0, 1}
+        window = np.clip((np.asanyarray(image.dataobj) + 1000.0) / 1400.0, 0.0, 1.0)
+        with torch.no_grad():
+            expected = torch.sigmoid(trained(torch.as_tensor(window, dtype=torch.float32)[None, None]))[0, 0].numpy()
         record = json.loads((pred / "records" / f"{stem}.json").read_text())
-        assert 0.0 <= record["probability"] <= 1.0 and record["pixels"] == int(np.asanyarray(mask.dataobj).sum())
+        assert record["probability"] == pytest.approx(float(expected.max()), abs=1e-5), stem
+        clear = np.abs(expected - 0.5) > 1e-4  # pixels at the threshold itself may round either way
+        np.testing.assert_array_equal(voxels[clear], (expected > 0.5)[clear].astype(np.uint8), err_msg=stem)
+        assert record["pixels"] == int(voxels.sum())
+        label = np.asanyarray(nib.load(str(tmp_path / "data" / item["label"])).dataobj) > 0
+        outcomes.append(("TP" if (voxels & label).any() else "FN") if label.any() else ("FP" if voxels.any() else "TN"))
     assert sorted(p.name for p in (pred / "masks").iterdir()) == sorted(
         i["image"][len("images/") :] for i in items["test"]
     )  # no temporary files left
@@ -202,6 +215,7 @@ def test_train_then_infer_then_evaluate(tmp_path, bundle_root):
     result = SegmentationEvaluation(tmp_path / "data", {"U-Net": pred}, tmp_path / "eval").run()
     counts = result["methods"]["U-Net"]["counts"]
     assert (counts["S+"], counts["S-"]) == (2, 1) and result["methods"]["U-Net"]["classification"]["n"] == 3
+    assert [counts[k] for k in ("TP", "FN", "FP")] == [outcomes.count(k) for k in ("TP", "FN", "FP")]
 
 
 def test_write_slice_prediction_checks_the_shape(tmp_path):

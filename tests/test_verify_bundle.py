@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,15 +218,25 @@ def test_exports_of_a_checkpoint_with_its_training_record(bundle_copy, tmp_path)
 
 
 def test_onnx_round_trip_gives_the_logits_and_nam(bundle_copy, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
+    from scripts.networks import GAPClassifier
+
+    ckpt = bundle_copy / "models" / "model.pt"
+    record_checkpoint(ckpt)
     result = run(bundle_copy, "onnx", export_dir=tmp_path)["onnx"]
     assert result.passed, result.message
     assert "same logits and NAM at inputs (1, 1, 384, 384) and (2, 1, 192, 192)" in result.message
-    # the file the check kept runs in onnxruntime on its own, with the names and shapes the check promises
+    # the file the check kept runs in onnxruntime on its own, with the names and shapes the check promises, and gives
+    # the checkpoint's network's own outputs at a size and batch it was not traced at
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    logits, nam = session.run(["logits", "nam"], {"image": torch.rand(3, 1, 64, 96).numpy()})
+    x = torch.rand(3, 1, 64, 96)
+    logits, nam = session.run(["logits", "nam"], {"image": x.numpy()})
     assert logits.shape == (3, 2) and nam.shape == (3, 1, 64, 96)
+    network = GAPClassifier(width=SMALL["width"]).eval()
+    network.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    with torch.no_grad():
+        expected = network.forward_with_nam(x)
+    torch.testing.assert_close((torch.from_numpy(logits), torch.from_numpy(nam)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_export_with_a_size_frozen_by_tracing_fails(bundle_copy, monkeypatch):

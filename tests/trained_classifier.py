@@ -1,0 +1,28 @@
+"""A trained classifier's own answer on a slice: what the probabilities a pipeline writes must equal.
+
+The checkpoint is read and the network built by hand (not through ``scripts.checkpoint``), and the slice is put in
+the lung window here, so that a pipeline that loads no weights, or feeds the network other pixels, is seen.
+"""
+
+import numpy as np
+import torch
+from scripts.networks import GAPClassifier
+
+
+def trained_classifier(path) -> GAPClassifier:
+    """The classifier a training run saved (``{"model": weights, "config": record}``), built from its record and
+    loaded, in evaluation mode."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    record = checkpoint["config"]
+    keys = ("gap_levels", "width", "in_channels", "head_channels", "batch_norm")
+    network = GAPClassifier(**{k: record[k] for k in keys})
+    network.load_state_dict(checkpoint["model"])
+    return network.eval()
+
+
+def nodule_probability(network: torch.nn.Module, hu) -> float:
+    """``network``'s nodule probability for one slice in HU, ``(rows, cols)`` or ``(channels, rows, cols)``, mapped
+    to [0, 1] in the lung window (-1000 to 400 HU) as the training slices were."""
+    x = torch.as_tensor(np.clip((np.asarray(hu, np.float64) + 1000.0) / 1400.0, 0.0, 1.0), dtype=torch.float32)
+    with torch.no_grad():
+        return float(torch.softmax(network(x.reshape(1, -1, *x.shape[-2:])), dim=1)[0, 1])
