@@ -98,7 +98,11 @@ def test_quickstart_runs_every_step(short_run):
         used = json.loads((out / "predictions" / f"1gap_{mode}" / "settings.json").read_text())["segmenter"]
         assert used["mode"] == mode and {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) >= {"prepare_s", "train_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}
+    assert set(timings) >= {"prepare_s", "train_s", "classify_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}
+    # the classifier's report (AUC, accuracy, where the NAM looks) and its picture, from configs/classify.json
+    report = json.loads((out / "classification" / "classifier_report.json").read_text())
+    assert report["slices"] == len(test_items) and report["nodule_slices"] == sum(i["class"] for i in test_items)
+    assert (out / "classification" / "nam_sheet.png").stat().st_size > 10_000
     # the dataset is reused only with the settings it was made with (an older quick start's would mislead)
     summary = json.loads((dataset / "dataset_summary.json").read_text())
     assert summary["source_settings"]["min_diameter_mm"] == QUICKSTART_SYNTHETIC["min_diameter_mm"]
@@ -115,6 +119,9 @@ def test_quickstart_runs_every_step(short_run):
     assert again["methods"].keys() == metrics["methods"].keys()
     # one line per stage instead of a line per iteration; the warnings that do not concern the user are gone
     assert "train 1-GAP: 7 iterations" in log and "segment coarse: " in log and "segment fine: " in log
+    # the classifier's figures, printed as its report (rewritten by this run) says them
+    report = json.loads((out / "classification" / "classifier_report.json").read_text())
+    assert f"test AUC {report['auc']:.3f}" in log and f"on {100 * report['peak_near']:.1f} % of" in log
     for noise in (
         "Iter:",
         "parsing config_file",
@@ -214,7 +221,7 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
     test_items = json.loads((out / "dataset" / "datalist.json").read_text())["test"]
     for name, row in methods.items():
         assert row["counts"]["S+"] + row["counts"]["S-"] + row["two_nodules"]["slices"] == len(test_items), name
-    accuracy = summary["classifier_test_accuracy"]
+    accuracy = summary["classifiers"]
     assert list(accuracy) == ["1-GAP", "2-GAP", "3-GAP"]
     classes = np.array([i["class"] for i in test_items])
     assert 0 < classes.sum() < len(classes)
@@ -223,7 +230,10 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
         assert network.gap_levels == k
         p = np.array([nodule_probability(network, nib.load(out / "dataset" / i["image"]).dataobj) for i in test_items])
         pairs = p[classes == 1][:, None] - p[classes == 0][None, :]
-        assert accuracy[f"{k}-GAP"]["n"] == len(test_items)
+        assert accuracy[f"{k}-GAP"]["slices"] == len(test_items)
+        assert accuracy[f"{k}-GAP"] == json.loads(
+            (out / "classification" / f"gap{k}" / "classifier_report.json").read_text()
+        )
         assert accuracy[f"{k}-GAP"]["accuracy"] == pytest.approx(np.mean((p >= 0.5) == (classes == 1))), k
         assert accuracy[f"{k}-GAP"]["auc"] == pytest.approx(np.mean((pairs > 0) + 0.5 * (pairs == 0))), k
     # the 2-/3-GAP rows ran the multi-GAP modes (their records keep the 1-GAP scope C1 beside the refined C), the

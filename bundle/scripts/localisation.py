@@ -112,7 +112,7 @@ def format_localisation(summary: Mapping) -> str:
     lines.append(
         f"NAM: peak within {summary['tolerance_px']} px of the nodule on {100 * summary['peak_near']:.1f} % of "
         f"{summary['nodule_slices']} nodule slices (chance {100 * summary['chance']:.1f} %), inside it on "
-        f"{100 * summary['peak_inside']:.1f} %; the NAM on the nodule ranks at the {summary['percentile']:.0f}th "
-        "percentile of the lungs (50th = blind)"
+        f"{100 * summary['peak_inside']:.1f} %; on the nodule the NAM ranks above {summary['percentile']:.0f} % of the "
+        "lungs' pixels (50 % = blind)"
     )
     return "\n".join(lines)
