@@ -10,6 +10,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 LIDC_ROOT = Path(os.environ.get("LIDC_ROOT", REPO.parent / "shared" / "data" / "lidc")).resolve()
+CHEST_CT_ROOT = Path(os.environ.get("CHEST_CT_ROOT", REPO.parent / "shared" / "data" / "chest_ct")).resolve()
 
 sys.path.insert(0, str(BUNDLE))
 torch.set_num_threads(1)
@@ -21,10 +22,12 @@ def bundle_root() -> Path:
 
 
 LIDC_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
+CHEST_CT_SCANS = ("Lung_Dx-A0001", "Lung_Dx-A0002", "CPTAC-C3N-00247")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "lidc: needs the two real LIDC-IDRI scans (LIDC_ROOT); set automatically")
+    config.addinivalue_line("markers", "chest_ct: needs the three real chest CTs (CHEST_CT_ROOT); set automatically")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -32,6 +35,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "lidc_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.lidc)
+        if "chest_ct_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.chest_ct)
 
 
 def find_lidc_root(root: Path) -> Path:
@@ -52,3 +57,19 @@ def find_lidc_root(root: Path) -> Path:
 def lidc_root() -> Path:
     """The folder of the two real LIDC-IDRI scans (``LIDC_ROOT``, default ``../shared/data/lidc`` beside the repo)."""
     return find_lidc_root(LIDC_ROOT)
+
+
+@pytest.fixture(scope="session")
+def chest_ct_root() -> Path:
+    """The folder of the three real chest CTs (``CHEST_CT_ROOT``, default ``../shared/data/chest_ct`` beside the
+    repo); skips when they are missing, or fails in CI (``CI=true``), which needs them."""
+    missing = [s for s in CHEST_CT_SCANS if not (CHEST_CT_ROOT / s / "ct").is_dir()]
+    if missing:
+        reason = (
+            f"the real chest CTs {', '.join(missing)} are not in {CHEST_CT_ROOT}: put them there "
+            "(bundle/docs/real_ct.md) or point CHEST_CT_ROOT at them"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true requires them", pytrace=False)
+        pytest.skip(reason)
+    return CHEST_CT_ROOT

@@ -416,3 +416,38 @@ def test_planning_and_writing_share_one_pool_of_workers(tmp_path):
     assert parallel["slices"] == serial["slices"]
     for path in sorted((tmp_path / "serial").rglob("*.nii.gz")):
         assert path.read_bytes() == (tmp_path / "parallel" / path.relative_to(tmp_path / "serial")).read_bytes()
+
+
+class DescribedToySource(ToySource):
+    """The toy subjects, saying where they and their nodules come from, with slice 0 kept from the negatives."""
+
+    def annotations(self, subject):
+        a = super().annotations(subject)
+        a.info = {"scan": f"scan-{int(subject[1:]) % 2}"}
+        for nodule in a.nodules:
+            nodule.info = {"origin": "inserted", "from": subject}
+        a.not_negative = np.zeros(SHAPE[2], bool)
+        a.not_negative[0] = True
+        return a
+
+
+def test_a_given_split_and_the_sources_record_are_kept(tmp_path):
+    split = {f"T{i}": ("test" if i in (0, 1) else "validation" if i == 2 else "training") for i in range(6)}
+    summary = prepare_dataset(DescribedToySource(6), tmp_path / "a", size=64, split=split, progress=False)
+    assert summary["split_rule"] == "given"
+    assert summary["subjects"] == {"training": ["T3", "T4", "T5"], "validation": ["T2"], "test": ["T0", "T1"]}
+    datalist = json.loads((tmp_path / "a" / "datalist.json").read_text())
+    for name, items in datalist.items():
+        for item in items:
+            assert split[item["subject"]] == name and item["scan"] == f"scan-{int(item['subject'][1:]) % 2}"
+            assert item["nodule_info"] == ([{"origin": "inserted", "from": item["subject"]}] if item["class"] else [])
+            assert item["class"] == 1 or item["slice"] != 0
+    with pytest.raises(ValueError, match="names no split"):
+        prepare_dataset(ToySource(6), tmp_path / "b", size=64, split={"T0": "test"}, progress=False)
+    plain = prepare_dataset(ToySource(6), tmp_path / "c", size=64, progress=False)
+    assert plain["split_rule"] == "stratified"
+    assert all(
+        "nodule_info" not in i
+        for items in json.loads((tmp_path / "c" / "datalist.json").read_text()).values()
+        for i in items
+    )

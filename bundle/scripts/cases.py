@@ -23,11 +23,14 @@ class Nodule:
         masks: ``(n_experts, rows, cols, slices)`` bool, one mask per expert, box-local.
         origin: ``(row, col, slice)`` of the box's first voxel in the volume.
         diameter_mm: the nodule's diameter (mean over experts).
+        info: JSON values that say where the nodule comes from (e.g. real or inserted, its LIDC annotations, its
+            texture rating); the dataset writer records them with every slice the nodule makes *with nodule*.
     """
 
     masks: np.ndarray
     origin: tuple[int, int, int]
     diameter_mm: float
+    info: dict = field(default_factory=dict)
 
     @property
     def n_experts(self) -> int:
@@ -49,6 +52,11 @@ class CaseAnnotations:
         nodules: nodules of at least 3 mm, each with its expert masks.
         marked_slices: ``(slices,)`` bool, True where any expert marked anything (nodules of any
             size, also those left out of ``nodules``): such slices are never negatives.
+        info: JSON values about the subject that the dataset writer adds to each of its slices' items (e.g. the
+            real scan a subject was made from); its keys must not be the writer's own.
+        not_negative: ``(slices,)`` bool or None: slices the source keeps out of the negatives without any margin
+            around them (unlike ``marked_slices``), e.g. slices without lung, or slices another subject made from
+            the same scan draws its negatives from.
     """
 
     subject: str
@@ -56,6 +64,8 @@ class CaseAnnotations:
     spacing: tuple[float, float, float]
     nodules: list[Nodule] = field(default_factory=list)
     marked_slices: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+    not_negative: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.marked_slices is None:

@@ -61,7 +61,7 @@ SPLITS = ("training", "validation", "test")
 STATE_DIR = ".state"
 AIR_HU = -1000
 # settings added since the first datasets were written, with the value those datasets were written with
-LATER_SETTINGS = {"in_channels": 1, "context_mm": None}
+LATER_SETTINGS = {"in_channels": 1, "context_mm": None, "split": None}
 
 
 @dataclass
@@ -129,19 +129,22 @@ def plan_dataset(
     seed: int = 0,
     min_experts: int = 2,
     negative_sampling: str = "random",
+    split: dict[str, str] | None = None,
 ) -> list[SlicePlan]:
     """Decide, from annotations alone, which slices each subject contributes and to which split.
 
-    Negatives are drawn at random, per split, from the slices without nodule of that split's subjects, to number
-    ``negative_ratio`` times the split's positives: uniformly (``"random"``, the paper), or ``"matched"`` to the
-    positives' distribution of relative slice height, so that where a slice sits in the scan says nothing about
-    its class (nodules gather where the lungs are widest, and a classifier can learn the anatomy of the height).
+    The split is ``split`` (subject -> ``"training"``, ``"validation"`` or ``"test"``) when given, else
+    ``split_subjects``' stratified draw. Negatives are drawn at random, per split, from the slices without nodule of
+    that split's subjects, to number ``negative_ratio`` times the split's positives: uniformly (``"random"``, the
+    paper), or ``"matched"`` to the positives' distribution of relative slice height, so that where a slice sits in
+    the scan says nothing about its class (nodules gather where the lungs are widest, and a classifier can learn the
+    anatomy of the height).
     """
     if negative_sampling not in ("random", "matched"):
         raise ValueError(f"negative_sampling must be 'random' or 'matched', got {negative_sampling!r}")
     classes = {a.subject: slice_classes(a, min_experts=min_experts, margin=negative_margin) for a in annotations}
     share = {s: float(c.positive.mean()) if c.positive.size else 0.0 for s, c in classes.items()}
-    assignment = split_subjects(share, seed)
+    assignment = split_subjects(share, seed) if split is None else _given_split(split, list(classes))
     rng = np.random.default_rng([seed, 1])
     plans = {
         s: SlicePlan(s, assignment[s], np.flatnonzero(c.positive).tolist(), []) for s, c in sorted(classes.items())
@@ -160,6 +163,17 @@ def plan_dataset(
             subject, slice_index = pool[index]
             plans[subject].negatives.append(slice_index)
     return [plans[s] for s in sorted(plans)]
+
+
+def _given_split(split: dict[str, str], subjects: list[str]) -> dict[str, str]:
+    """``split`` checked to name a known split for every subject."""
+    missing = [s for s in subjects if s not in split]
+    if missing:
+        raise ValueError(f"the given split names no split for {len(missing)} subject(s): {', '.join(missing[:5])}")
+    unknown = sorted({v for v in split.values() if v not in SPLITS})
+    if unknown:
+        raise ValueError(f"the given split uses unknown split names {unknown}; known: {list(SPLITS)}")
+    return {s: split[s] for s in subjects}
 
 
 def _matched_draw(
@@ -217,6 +231,8 @@ def _write_subject(
     lungs = case.lung_mask if case.lung_mask is not None else segment_lungs(case.hu, a.spacing)
     consensus = [consensus_mask(n) for n in a.nodules]
     classes = slice_classes(a, min_experts=min_experts, consensus=consensus)
+    # a source that says where its nodules come from has it recorded with every slice (an empty list: no nodule)
+    described = bool(a.info) or any(n.info for n in a.nodules)
     boxes = [n.box()[:2] for n in a.nodules]
     try:
         corner = crop_window(lungs, size, boxes)
@@ -250,8 +266,13 @@ def _write_subject(
                 "spacing_mm": [float(a.spacing[0]), float(a.spacing[1])],
                 "in_channels": int(in_channels),
                 **({"context_mm": float(context_mm)} if in_channels > 1 else {}),
+                **({"nodule_info": [a.nodules[i].info for i in members]} if described else {}),
             }
         )
+        clash = sorted(set(a.info) & set(items[-1]))
+        if clash:
+            raise ValueError(f"subject {a.subject}: the source's subject info uses the writer's keys {clash}")
+        items[-1].update(a.info)
     return items
 
 
@@ -328,6 +349,7 @@ def prepare_dataset(
     progress: bool = True,
     in_channels: int = 1,
     context_mm: float = DEFAULT_CONTEXT_MM,
+    split: dict[str, str] | None = None,
 ) -> dict:
     """Prepare ``source`` into ``out_dir`` in the dataset format above; resume an interrupted run.
 
@@ -349,6 +371,9 @@ def prepare_dataset(
         in_channels: channels of each image: 1, the slice alone (the paper), or 3 (2.5-D), the slice with its
             neighbours at ``context_mm`` above and below (``scripts.context``).
         context_mm: distance between the channels of a 2.5-D image.
+        split: the split of every subject (``"training"``, ``"validation"`` or ``"test"``), e.g. to keep the
+            subjects made from one scan together or to hold a named scan out; None for the stratified draw of
+            ``split_subjects``.
 
     Returns:
         the dataset summary, also written to ``dataset_summary.json``.
@@ -376,6 +401,7 @@ def prepare_dataset(
         "negative_sampling": negative_sampling,
         "in_channels": int(in_channels),
         "context_mm": context_mm,
+        "split": None if split is None else {str(k): str(v) for k, v in sorted(split.items())},
     }
     resuming = _check_output(out_dir, settings)
     finished = _finished_summary(out_dir, settings) if resuming else None
@@ -442,6 +468,7 @@ def _plan_and_write(
         seed=settings["seed"],
         min_experts=settings["min_experts"],
         negative_sampling=settings["negative_sampling"],
+        split=settings["split"],
     )
     records = {}
     for plan in plans:
@@ -507,6 +534,7 @@ def _write_index(out_dir: Path, plans: list[SlicePlan], records: dict, failures:
         "negative_sampling": settings["negative_sampling"],
         "in_channels": settings["in_channels"],
         "context_mm": settings["context_mm"],
+        "split_rule": "stratified" if settings["split"] is None else "given",
         "subjects": {s: sorted(p.subject for p in plans if p.split == s and p.subject in records) for s in SPLITS},
         "slices": {
             s: {"with_nodule": sum(i["class"] for i in items), "without_nodule": sum(1 - i["class"] for i in items)}

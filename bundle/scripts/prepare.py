@@ -1,4 +1,4 @@
-"""Command line to prepare a dataset: ``python -m scripts.prepare synthetic|lidc ...`` (run in ``bundle/``)."""
+"""Command line to prepare a dataset: ``python -m scripts.prepare synthetic|lidc|real ...`` (run in ``bundle/``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import fire
 from .context import DEFAULT_CONTEXT_MM
 from .dataset import prepare_dataset
 
-__all__ = ["synthetic", "lidc", "scans"]
+__all__ = ["synthetic", "lidc", "real", "scans"]
 
 
 def synthetic(
@@ -107,6 +107,92 @@ def lidc(
     return _report(summary)
 
 
+def real(
+    out: str,
+    scans: list[str] | str | None = None,
+    data_root: str | None = None,
+    test: list[str] | str | None = None,
+    validation: list[str] | str | None = None,
+    variants: int = 4,
+    insertions: int = 3,
+    seed: int = 0,
+    size: int = 384,
+    pixel_mm: float | None = 0.75,
+    workers: int = 2,
+    in_channels: int = 1,
+    context_mm: float = DEFAULT_CONTEXT_MM,
+    negative_ratio: float = 1.0,
+    negative_margin: int = 2,
+    negative_sampling: str = "random",
+    **source_options: Any,
+) -> dict:
+    """Prepare the real chest CT scans, their real nodules and real LIDC nodule shapes inserted into their lungs
+    (``scripts.real_ct``; ``docs/real_ct.md``).
+
+    Args:
+        out: output folder.
+        scans: the host scans (comma-separated or a list); default the five of ``data_root``
+            (``scripts.real_ct.REAL_SCANS``).
+        data_root: the folder holding ``lidc/`` and ``chest_ct/``; default ``../shared/data`` beside the repository.
+        test: scans whose subjects (all their variants) form the test split, e.g. ``LIDC-IDRI-0001`` to score a
+            model on it: their LIDC patients' nodule shapes are never inserted either. Default none.
+        validation: scans whose subjects form the validation split; default one of the other scans, drawn with
+            ``seed``.
+        variants: subjects per scan, ``<scan>#0`` ... ``<scan>#<variants - 1>``, each with its own insertions.
+        insertions: nodules inserted per subject.
+        seed: seeds the insertions, the validation scan and the negative draw.
+        size: slice size in pixels (the crop, centred on the lungs).
+        pixel_mm: in-plane pixel spacing the scans are resampled to (the paper's 384 px slices are about 0.75 mm);
+            None keeps each scan's own (0.56-0.84 mm).
+        workers: processes.
+        in_channels: 1 (single slices, the paper) or 3 (2.5-D: each slice with its neighbours, ``scripts.context``).
+        context_mm: distance between the channels of a 2.5-D slice.
+        negative_ratio: slices without nodule per slice with nodule, in each split.
+        negative_margin: slices kept clear around every mark, tumour and insertion before a slice is clean.
+        negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
+        source_options: further :class:`scripts.real_ct.RealCtSource` arguments, e.g. ``--texture_p
+            "(0.2, 0.05, 0.1, 0.15, 0.5)"`` or ``--exclude_shapes "[]"``.
+    """
+    from .real_ct import RealCtSource
+
+    source = RealCtSource(
+        data_root,
+        _names(scans),
+        variants=variants,
+        insertions=insertions,
+        seed=seed,
+        size=size,
+        pixel_mm=pixel_mm,
+        margin=negative_margin,
+        test=_names(test) or (),
+        validation=_names(validation),
+        **source_options,
+    )
+    summary = prepare_dataset(
+        source,
+        out,
+        size=size,
+        negative_ratio=negative_ratio,
+        negative_margin=negative_margin,
+        negative_sampling=negative_sampling,
+        seed=seed,
+        workers=workers,
+        in_channels=in_channels,
+        context_mm=context_mm,
+        split=source.split(),
+    )
+    return _report(summary)
+
+
+def _names(names: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
+    """Names given comma-separated or as a list (fire passes either); None stays None."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return [n.strip() for n in names.split(",") if n.strip()]
+    return [str(n) for n in names]
+
+
 def scans(out: str, cases: int = 2, seed: int = 0, size: int = 128, **source_options: Any) -> list[str]:
     """Write synthetic chest CT cases as whole scans for ``configs/inference.json``: ``<out>/<subject>.nii.gz`` (int16
     HU, in the axial convention of ``scripts.orient``) and the truth, ``<out>/labels/<subject>.nii.gz`` (the union of
@@ -152,4 +238,4 @@ def _report(summary: dict) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    fire.Fire({"synthetic": synthetic, "lidc": lidc, "scans": scans})
+    fire.Fire({"synthetic": synthetic, "lidc": lidc, "real": real, "scans": scans})

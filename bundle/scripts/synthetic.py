@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from .cases import CaseAnnotations, CaseVolume, Nodule
+from .lesions import lesion_level, random_orientation, slide_outward
 from .nodule_shapes import NoduleShapeLibrary, resample_masks
 from .synthetic_anatomy import AIR_HU, AIRWAY_WALL_HU, BLOOD_HU, ChestAnatomy, grow_tree, render_tubes
 
@@ -30,8 +31,8 @@ NODULE_COUNT_P = (0.15, 0.45, 0.28, 0.12)  # P(0, 1, 2, 3 nodules in a case)
 REAL_GGO_HU = (-800.0, -550.0)
 REAL_GGO_TEXTURE_HU = 50.0
 FIRST_GGO_HU = (-550.0, -300.0)
-GGO_TEXTURE_MM = 1.5
 NODULE_KINDS = ("solid", "part-solid", "ground-glass")  # the order of ``nodule_types_p``
+PART_SOLID_CORE = 0.5  # the inner half of a part-solid nodule's depth is solid
 SMALL_MARK_P = 0.3  # share of cases with a < 3 mm mark, as LIDC readers also marked those
 
 # directions (y, x, z) of the trunks leaving a hilum, x to be multiplied by the side (-1 right, +1 left)
@@ -88,8 +89,8 @@ class SyntheticSource:
         min_vessel_radius_mm: vessel branches end below this radius.
         ggo_hu: range of the HU of ground-glass nodules and of part-solid nodules' ground-glass; real CT's by
             default, ``FIRST_GGO_HU`` with ``ggo_texture_hu=0`` for the first generator's.
-        ggo_texture_hu: standard deviation of the ground-glass texture, smooth over ``GGO_TEXTURE_MM``; 0 paints
-            ground-glass flat.
+        ggo_texture_hu: standard deviation of the ground-glass texture, smooth over
+            ``scripts.lesions.GGO_TEXTURE_MM``; 0 paints ground-glass flat.
     """
 
     name = "synthetic"
@@ -296,7 +297,7 @@ class SyntheticSource:
         """Draw an LIDC nodule, its density and where it goes (free, against a vessel or against the pleura)."""
         for _ in range(5):
             shape = self.library.draw(rng)
-            masks = _random_orientation(shape.masks, rng)
+            masks = random_orientation(shape.masks, rng)
             masks = resample_masks(masks, shape.spacing, self.spacing)
             masks = masks[(slice(None),) + ndimage.find_objects(masks.any(axis=0).astype(np.uint8))[0]]
             kind = rng.choice(3, p=self.nodule_types_p)  # solid, part-solid, ground-glass
@@ -377,15 +378,7 @@ class SyntheticSource:
         if norm == 0:
             return origin
         step = direction / norm / self.spacing_mm
-        best = origin
-        for k in range(1, 4 * max(self.shape[:2])):
-            moved = (int(round(origin[0] + k * step[0])), int(round(origin[1] + k * step[1])), origin[2])
-            if moved == best:
-                continue
-            if not self._fits(plan, masks, moved):
-                break
-            best = moved
-        return best
+        return slide_outward(origin, step, lambda moved: self._fits(plan, masks, moved), 4 * max(self.shape[:2]))
 
     def _find_by_vessel(self, plan: _Plan, masks: np.ndarray, rng: np.random.Generator) -> tuple | None:
         """Put the lesion against a vessel of 1-4 mm radius, inside the volume's slices."""
@@ -450,21 +443,7 @@ class SyntheticSource:
         agreement = np.zeros(hi - lo, dtype=np.float32)
         agreement[inner] = nodule.masks.mean(axis=0)
         weight = ndimage.gaussian_filter(agreement, (0.5, 0.5, 0.3))
-        level = np.full_like(weight, lesion.ggo_hu)
-        if texture_hu > 0 and lesion.ggo_hu < -300.0:  # ground-glass and part-solid nodules
-            sigma = [GGO_TEXTURE_MM / s for s in spacing]
-            texture = ndimage.gaussian_filter(rng.standard_normal(weight.shape), sigma).astype(np.float32)
-            level += texture * np.float32(texture_hu / max(float(texture.std()), 1e-6))
-        if lesion.part_solid:
-            depth = ndimage.distance_transform_edt(agreement >= 0.5)
-            core = ndimage.gaussian_filter((depth > 0.5 * depth.max()).astype(np.float32), 0.7)
-            level += core * (lesion.solid_hu - lesion.ggo_hu)
+        core = PART_SOLID_CORE if lesion.part_solid else 0.0
+        level = lesion_level(agreement, lesion.ggo_hu, lesion.solid_hu, core, texture_hu, spacing, rng)
         background = hu[box]
         hu[box] = np.maximum(background, background + weight * (level - background))
-
-
-def _random_orientation(masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The masks flipped along each axis and transposed in-plane at random (LIDC pixels are square)."""
-    flips = rng.random(4) < 0.5
-    out = masks[:, :: -1 if flips[0] else 1, :: -1 if flips[1] else 1, :: -1 if flips[2] else 1]
-    return np.ascontiguousarray(out.transpose(0, 2, 1, 3) if flips[3] else out)
