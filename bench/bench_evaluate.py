@@ -21,8 +21,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.atomic import write_json  # noqa: E402  (needs the bundle on the path)
-from scripts.evaluate import SegmentationEvaluation  # noqa: E402
+from scripts.evaluation.evaluate import SegmentationEvaluation  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402  (needs the bundle on the path)
 
 
 def make_split(root: Path, preds: list[Path], n: int, size: int, seed: int = 0) -> None:

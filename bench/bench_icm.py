@@ -1,4 +1,4 @@
-"""Benchmark: vectorised ICM (scripts.icm) against a plain per-pixel loop version of the same algorithm.
+"""Benchmark: vectorised ICM (scripts.pipeline.icm) against a plain per-pixel loop version of the same algorithm.
 
 Both update the four colour classes of the 8-neighbourhood graph in the same order (inside a class the
 pixels are independent, so the loop's raster order gives the same result) and re-estimate the phases the
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-from scripts.icm import COLOURS, NEIGHBOUR_OFFSETS, icm_segmentation, initial_labels  # noqa: E402
+from scripts.pipeline.icm import COLOURS, NEIGHBOUR_OFFSETS, icm_segmentation, initial_labels  # noqa: E402
 
 
 def icm_loop(image, mask, phases=4, beta=0.7, max_sweeps=15):

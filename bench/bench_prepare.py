@@ -21,10 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.atomic import write_json  # noqa: E402  (needs the bundle on the path)
-from scripts.dataset import prepare_dataset  # noqa: E402
-from scripts.lidc import LidcSource, patient_scan  # noqa: E402
-from scripts.synthetic import SyntheticSource  # noqa: E402
+from scripts.data.dataset import prepare_dataset  # noqa: E402
+from scripts.data.lidc import LidcSource, patient_scan  # noqa: E402
+from scripts.data.synthetic import SyntheticSource  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402  (needs the bundle on the path)
 
 STUB = "LIDC-IDRI-0002"
 

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
-from scripts.atomic import write_json  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
+from scripts.networks.gap_classifier import GAPClassifier  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 STEPS = ("read", "lungs", "crop", "classify", "segment", "screen", "assemble", "write")
 FORWARDS = ("classify", "screen")  # the classifier's forwards: the slices', and R-NAM's on the masked copies
@@ -120,7 +120,7 @@ def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> di
 
 def segmenter_lungs(volume: torch.Tensor, inferer) -> np.ndarray:
     """Indices of the slices that hold lung (what the inferer classifies)."""
-    from scripts.scan import _spacing
+    from scripts.pipeline.scan_inferer import _spacing
 
     lo, hi = inferer.segmenter.intensity_range
     window = volume[0].detach().float().cpu().numpy().astype(np.float64)

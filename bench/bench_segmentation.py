@@ -24,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_icm import phantom  # noqa: E402
-from scripts.candidates import Candidate, extract_candidates  # noqa: E402
-from scripts.icm import icm_segmentation  # noqa: E402
-from scripts.lung_mask import segment_lungs  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
-from scripts.rnam import crop_window, logits_and_nam, rnam_scores  # noqa: E402
-from scripts.scope import screening_scope  # noqa: E402
-from scripts.segmenter import WeaklySupervisedSegmenter  # noqa: E402
+from scripts.networks.gap_classifier import GAPClassifier  # noqa: E402
+from scripts.pipeline.candidates import Candidate, extract_candidates  # noqa: E402
+from scripts.pipeline.icm import icm_segmentation  # noqa: E402
+from scripts.pipeline.lungs import segment_lungs  # noqa: E402
+from scripts.pipeline.scope import screening_scope  # noqa: E402
+from scripts.pipeline.screen import crop_window, logits_and_nam, rnam_scores  # noqa: E402
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter  # noqa: E402
 
 
 def timed(fn, repeats):

@@ -19,8 +19,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 
-from scripts.atomic import write_json  # noqa: E402
-from scripts.synthetic import SyntheticSource  # noqa: E402
+from scripts.data.synthetic import SyntheticSource  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 
 def vessel_blobs(hu: np.ndarray, lung: np.ndarray, spacing_mm: float) -> int:

@@ -34,8 +34,8 @@ from monai.data import MetaTensor, list_data_collate
 from monai.transforms import LoadImaged
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-from scripts.atomic import write_json  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
+from scripts.networks.gap_classifier import GAPClassifier  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 LEARNING_RATES = {1: 1e-2, 2: 2e-3, 3: 1e-3}
 

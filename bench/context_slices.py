@@ -4,7 +4,7 @@
                                    [--synthetic defaults|quickstart] [--out ../runs/context_slices]
 
 For each input (``--channels``: 1 = the slice alone, the paper; 3 = the slice with its neighbours above and below,
-``scripts.context``) it prepares the same synthetic cases, trains the quick start's 1-GAP classifier
+``scripts.pipeline.context``) it prepares the same synthetic cases, trains the quick start's 1-GAP classifier
 (``configs/train.json``: batch normalisation, Adam, the quick start's width and epochs), classifies and maps the
 test split (``configs/inference_slices.json``) and measures the test AUC and where the NAM peaks
 (``bench/nam_localisation.py``). ``--synthetic defaults`` is the generator's defaults (3-30 mm nodules, 4.5-5.5 mm
@@ -29,11 +29,11 @@ sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from nam_localisation import nam_localisation  # noqa: E402
-from scripts.atomic import write_json  # noqa: E402
-from scripts.dataset import load_split, prepare_dataset, slice_stem  # noqa: E402
-from scripts.metrics import classification_summary  # noqa: E402
+from scripts.data.dataset import load_split, prepare_dataset, slice_stem  # noqa: E402
+from scripts.data.synthetic import SyntheticSource  # noqa: E402
+from scripts.evaluation.metrics import classification_summary  # noqa: E402
 from scripts.quickstart import BUNDLE_ROOT, QUICKSTART_SYNTHETIC, _run_config, _train_classifier, quiet_log  # noqa
-from scripts.synthetic import SyntheticSource  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 SYNTHETIC = {"defaults": {}, "quickstart": QUICKSTART_SYNTHETIC}
 

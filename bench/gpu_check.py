@@ -15,7 +15,7 @@ Checks (each runs on its own: one that fails or raises is reported as such, and 
 - ``training_throughput``: training slices/s of each classifier at 384 px, width 1, batch 30, AMP, beside the GPU's
   dense bf16 ceiling: the network's FLOPs are counted from its convolutions and linear layers (forward; a training
   step counted as 3x the forward). Target: >= 30 % of the ceiling.
-- ``rnam_batched``: R-NAM of 8 candidates (``scripts.rnam.rnam_scores``) in one batch vs one by one
+- ``rnam_batched``: R-NAM of 8 candidates (``scripts.pipeline.screen.rnam_scores``) in one batch vs one by one
   (``batch_size=1``), on the full image (the paper's formulation; the target, >= 3x, applies to it) and on the
   segmenter's default exact crop with incremental recomputation (reported beside it); the scores must agree.
 - ``classification_throughput``: slices/s of the 1-GAP classifier's logits and NAM (what inference computes) at
@@ -53,9 +53,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
-from scripts.atomic import write_json  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
-from scripts.rnam import logits_and_nam, rnam_scores  # noqa: E402
+from scripts.networks.gap_classifier import GAPClassifier  # noqa: E402
+from scripts.pipeline.screen import logits_and_nam, rnam_scores  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 CHECKS = (
     "amp_training",
@@ -275,8 +275,8 @@ def check_torchrun_nccl(timeout: Callable[[], int] = lambda: 240) -> dict:
         result["worker_log_tail"] = _tail(raw.stdout + raw.stderr)
     ok = raw.returncode == 0 and worker is not None and worker["backend"] == "nccl" and worker["all_reduce"] == 1.0
 
-    from scripts.dataset import prepare_dataset
-    from scripts.synthetic import SyntheticSource
+    from scripts.data.dataset import prepare_dataset
+    from scripts.data.synthetic import SyntheticSource
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

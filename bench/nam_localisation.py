@@ -20,8 +20,8 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.atomic import write_json  # noqa: E402  (needs the bundle on the path)
-from scripts.dataset import load_split, slice_stem  # noqa: E402
+from scripts.data.dataset import load_split, slice_stem  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402  (needs the bundle on the path)
 
 
 def _plane(path: Path | str) -> np.ndarray:

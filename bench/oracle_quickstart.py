@@ -25,10 +25,10 @@ sys.path.insert(0, str(BENCH))
 
 import oracle_scope  # noqa: E402
 from quickstart_by_kind import slice_kinds  # noqa: E402
-from scripts.atomic import write_json  # noqa: E402
-from scripts.checkpoint import bundle_version  # noqa: E402
-from scripts.dataset import load_split  # noqa: E402
+from scripts.data.dataset import load_split  # noqa: E402
+from scripts.networks.checkpoint import bundle_version  # noqa: E402
 from scripts.quickstart import QUICKSTART_CANDIDATES  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 GROUPS = ("all solid", "all part-solid", "all ground-glass", "all")
 

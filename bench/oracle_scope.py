@@ -4,7 +4,7 @@ The classifier's NAM is replaced by an ideal one, a 2-D Gaussian (sigma 16 px: t
 centred on the nodule, and by the same Gaussian displaced by 12 px in a seeded random direction. The stage runs
 through the bundle's own ``screening_scope``, ``segment_lungs``, ``icm_segmentation`` and ``extract_candidates`` on
 
-- **real**: every nodule slice of the real LIDC-IDRI scans (``../shared/data/lidc``, read by ``scripts.lidc``):
+- **real**: every nodule slice of the real LIDC-IDRI scans (``../shared/data/lidc``, read by ``scripts.data.lidc``):
   each nodule's STAPLE consensus on each slice it covers, cropped to 384 x 384 as the dataset writer crops;
   nodules are typed by the median HU of their 3-D consensus (ground-glass below -550 HU, else solid);
 - **hybrid**: real CT slices of the same scans at least 5 slices from any mark and with at least half the scan's
@@ -42,14 +42,14 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.atomic import write_json  # noqa: E402
-from scripts.candidates import extract_candidates  # noqa: E402
-from scripts.dataset import crop_window  # noqa: E402
-from scripts.icm import icm_segmentation  # noqa: E402
-from scripts.labels import consensus_mask, marked_slices, staple  # noqa: E402
-from scripts.lung_mask import segment_lungs  # noqa: E402
-from scripts.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks  # noqa: E402
-from scripts.scope import screening_scope  # noqa: E402
+from scripts.data.dataset import crop_window  # noqa: E402
+from scripts.data.labels import consensus_mask, marked_slices, staple  # noqa: E402
+from scripts.data.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks  # noqa: E402
+from scripts.pipeline.candidates import extract_candidates  # noqa: E402
+from scripts.pipeline.icm import icm_segmentation  # noqa: E402
+from scripts.pipeline.lungs import segment_lungs  # noqa: E402
+from scripts.pipeline.scope import screening_scope  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 SIZE = 384
 NAM_SIGMA_PX = 16.0
@@ -133,7 +133,7 @@ def _variant(name: str) -> dict:
     """The settings of a named variant: ``PAPER`` overridden by ``VARIANTS[name]`` ("current": the segmenter's
     defaults, its real-CT candidate rules)."""
     if name == "current":
-        from scripts.segmenter import WeaklySupervisedSegmenter  # imports torch
+        from scripts.pipeline.segmenter import WeaklySupervisedSegmenter  # imports torch
 
         seg = WeaklySupervisedSegmenter()
         cand = {"min_value": seg.dense_hu, "min_area_mm2": seg.min_area_mm2, **seg.candidate_args}
@@ -159,7 +159,7 @@ def load_scans(lidc_root: Path, subjects: list[str] | None = None, lung_step: in
     ``lung_step`` > 1 segments the lungs on every ``lung_step``-th slice only (for the crop window and the hybrid
     backgrounds, which are then drawn from those slices): a quicker run, as in CI.
     """
-    from scripts.lidc import LidcSource  # imports pylidc (a second)
+    from scripts.data.lidc import LidcSource  # imports pylidc (a second)
 
     source = LidcSource(lidc_root, subjects)
     scans = []

@@ -25,11 +25,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.atomic import write_json  # noqa: E402
-from scripts.checkpoint import bundle_version  # noqa: E402
-from scripts.dataset import STATE_DIR, load_split  # noqa: E402
-from scripts.labels import slice_classes  # noqa: E402
-from scripts.synthetic import NODULE_KINDS, SyntheticSource  # noqa: E402
+from scripts.data.dataset import STATE_DIR, load_split  # noqa: E402
+from scripts.data.labels import slice_classes  # noqa: E402
+from scripts.data.synthetic import NODULE_KINDS, SyntheticSource  # noqa: E402
+from scripts.networks.checkpoint import bundle_version  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 
 def slice_kinds(dataset_dir: Path) -> dict[str, str]:

@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
-from scripts.atomic import write_json  # noqa: E402
-from scripts.checkpoint import bundle_version  # noqa: E402
-from scripts.evaluate import format_number  # noqa: E402
+from scripts.evaluation.evaluate import format_number  # noqa: E402
+from scripts.networks.checkpoint import bundle_version  # noqa: E402
+from scripts.pipeline.segmenter import PAPER_CANDIDATES  # noqa: E402
 from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS, _run_config  # noqa: E402
-from scripts.segmenter import PAPER_CANDIDATES  # noqa: E402
+from scripts.utils.io import write_json  # noqa: E402
 
 # each variant: what it sets on top of configs/inference_slices.json's defaults (the real-CT candidate rules)
 VARIANTS: dict[str, dict] = {

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scripts.networks import GAPClassifier
+from scripts.networks.gap_classifier import GAPClassifier
 
 
 def _bundle_run(bundle_root, *args):
@@ -62,7 +62,7 @@ def test_volume_where_a_slice_is_expected_is_named(bundle_root, tmp_path):
 
 def test_check_sliced_names_the_problem():
     from monai.data import MetaTensor
-    from scripts.transforms import CheckSliced
+    from scripts.training.transforms import CheckSliced
 
     check = CheckSliced(keys="image")
     good = MetaTensor(torch.zeros(1, 8, 8), meta={"filename_or_obj": "good.nii.gz"})

@@ -7,16 +7,16 @@ a nodule. The candidates come from the stage exactly as the segmenter runs it wi
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.candidates import (
+from scripts.pipeline.candidates import (
     dense_phases,
     extract_candidates,
     parenchyma_value,
     split_attached,
     trim_partial_volume,
 )
-from scripts.icm import icm_segmentation
-from scripts.lung_mask import segment_lungs
-from scripts.segmenter import WeaklySupervisedSegmenter
+from scripts.pipeline.icm import icm_segmentation
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 
 SPACING = (0.7, 0.7)
 SHAPE = (160, 200)

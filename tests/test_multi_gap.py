@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.scope import nam_basins, refine_scope, top_scopes
-from scripts.segmenter import WeaklySupervisedSegmenter
+from scripts.pipeline.scope import nam_basins, refine_scope, top_scopes
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 from torch import nn
 
 SIZE = 64

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.dataset import load_split, prepare_dataset, slice_stem
-from scripts.synthetic import SyntheticSource
+from scripts.data.dataset import load_split, prepare_dataset, slice_stem
+from scripts.data.synthetic import SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("nam_localisation", REPO / "bench" / "nam_localisation.py")

@@ -13,8 +13,8 @@ import torch
 from matplotlib.image import imread
 from monai.bundle import run
 from monai.data import MetaTensor
-from scripts.networks import GAPClassifier
-from scripts.prediction_writer import OUTCOMES, PredictionWriter, panel_outcome, save_panel
+from scripts.evaluation.slice_writer import OUTCOMES, PredictionWriter, panel_outcome, save_panel
+from scripts.networks.gap_classifier import GAPClassifier
 
 SIZE = 32
 
@@ -127,7 +127,7 @@ def test_the_writer_says_when_every_slice_is_negative(tmp_path, caplog):
     for stem, label in (("A_0001", gt), ("A_0002", none), ("B_0001", none)):
         item, batch_item = hand_made_item(tmp_path / "data", stem, label, none, "negative", probability=0.2)
         writer.write_item(item, batch_item)
-    with caplog.at_level(logging.WARNING, logger="scripts.prediction_writer"):
+    with caplog.at_level(logging.WARNING, logger="scripts.evaluation.slice_writer"):
         index = writer.write_panels()
     assert index["all_negative"] and index["slices"] == 3 and index["called_positive"] == 0
     assert "every one of the 3 slices was called negative" in index["message"] and "0.200" in index["message"]

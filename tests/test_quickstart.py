@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import BUNDLE, REPO
-from scripts.evaluate import PAPER_ORDER
+from scripts.evaluation.evaluate import PAPER_ORDER
 from scripts.quickstart import (
     PAPER_ACCURACY,
     PAPER_TABLE1,

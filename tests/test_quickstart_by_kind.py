@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.dataset import load_split, prepare_dataset, slice_stem
-from scripts.synthetic import SyntheticSource
+from scripts.data.dataset import load_split, prepare_dataset, slice_stem
+from scripts.data.synthetic import SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

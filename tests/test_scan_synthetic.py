@@ -15,12 +15,12 @@ from known_response import SpotNet
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage
-from scripts.assemble import ScanResultd
-from scripts.checkpoint import TrainingRecord
-from scripts.crop import crop_window
-from scripts.lung_mask import segment_lungs
-from scripts.networks import GAPClassifier
-from scripts.prepare import scans
+from scripts.data.prepare import scans
+from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.assemble import ScanResultd
+from scripts.pipeline.crop import crop_window
+from scripts.pipeline.lungs import segment_lungs
 
 SIZE = 128
 

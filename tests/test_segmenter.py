@@ -14,10 +14,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run
 from monai.data import MetaTensor
-from scripts.checkpoint import TrainingRecord
-from scripts.networks import GAPClassifier
+from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 from scripts.quickstart import QUICKSTART_CANDIDATES
-from scripts.segmenter import WeaklySupervisedSegmenter
 from test_rnam import RegionNet
 
 SIZE = 64
@@ -392,7 +392,7 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
 
 
 def test_missing_inputs_give_clear_errors(tmp_path):
-    from scripts.dataset import inference_datalist
+    from scripts.data.dataset import inference_datalist
 
     with pytest.raises(FileNotFoundError, match="datalist"):
         inference_datalist(str(tmp_path))

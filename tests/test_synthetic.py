@@ -5,9 +5,9 @@ import pickle
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.cases import CaseAnnotations, CaseVolume
-from scripts.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks
-from scripts.synthetic import SyntheticSource
+from scripts.data.cases import CaseAnnotations, CaseVolume
+from scripts.data.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks
+from scripts.data.synthetic import SyntheticSource
 
 SMALL = dict(size=128, n_slices=16)
 
@@ -251,8 +251,8 @@ def test_ground_glass_nodules_have_real_densities_and_texture():
     """By default ground-glass (and the rim of part-solid) nodules are drawn at -800..-550 HU, as on real CT, and
     painted with an uneven texture; solid ones are painted flat. The first generator's denser ground-glass stays an
     option."""
-    from scripts.cases import Nodule
-    from scripts.synthetic import FIRST_GGO_HU, REAL_GGO_TEXTURE_HU, _Lesion
+    from scripts.data.cases import Nodule
+    from scripts.data.synthetic import FIRST_GGO_HU, REAL_GGO_TEXTURE_HU, _Lesion
 
     source = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL)
     assert source.settings()["ggo_texture_hu"] == REAL_GGO_TEXTURE_HU > 0

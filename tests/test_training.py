@@ -18,11 +18,11 @@ from dataset_factory import write_tiny_dataset
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
-from scripts.checkpoint import load_checkpoint
-from scripts.localisation import localise
-from scripts.metrics import classification_summary
-from scripts.networks import GAPClassifier
-from scripts.training import last_checkpoint
+from scripts.evaluation.localisation import localise
+from scripts.evaluation.metrics import classification_summary
+from scripts.networks.checkpoint import load_checkpoint
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.training.engine import last_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,7 +279,7 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
 def test_slice_class_comes_from_the_item_or_from_the_mask(tmp_path):
     import nibabel as nib
     import numpy as np
-    from scripts.transforms import SliceClassd
+    from scripts.training.transforms import SliceClassd
 
     mask = np.zeros((8, 8), np.uint8)
     empty, nodule = tmp_path / "empty.nii.gz", tmp_path / "nodule.nii.gz"

@@ -12,8 +12,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.networks.nets import BasicUNet
-from scripts.evaluate import SegmentationEvaluation
-from scripts.unet import write_slice_prediction
+from scripts.evaluation.evaluate import SegmentationEvaluation
+from scripts.evaluation.unet_outputs import write_slice_prediction
 
 SIZE = 32
 TINY = ["--features", "[4,4,8,8,16,4]", "--image_size", str(SIZE), "--num_workers", "0"]

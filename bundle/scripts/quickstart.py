@@ -32,11 +32,11 @@ from ignite.engine import Engine, Events
 from monai.bundle import run
 from tqdm import tqdm
 
-from .atomic import write_json, write_text
-from .dataset import prepare_dataset
-from .evaluate import format_mean_sd, format_number, table1_cells
-from .localisation import format_localisation
-from .synthetic import SyntheticSource
+from .data.dataset import prepare_dataset
+from .data.synthetic import SyntheticSource
+from .evaluation.evaluate import format_mean_sd, format_number, table1_cells
+from .evaluation.localisation import format_localisation
+from .utils.io import write_json, write_text
 
 __all__ = ["quickstart", "quickstart_full", "StageProgress", "quiet_log", "PAPER_TABLE1", "PAPER_ACCURACY"]
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from monai.transforms import Transform
 
-from .atomic import write_atomically, write_json
-from .dataset import slice_stem
+from ..data.dataset import slice_stem
+from ..utils.io import write_atomically, write_json
 
 __all__ = ["write_slice_prediction", "SaveSlicePredictiond"]
 

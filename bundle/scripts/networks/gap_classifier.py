@@ -263,11 +263,11 @@ class GAPClassifier(nn.Module):
         """Load conv1_1 ... conv5_3 from torchvision-layout VGG16 weights (``features.N.weight/bias``).
 
         ``pretrained`` is a state dict's path, or ``"imagenet"`` for ImageNet weights (torchvision's where they can be
-        had, else the Oxford weights from the package index: ``scripts.pretrained``). The heads and ``fc`` keep their
-        initialisation; other keys (pool5's classifier) are ignored. Weights whose conv1_1 has 3 input channels are
-        ImageNet's, which expect input normalised per channel: the model switches to that convention's
-        ``input_norm`` (``"caffe"`` for the Oxford weights and for a file whose name says ``caffe`` or ``oxford``,
-        else ``"imagenet"``). With 3 input channels they load as they are. With 1, conv1_1 is folded so that the model
+        had, else the Oxford weights from the package index: ``scripts.networks.pretrained``). The heads and ``fc`` keep
+        their initialisation; other keys (pool5's classifier) are ignored. Weights whose conv1_1 has 3 input channels
+        are ImageNet's, which expect input normalised per channel: the model switches to that convention's
+        ``input_norm`` (``"caffe"`` for the Oxford weights and for a file whose name says ``caffe`` or ``oxford``, else
+        ``"imagenet"``). With 3 input channels they load as they are. With 1, conv1_1 is folded so that the model
         computes what the 3-channel model computes on a grey slice ``g`` repeated to 3 channels and normalised per
         channel, ``sum_c w_c * (g - m_c) / s_c + b``: the model normalises ``g`` with the channel averages ``m``,
         ``s`` and uses ``w = s * sum_c w_c / s_c`` and ``b = b - sum_c (m_c - m) / s_c * sum(w_c)``. That is exact
@@ -398,9 +398,9 @@ class GAPClassifier(nn.Module):
 
 class BackboneTail(nn.Module):
     """The part of a ``GAPClassifier`` that trains when its backbone is frozen up to a layer: fed that layer's
-    activations (``scripts.transforms.BackboneFeaturesd`` computes them once per slice), it returns the classifier's
-    logits. Its parameters are the classifier's own, so training it trains the classifier; the frozen layers'
-    parameters get ``requires_grad=False``.
+    activations (``scripts.training.transforms.BackboneFeaturesd`` computes them once per slice), it returns the
+    classifier's logits. Its parameters are the classifier's own, so training it trains the classifier; the frozen
+    layers' parameters get ``requires_grad=False``.
 
     *Inferred*: the paper fine-tunes every layer. On a CPU an epoch of VGG16 at width 1 costs minutes; freezing the
     first blocks and caching their activations once makes it seconds (docs: the classifier's recipe).

@@ -1,7 +1,7 @@
 """A picture of where the NAM looks: a dozen nodule slices with their NAM, ground truth and NAM peak.
 
 The slices come from different subjects, hits (peak near the nodule) and misses alike, so the picture shows what
-the localisation figures (``scripts.localisation``) summarise.
+the localisation figures (``scripts.evaluation.localisation``) summarise.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 import numpy as np
 
-from .atomic import write_atomically
+from ..utils.io import write_atomically
 from .localisation import TOLERANCE_PX, localise
 
 __all__ = ["choose_slices", "draw_nam_sheet"]

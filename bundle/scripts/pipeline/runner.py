@@ -23,7 +23,7 @@ import torch.distributed as dist
 from monai.data import Dataset
 from tqdm import tqdm
 
-from .atomic import write_json
+from ..utils.io import write_json
 from .read import ScanError
 
 __all__ = ["ScanRunner"]
@@ -57,11 +57,11 @@ class ScanRunner:
     """Segment every scan of ``dataset`` and write its outputs.
 
     Args:
-        dataset: items ``{"image", "source", "name"}`` (``scripts.read.scan_datalist``) with the preprocessing.
+        dataset: items ``{"image", "source", "name"}`` (``scripts.pipeline.read.scan_datalist``) with the preprocessing.
         network: the classifier (weights loaded).
-        inferer: the scan inferer (``scripts.scan.ScanSegmenter``).
-        postprocessing: back to the input grid and the tables (``Invertd``, ``scripts.assemble.ScanResultd``).
-        writer: writes one scan's outputs, all or nothing (``scripts.write.ScanWriter``).
+        inferer: the scan inferer (``scripts.pipeline.scan_inferer.ScanSegmenter``).
+        postprocessing: back to the input grid and the tables (``Invertd``, ``scripts.pipeline.assemble.ScanResultd``).
+        writer: writes one scan's outputs, all or nothing (``scripts.pipeline.write.ScanWriter``).
         device: where the network and the volumes go.
         summary_path: optional JSON file listing what was done and what failed (one per process when sharded).
     """

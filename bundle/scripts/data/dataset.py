@@ -4,7 +4,7 @@ Layout under ``out_dir``::
 
     images/<subject>_<slice>.nii.gz   int16 HU, (rows, cols), pixel spacing in the header; with ``in_channels > 1``
                                       (2.5-D) (rows, cols, in_channels): the slice and its neighbours at
-                                      ``context_mm`` steps (``scripts.context``), the step as the third spacing
+                                      ``context_mm`` steps (``scripts.pipeline.context``), the step as the third spacing
     labels/<subject>_<slice>.nii.gz   uint8, 1 = nodule (STAPLE of the experts), empty for negatives
     lungs/<subject>_<slice>.nii.gz    uint8 lung mask of the slice (for keeping candidates inside the lungs)
     datalist.json                     {"training": [...], "validation": [...], "test": [...]}
@@ -35,12 +35,12 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 from tqdm import tqdm
 
-from .atomic import read_json, write_atomically, write_json
+from ..pipeline.context import DEFAULT_CONTEXT_MM, check_context, stack_context
+from ..pipeline.crop import crop, crop_window
+from ..pipeline.lungs import segment_lungs
+from ..utils.io import read_json, write_atomically, write_json
 from .cases import CaseAnnotations, CaseSource, CaseVolume
-from .context import DEFAULT_CONTEXT_MM, check_context, stack_context
-from .crop import crop, crop_window
 from .labels import consensus_mask, slice_classes, slice_label
-from .lung_mask import segment_lungs
 
 __all__ = [
     "SPLITS",
@@ -332,7 +332,7 @@ def prepare_dataset(
     """Prepare ``source`` into ``out_dir`` in the dataset format above; resume an interrupted run.
 
     Args:
-        source: the CT cases (see ``scripts.cases.CaseSource``).
+        source: the CT cases (see ``scripts.data.cases.CaseSource``).
         out_dir: output folder, new, empty, or holding a run with the same settings: an interrupted one is
             resumed, a finished one without failures is returned as it is.
         size: side of the square crop centred on the lungs, in pixels.
@@ -347,7 +347,7 @@ def prepare_dataset(
             ``plan_dataset``).
         progress: show progress bars.
         in_channels: channels of each image: 1, the slice alone (the paper), or 3 (2.5-D), the slice with its
-            neighbours at ``context_mm`` above and below (``scripts.context``).
+            neighbours at ``context_mm`` above and below (``scripts.pipeline.context``).
         context_mm: distance between the channels of a 2.5-D image.
 
     Returns:

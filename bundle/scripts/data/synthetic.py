@@ -66,7 +66,7 @@ class _Plan:
 
 
 class SyntheticSource:
-    """Synthetic chest CT cases (a :class:`scripts.cases.CaseSource`).
+    """Synthetic chest CT cases (a :class:`scripts.data.cases.CaseSource`).
 
     Args:
         n_cases: number of cases (subjects ``SYN-0000``, ``SYN-0001``, ...).

@@ -26,12 +26,12 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from ..training.transforms import HU_WINDOW
 from .candidates import Candidate, extract_candidates, parenchyma_value
 from .context import centre_channel
 from .icm import icm_segmentation
-from .rnam import logits_and_nam, rnam_scores
 from .scope import bounding_box, refine_scope, top_scopes
-from .transforms import HU_WINDOW
+from .screen import logits_and_nam, rnam_scores
 
 __all__ = ["MODES", "PAPER_CANDIDATES", "SliceResult", "WeaklySupervisedSegmenter"]
 
@@ -112,29 +112,29 @@ class WeaklySupervisedSegmenter(Inferer):
         threshold: slices with a nodule probability below it get an empty mask.
         intensity_range: the HU window ``(a_min, a_max)`` that mapped HU to the network input [0, 1].
         lung_mask_fn: ``f(hu (H, W), spacing) -> bool (H, W)`` giving the lungs (e.g.
-            ``scripts.lung_mask.segment_lungs``); None: no lung restriction unless a ``lung_mask`` is passed.
+            ``scripts.pipeline.lungs.segment_lungs``); None: no lung restriction unless a ``lung_mask`` is passed.
         multi_gap_network: the 2- or 3-GAP model for the multi-GAP modes.
-        scope_sigma, scope_threshold, scope_min_distance: scope parameters (``scripts.scope.nam_basins``).
+        scope_sigma, scope_threshold, scope_min_distance: scope parameters (``scripts.pipeline.scope.nam_basins``).
         multi_gap_min_peak: least normalised peak of a multi-GAP blob to replace C1.
-        phases, beta, max_sweeps: ICM parameters (``scripts.icm.icm_segmentation``).
+        phases, beta, max_sweeps: ICM parameters (``scripts.pipeline.icm.icm_segmentation``).
         dense_hu: with ``dense_rule="fixed"``, phases with a mean above it (HU) make candidates; in both rules the
             parenchyma is the least dense phase under it that holds a tenth of the lungs
-            (``scripts.candidates.parenchyma_value``): its mean is the R-NAM fill value and what
+            (``scripts.pipeline.candidates.parenchyma_value``): its mean is the R-NAM fill value and what
             ``dense_rule="relative"`` counts from.
         min_area_mm2: smaller candidates are dropped.
         dense_rule: ``"relative"`` (phases denser than the parenchyma phase by ``dense_margin_hu``) or ``"fixed"``
-            (phases above ``dense_hu``) make candidates (``scripts.candidates.dense_phases``).
+            (phases above ``dense_hu``) make candidates (``scripts.pipeline.candidates.dense_phases``).
         dense_margin_hu: see ``dense_rule``.
         icm_in_scope: fit the ICM phases of the candidates again on the lungs within each scope.
         trim_partial_volume: cut candidates at half way between parenchyma and their own median HU, three times
-            at most (``scripts.candidates.trim_partial_volume``).
+            at most (``scripts.pipeline.candidates.trim_partial_volume``).
         side_tissue_px: when > 0 (with the trim), what the trim cut off beside a candidate that is at least this
             many pixels thick, a ground-glass nodule against a vessel, becomes a candidate of its own
-            (``scripts.candidates.side_tissue``); 0: off.
+            (``scripts.pipeline.candidates.side_tissue``); 0: off.
         split_mm: split candidates at necks thinner than a disk of this radius, dropping those thinner everywhere
             (vessels along their length, rims along the pleura); 0: off.
         split_vessel_mm: with ``split_mm``, first cut candidates at the calibre of a vessel of this radius, keeping
-            what that cuts off split at ``split_mm`` (``scripts.candidates.split_vessels``); 0: off.
+            what that cuts off split at ``split_mm`` (``scripts.pipeline.candidates.split_vessels``); 0: off.
         n_nodules: scopes segmented in ``"two_nodule"`` mode.
         crop: compute R-NAMs on the exact stride-aligned crop around the scope, and for a ``GAPClassifier`` by
             recomputing only the window each candidate changes, layer by layer (False: full image, the reference).

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .networks import GAPClassifier
+from ..networks.gap_classifier import GAPClassifier
 
 __all__ = ["logits_and_nam", "fill_candidates", "crop_window", "supports_incremental", "rnam_scores"]
 

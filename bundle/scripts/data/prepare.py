@@ -1,4 +1,4 @@
-"""Command line to prepare a dataset: ``python -m scripts.prepare synthetic|lidc ...`` (run in ``bundle/``)."""
+"""Command line to prepare a dataset: ``python -m scripts.data.prepare synthetic|lidc ...`` (run in ``bundle/``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import fire
 
-from .context import DEFAULT_CONTEXT_MM
+from ..pipeline.context import DEFAULT_CONTEXT_MM
 from .dataset import prepare_dataset
 
 __all__ = ["synthetic", "lidc", "scans"]
@@ -36,9 +36,10 @@ def synthetic(
         negative_ratio: slices without nodule per slice with nodule.
         negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
         workers: processes.
-        in_channels: 1 (single slices, the paper) or 3 (2.5-D: each slice with its neighbours, ``scripts.context``).
+        in_channels: 1 (single slices, the paper) or 3 (2.5-D: each slice with its neighbours,
+            ``scripts.pipeline.context``).
         context_mm: distance between the channels of a 2.5-D slice.
-        source_options: further :class:`scripts.synthetic.SyntheticSource` arguments, e.g. the quick start's
+        source_options: further :class:`scripts.data.synthetic.SyntheticSource` arguments, e.g. the quick start's
             ``--min_diameter_mm 10 --vessel_radius_mm "(2.5, 3.5)"``.
     """
     from .synthetic import SyntheticSource
@@ -83,7 +84,8 @@ def lidc(
         negative_sampling: ``random`` (the paper) or ``matched`` to the positives' slice heights.
         seed: seeds the split and the negative draw.
         patients: restrict to these patient ids (comma-separated or a list).
-        in_channels: 1 (single slices, the paper) or 3 (2.5-D: each slice with its neighbours, ``scripts.context``).
+        in_channels: 1 (single slices, the paper) or 3 (2.5-D: each slice with its neighbours,
+            ``scripts.pipeline.context``).
         context_mm: distance between the channels of a 2.5-D slice.
     """
     from .lidc import LidcSource
@@ -109,22 +111,23 @@ def lidc(
 
 def scans(out: str, cases: int = 2, seed: int = 0, size: int = 128, **source_options: Any) -> list[str]:
     """Write synthetic chest CT cases as whole scans for ``configs/inference.json``: ``<out>/<subject>.nii.gz`` (int16
-    HU, in the axial convention of ``scripts.orient``) and the truth, ``<out>/labels/<subject>.nii.gz`` (the union of
-    the nodules' STAPLE masks). The quick start's model was trained on ``size`` 128 slices: keep ``size`` for it.
+    HU, in the axial convention of ``scripts.pipeline.orient``) and the truth, ``<out>/labels/<subject>.nii.gz`` (the
+    union of the nodules' STAPLE masks). The quick start's model was trained on ``size`` 128 slices: keep ``size`` for
+    it.
 
     Args:
         out: output folder.
         cases: number of synthetic subjects.
         seed: seeds the generator.
         size: the slice size the cases are made for (pixel spacing 288 mm / ``size``).
-        source_options: further :class:`scripts.synthetic.SyntheticSource` arguments.
+        source_options: further :class:`scripts.data.synthetic.SyntheticSource` arguments.
     """
     import nibabel as nib
     import numpy as np
 
-    from .atomic import write_atomically
+    from ..pipeline.orient import axial_affine
+    from ..utils.io import write_atomically
     from .labels import consensus_mask
-    from .orient import axial_affine
     from .synthetic import SyntheticSource
 
     source = SyntheticSource(n_cases=cases, seed=seed, size=size, **source_options)

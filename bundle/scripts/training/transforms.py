@@ -16,8 +16,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.visualize import blend_images
 
-from .context import centre_channel
-from .precision import reduced_precision
+from ..networks.precision import reduced_precision
+from ..pipeline.context import centre_channel
 
 __all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "BackboneFeaturesd", "nam_overlay"]
 
@@ -37,7 +37,7 @@ class CheckSliced(MapTransform):
         keys: the image key.
         spatial_size: the model's slice side (its checkpoint record); None: any.
         pixel_spacing_range: ``[least, largest]`` pixel spacing (mm) of the training slices; None: any.
-        channels: the model's input channels: 1, or 3 for 2.5-D slices (``scripts.context``).
+        channels: the model's input channels: 1, or 3 for 2.5-D slices (``scripts.pipeline.context``).
     """
 
     def __init__(
@@ -115,13 +115,13 @@ class BackboneFeaturesd(MapTransform):
     """Replace a windowed slice by the activations of the classifier's frozen first layers, once per slice.
 
     Placed last among the deterministic transforms of a training dataset that caches (``CacheDataset``), it makes
-    an epoch cost only the layers that train (``scripts.networks.BackboneTail``): the frozen layers run once per
-    slice, in reduced precision where the device has it (``scripts.precision``), and their output is kept in that
-    precision (half the memory). Random spatial transforms cannot follow it: they would act on activations.
+    an epoch cost only the layers that train (``scripts.networks.gap_classifier.BackboneTail``): the frozen layers run
+    once per slice, in reduced precision where the device has it (``scripts.networks.precision``), and their output is
+    kept in that precision (half the memory). Random spatial transforms cannot follow it: they would act on activations.
 
     Args:
         keys: the image key.
-        network: the classifier (``scripts.networks.GAPClassifier``); its layers are only read.
+        network: the classifier (``scripts.networks.gap_classifier.GAPClassifier``); its layers are only read.
         freeze_through: the last frozen conv (``"conv4_3"``).
         device: where the frozen layers run.
         reduced_precision: bfloat16 (CPU) or float16 (CUDA) where the device has it; False: float32.

@@ -2,8 +2,8 @@
 
 ``ClassifierReport`` is a handler of ``configs/classify.json``'s evaluator: it collects each slice's nodule
 probability and NAM (on the slice's own grid, after ``Invertd``), compares them with the prepared split's classes,
-ground truth and lung masks (``scripts.localisation``), and at the end prints the figures, writes them to
-``classifier_report.json`` and draws ``nam_sheet.png`` (``scripts.nam_sheet``).
+ground truth and lung masks (``scripts.evaluation.localisation``), and at the end prints the figures, writes them to
+``classifier_report.json`` and draws ``nam_sheet.png`` (``scripts.evaluation.nam_sheet``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 from ignite.engine import Engine, Events
 
-from .atomic import write_json
-from .dataset import load_split, slice_stem
+from ..data.dataset import load_split, slice_stem
+from ..utils.io import write_json
 from .localisation import TOLERANCE_PX, SliceLocalisation, format_localisation, localisation_summary, localise
 from .nam_sheet import draw_nam_sheet
 

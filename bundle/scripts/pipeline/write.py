@@ -1,11 +1,11 @@
 """The outputs of one scan, named after the scan, under ``<output_dir>/<name>/``, a folder that appears only when all
-of them are written (``scripts.atomic.write_folder_atomically``):
+of them are written (``scripts.utils.io.write_folder_atomically``):
 
 - ``<name>_mask.nii.gz``: the nodule mask, uint8, on the input's grid (shape, spacing, origin, direction);
 - ``<name>_seg.dcm``: the same mask as DICOM SEG (highdicom), referencing the source series, when the input was one;
-- ``<name>_nodules.csv`` and ``<name>_nodules.json``: the nodule table (``scripts.assemble``); the JSON also holds
-  the per-slice probabilities, the bundle version and the segmenter's settings, and is written last, so its presence
-  marks a finished scan;
+- ``<name>_nodules.csv`` and ``<name>_nodules.json``: the nodule table (``scripts.pipeline.assemble``); the JSON also
+  holds the per-slice probabilities, the bundle version and the segmenter's settings, and is written last, so its
+  presence marks a finished scan;
 - ``<name>_slices.csv``: every slice's nodule probability;
 - ``<name>_overview.png``: a coronal projection with the nodules marked, the slice probabilities, and an axial
   close-up with the outline of each nodule.
@@ -26,8 +26,8 @@ import numpy as np
 import pydicom
 from matplotlib.figure import Figure
 
+from ..utils.io import write_atomically, write_folder_atomically, write_json, write_text
 from .assemble import NODULE_COLUMNS, SLICE_COLUMNS
-from .atomic import write_atomically, write_folder_atomically, write_json, write_text
 from .read import dicom_series, scan_name
 
 __all__ = ["ScanWriter", "output_paths", "write_mask_nifti", "write_dicom_seg", "write_csv", "save_overview"]
@@ -142,7 +142,8 @@ def save_overview(
     per-slice probability, and an axial close-up of the ``MAX_CLOSE_UPS`` largest nodules with their outline.
 
     Args:
-        window: ``(rows, cols, slices)`` windowed image in [0, 1], in the axial convention (``scripts.orient``).
+        window: ``(rows, cols, slices)`` windowed image in [0, 1], in the axial convention
+            (``scripts.pipeline.orient``).
         mask: its nodule mask.
         spacing: (row, col, slice) mm.
         nodules: the nodule table's rows.

@@ -15,8 +15,8 @@ from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from skimage.io import imsave
 
-from .atomic import write_atomically
-from .dataset import slice_stem
+from ..data.dataset import slice_stem
+from ..utils.io import write_atomically
 from .transforms import nam_overlay
 
 __all__ = [

@@ -24,10 +24,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .atomic import write_atomically, write_json
-from .context import centre_channel
-from .dataset import slice_stem
-from .segmenter import WeaklySupervisedSegmenter
+from ..data.dataset import slice_stem
+from ..pipeline.context import centre_channel
+from ..pipeline.segmenter import WeaklySupervisedSegmenter
+from ..utils.io import write_atomically, write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -47,7 +47,7 @@ def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True)
     """``model`` with the checkpoint at ``path`` loaded when ``enabled``, else None (a config switch)."""
     if not enabled:
         return None
-    from .checkpoint import load_checkpoint
+    from ..networks.checkpoint import load_checkpoint
 
     return load_checkpoint(model, path).eval()
 

@@ -1,4 +1,4 @@
-"""The MONAI Model Zoo's checks of this bundle: ``python -m scripts.verify_bundle`` (run in ``bundle/``).
+"""The MONAI Model Zoo's checks of this bundle: ``python -m scripts.integration.verify_bundle`` (run in ``bundle/``).
 
 Each check runs MONAI's own tool where one exists (``verify_metadata`` against an offline copy of the official
 ``meta_schema_20240725.json``, ``verify_net_in_out`` for every network the metadata describes, ``ckpt_export``,
@@ -33,8 +33,8 @@ from monai.networks.utils import convert_to_onnx
 from monai.utils import OptionalImportError, optional_import
 from torch import nn
 
-from .atomic import write_atomically, write_json
-from .dataset import write_nifti
+from ..data.dataset import write_nifti
+from ..utils.io import write_atomically, write_json
 
 __all__ = [
     "CheckContext",
@@ -236,7 +236,7 @@ def check_net_in_out(ctx: CheckContext) -> str:
     if unknown:
         raise BundleCheckError(
             f"configs/metadata.json describes {unknown}, but no config is known for them (NETWORK_CONFIGS in "
-            "scripts/verify_bundle.py names the config whose network_def each describes)"
+            "scripts/integration/verify_bundle.py names the config whose network_def each describes)"
         )
     checked = []
     for key in described:
@@ -382,7 +382,7 @@ def check_onnx(ctx: CheckContext, tolerance: float = ONNX_TOLERANCE) -> str:
 
 
 def standin_dataset(out_dir: str | os.PathLike, size: int = 64, spacing: float = 0.7) -> Path:
-    """Write a 6-slice dataset in the format of ``scripts.dataset`` (one slice with, one without nodule per split).
+    """Write a 6-slice dataset in the format of ``scripts.data.dataset`` (one slice with, one without nodule per split).
 
     ``check_properties`` instantiates the workflows' components, and their datasets read the datalist: this
     stand-in lets the check run before any real data is prepared. Slices are noise in HU with a disc as nodule.
@@ -669,7 +669,9 @@ def _parse_override(items: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: print one line per check and return 1 if any failed."""
-    cli = argparse.ArgumentParser(prog="python -m scripts.verify_bundle", description=__doc__.splitlines()[0])
+    cli = argparse.ArgumentParser(
+        prog="python -m scripts.integration.verify_bundle", description=__doc__.splitlines()[0]
+    )
     cli.add_argument("--bundle_root", default=".", help="the bundle folder (default: the current folder)")
     cli.add_argument("--schema", default=None, help=f"metadata schema file (default: <bundle_root>/{DEFAULT_SCHEMA})")
     cli.add_argument("--ckpt", default=None, help="checkpoint to export (default: models/model.pt or random weights)")

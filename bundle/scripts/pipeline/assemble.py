@@ -22,7 +22,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from .scan import OUTPUT_CHANNELS
+from .scan_inferer import OUTPUT_CHANNELS
 
 __all__ = ["axial_axis", "nodule_table", "slice_table", "ScanResultd", "NODULE_COLUMNS", "SLICE_COLUMNS"]
 

@@ -3,8 +3,8 @@
 An annotator marks nodules on a CT volume (in 3D Slicer, a label volume). Only the slice classes are used, which is
 the point of weak supervision: an axial slice with any labelled voxel is a *nodule* slice; a slice with none, and
 none within ``negative_margin`` slices, is a *clean* slice; so a dot or a short stroke on each slice a nodule covers
-is enough. ``VolumeLabelSource`` reads such volumes the way the scan inference does (``LoadScand``, the axial
-convention of ``scripts.orient``), and the bundle's own dataset writer (``scripts.dataset.prepare_dataset``: lung
+is enough. ``VolumeLabelSource`` reads such volumes the way the scan inference does (``LoadScand``, the axial convention
+of ``scripts.pipeline.orient``), and the bundle's own dataset writer (``scripts.data.dataset.prepare_dataset``: lung
 crop, negatives drawn to match the positives) makes the slices. ``WeakLabelDataset`` is the training dataset of
 ``configs/train.json``: it prepares volume items this way and passes prepared slice items through.
 """
@@ -25,11 +25,11 @@ from monai.data import CacheDataset
 from monai.transforms import Compose, Orientationd
 from scipy import ndimage
 
+from ..pipeline.context import DEFAULT_CONTEXT_MM
+from ..pipeline.orient import AXIAL_AXCODES
+from ..pipeline.read import CheckScand, LoadScand, ScanError, scan_name
 from .cases import CaseAnnotations, CaseVolume, Nodule
-from .context import DEFAULT_CONTEXT_MM
 from .dataset import SPLITS, prepare_dataset
-from .orient import AXIAL_AXCODES
-from .read import CheckScand, LoadScand, ScanError, scan_name
 
 __all__ = ["VolumeLabelSource", "is_volume_item", "prepare_weak_slices", "WeakLabelDataset"]
 
@@ -56,7 +56,7 @@ def is_volume_item(item: Mapping[str, Any]) -> bool:
 
 
 class VolumeLabelSource:
-    """Labelled CT volumes as a dataset source (``scripts.cases.CaseSource``); one reader per volume.
+    """Labelled CT volumes as a dataset source (``scripts.data.cases.CaseSource``); one reader per volume.
 
     Each 3-D connected component of a label volume is one nodule marked by one annotator, so the writer is run
     with ``min_experts=1``; the label volume must lie on the image's grid.
@@ -159,7 +159,8 @@ class WeakLabelDataset(CacheDataset):
             files' versions (a second run on the same marks reuses it; new marks make a new one).
         size: slice side for the dataset writer (the training ``image_size``).
         negative_margin: clean slices keep this many slices away from any mark.
-        in_channels: the network's input channels; 3 makes 2.5-D slices (``scripts.context``) of labelled volumes.
+        in_channels: the network's input channels; 3 makes 2.5-D slices (``scripts.pipeline.context``) of labelled
+            volumes.
         context_mm: distance between the channels of a 2.5-D slice.
         kwargs: passed to ``CacheDataset``.
     """
