@@ -1,6 +1,7 @@
 """Whole-scan inference speed: seconds per scan split into its steps, and batched vs one-by-one classification.
 
-    python bench/bench_scan.py [--lidc_root ../shared/data/lidc] [--width 1.0] [--image_size 384] [--batch_size 8]
+    PYTHONPATH=bundle python bench/bench_scan.py [--lidc_root ../shared/data/lidc] [--width 1.0] [--image_size 384]
+        [--batch_size 8]
 
 Runs ``configs/inference.json``'s preprocessing, inferer, postprocessing and writer on the real LIDC-IDRI scans (as
 DICOM) with a randomly initialised classifier at the paper's size. A random network's probabilities say nothing, so
@@ -18,20 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
 
-from monai.bundle import ConfigParser  # noqa: E402
-from scripts.networks.gap_classifier import GAPClassifier  # noqa: E402
-from scripts.utils.io import write_json  # noqa: E402
 
 STEPS = ("read", "lungs", "crop", "classify", "segment", "screen", "assemble", "write")
 FORWARDS = ("classify", "screen")  # the classifier's forwards: the slices', and R-NAM's on the masked copies

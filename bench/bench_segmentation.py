@@ -7,30 +7,26 @@ one, full-image batched, cropped batched and incremental (cropped, recomputing o
 forwards per candidate; the post-processing share of one forward; and the largest differences between the exact
 shortcuts' scores and the full-image ones. Prints a table and writes bench/results/segmentation.json.
 
-    python bench/bench_segmentation.py [--width 1.0] [--size 384] [--candidates 4 8] [--threads 1]
+    PYTHONPATH=bundle python bench/bench_segmentation.py [--width 1.0] [--size 384] [--candidates 4 8] [--threads 1]
 """
 
 import argparse
 import json
 import math
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_icm import phantom  # noqa: E402
-from scripts.networks.gap_classifier import GAPClassifier  # noqa: E402
-from scripts.pipeline.candidates import Candidate, extract_candidates  # noqa: E402
-from scripts.pipeline.icm import icm_segmentation  # noqa: E402
-from scripts.pipeline.lungs import segment_lungs  # noqa: E402
-from scripts.pipeline.scope import screening_scope  # noqa: E402
-from scripts.pipeline.screen import crop_window, logits_and_nam, rnam_scores  # noqa: E402
-from scripts.pipeline.segmenter import WeaklySupervisedSegmenter  # noqa: E402
+from bench_icm import phantom
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.candidates import Candidate, extract_candidates
+from scripts.pipeline.icm import icm_segmentation
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.scope import screening_scope
+from scripts.pipeline.screen import crop_window, logits_and_nam, rnam_scores
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 
 
 def timed(fn, repeats):

@@ -1,7 +1,7 @@
 """Single slices against 2.5-D slices: does the classifier learn the generator's default nodules?
 
-    python bench/context_slices.py [--cases 400] [--size 128] [--width 0.125] [--epochs 12] [--channels 1 3]
-                                   [--synthetic defaults|quickstart] [--out ../runs/context_slices]
+    PYTHONPATH=bundle python bench/context_slices.py [--cases 400] [--size 128] [--width 0.125] [--epochs 12]
+        [--channels 1 3] [--synthetic defaults|quickstart] [--out ../runs/context_slices]
 
 For each input (``--channels``: 1 = the slice alone, the paper; 3 = the slice with its neighbours above and below,
 ``scripts.pipeline.context``) it prepares the same synthetic cases, trains the quick start's 1-GAP classifier
@@ -18,22 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from nam_localisation import nam_localisation
+from scripts.data.dataset import load_split, prepare_dataset, slice_stem
+from scripts.data.synthetic import SyntheticSource
+from scripts.evaluation.metrics import classification_summary
+from scripts.quickstart import BUNDLE_ROOT, QUICKSTART_SYNTHETIC, _run_config, _train_classifier, quiet_log
+from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
-sys.path.insert(0, str(REPO / "bench"))
 
-from nam_localisation import nam_localisation  # noqa: E402
-from scripts.data.dataset import load_split, prepare_dataset, slice_stem  # noqa: E402
-from scripts.data.synthetic import SyntheticSource  # noqa: E402
-from scripts.evaluation.metrics import classification_summary  # noqa: E402
-from scripts.quickstart import BUNDLE_ROOT, QUICKSTART_SYNTHETIC, _run_config, _train_classifier, quiet_log  # noqa
-from scripts.utils.io import write_json  # noqa: E402
 
 SYNTHETIC = {"defaults": {}, "quickstart": QUICKSTART_SYNTHETIC}
 

@@ -1,7 +1,7 @@
 """The GPU checks in one prepared script: under 8 minutes on one GPU, one JSON with every figure.
 
-    python bench/gpu_check.py                    # on a machine with one CUDA GPU: every check at the paper's size
-    python bench/gpu_check.py --tiny --only amp_training rnam_batched   # the CPU-capable parts, tiny, in seconds
+    PYTHONPATH=bundle python bench/gpu_check.py     # on a machine with one CUDA GPU: every check at the paper's size
+    PYTHONPATH=bundle python bench/gpu_check.py --tiny --only amp_training rnam_batched  # the CPU-capable parts, tiny
 
 Checks (each runs on its own: one that fails or raises is reported as such, and the others still run):
 
@@ -48,14 +48,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.screen import logits_and_nam, rnam_scores
+from scripts.utils.io import write_json
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
-from scripts.networks.gap_classifier import GAPClassifier  # noqa: E402
-from scripts.pipeline.screen import logits_and_nam, rnam_scores  # noqa: E402
-from scripts.utils.io import write_json  # noqa: E402
 
 CHECKS = (
     "amp_training",

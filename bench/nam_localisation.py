@@ -1,7 +1,8 @@
 """Does the classifier look at the nodule? Where the NAM peaks on the nodule slices of a prepared split.
 
-Usage: ``python bench/nam_localisation.py DATASET_DIR PREDICTIONS_DIR [--tolerance_px 8] [--name quickstart]``,
-where PREDICTIONS_DIR is an ``inference_slices.json`` output (it holds ``nams/``). Prints the share of nodule slices
+Usage: ``PYTHONPATH=bundle python bench/nam_localisation.py DATASET_DIR PREDICTIONS_DIR [--tolerance_px 8]
+[--name quickstart]``, where PREDICTIONS_DIR is an ``inference_slices.json`` output (it holds ``nams/``). Prints the
+share of nodule slices
 whose NAM maximum lies inside the ground truth and within ``tolerance_px`` of it, next to chance (the share of lung
 pixels within that distance), and writes ``bench/results/nam_localisation_<name>.json``.
 """
@@ -10,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from scripts.data.dataset import load_split, slice_stem
+from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
-
-from scripts.data.dataset import load_split, slice_stem  # noqa: E402
-from scripts.utils.io import write_json  # noqa: E402  (needs the bundle on the path)
 
 
 def _plane(path: Path | str) -> np.ndarray:

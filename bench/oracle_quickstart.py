@@ -8,27 +8,26 @@ ground-glass by ``bench/quickstart_by_kind.py``, under the quick start's rule (t
 defaults (100 HU above the parenchyma). Prints detection, best-candidate and coarse TP Dice, the best candidate's
 area ratio and candidates per scope; JSON to ``--out``.
 
-    python bench/oracle_quickstart.py RUN_DIR [--nam-sigma 16] [--out bench/results/oracle_quickstart.json]
+    PYTHONPATH=bundle python bench/oracle_quickstart.py RUN_DIR [--nam-sigma 16]
+        [--out bench/results/oracle_quickstart.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import oracle_scope
+from quickstart_by_kind import slice_kinds
+from scripts.data.dataset import load_split
+from scripts.networks.checkpoint import bundle_version
+from scripts.quickstart import QUICKSTART_CANDIDATES
+from scripts.utils.io import write_json
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
 
-import oracle_scope  # noqa: E402
-from quickstart_by_kind import slice_kinds  # noqa: E402
-from scripts.data.dataset import load_split  # noqa: E402
-from scripts.networks.checkpoint import bundle_version  # noqa: E402
-from scripts.quickstart import QUICKSTART_CANDIDATES  # noqa: E402
-from scripts.utils.io import write_json  # noqa: E402
 
 GROUPS = ("all solid", "all part-solid", "all ground-glass", "all")
 

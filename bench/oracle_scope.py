@@ -23,8 +23,8 @@ median area ratio of the best candidate to the truth, and candidates per scope. 
 alternatives of the stage (see ``VARIANTS``: the scope, lung mask, ICM and candidate settings); the JSON goes to
 ``bench/results/oracle_scope.json`` (``--name`` adds a suffix).
 
-    python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16] [--displacement 12]
-        [--name NAME] [--cache FILE] [--paint agreement|consensus]
+    PYTHONPATH=bundle python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16]
+        [--displacement 12] [--name NAME] [--cache FILE] [--paint agreement|consensus]
 """
 
 from __future__ import annotations
@@ -32,24 +32,22 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scripts.data.dataset import crop_window
+from scripts.data.labels import consensus_mask, marked_slices, staple
+from scripts.data.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks
+from scripts.pipeline.candidates import extract_candidates
+from scripts.pipeline.icm import icm_segmentation
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.scope import screening_scope
+from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.data.dataset import crop_window  # noqa: E402
-from scripts.data.labels import consensus_mask, marked_slices, staple  # noqa: E402
-from scripts.data.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks  # noqa: E402
-from scripts.pipeline.candidates import extract_candidates  # noqa: E402
-from scripts.pipeline.icm import icm_segmentation  # noqa: E402
-from scripts.pipeline.lungs import segment_lungs  # noqa: E402
-from scripts.pipeline.scope import screening_scope  # noqa: E402
-from scripts.utils.io import write_json  # noqa: E402
 
 SIZE = 384
 NAM_SIGMA_PX = 16.0

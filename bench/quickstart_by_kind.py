@@ -8,28 +8,26 @@ kind and row: ``n``, the share the classifier calls positive (none for the U-Net
 found (the prediction overlaps the ground truth, Table 1's TP), the share found of those called positive, and TP
 Dice. Prints a table; JSON to ``--out``.
 
-    python bench/quickstart_by_kind.py RUN_DIR [--predictions DIR ...] [--out bench/results/quickstart_by_kind.json]
+    PYTHONPATH=bundle python bench/quickstart_by_kind.py RUN_DIR [--predictions DIR ...]
+        [--out bench/results/quickstart_by_kind.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Iterable
 
 import nibabel as nib
 import numpy as np
+from scripts.data.dataset import STATE_DIR, load_split
+from scripts.data.labels import slice_classes
+from scripts.data.synthetic import NODULE_KINDS, SyntheticSource
+from scripts.networks.checkpoint import bundle_version
+from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
-
-from scripts.data.dataset import STATE_DIR, load_split  # noqa: E402
-from scripts.data.labels import slice_classes  # noqa: E402
-from scripts.data.synthetic import NODULE_KINDS, SyntheticSource  # noqa: E402
-from scripts.networks.checkpoint import bundle_version  # noqa: E402
-from scripts.utils.io import write_json  # noqa: E402
 
 
 def slice_kinds(dataset_dir: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ the Table 1 rows side by side; JSON goes to ``bench/results/quickstart_rules.jso
 rows of Table 1 instead. A variant's predictions are reused when they were made by this bundle version. The
 classifiers are the same for every variant, so the rows differ only by the rule.
 
-    python bench/quickstart_rules.py RUN_DIR [--variants paper defaults ...] [--name NAME]
+    PYTHONPATH=bundle python bench/quickstart_rules.py RUN_DIR [--variants paper defaults ...] [--name NAME]
 """
 
 from __future__ import annotations
@@ -17,19 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from scripts.evaluation.evaluate import format_number
+from scripts.networks.checkpoint import bundle_version
+from scripts.pipeline.segmenter import PAPER_CANDIDATES
+from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS, _run_config
+from scripts.utils.io import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
 
-from scripts.evaluation.evaluate import format_number  # noqa: E402
-from scripts.networks.checkpoint import bundle_version  # noqa: E402
-from scripts.pipeline.segmenter import PAPER_CANDIDATES  # noqa: E402
-from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS, _run_config  # noqa: E402
-from scripts.utils.io import write_json  # noqa: E402
 
 # each variant: what it sets on top of configs/inference_slices.json's defaults (the real-CT candidate rules)
 VARIANTS: dict[str, dict] = {

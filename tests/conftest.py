@@ -1,7 +1,7 @@
-"""Shared test set-up: the bundle's scripts on the path, one torch thread, the real scans' location."""
+"""Shared test set-up: one torch thread, the real scans' location (``scripts`` is importable through setup.cfg's
+``pythonpath = bundle``)."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 LIDC_ROOT = Path(os.environ.get("LIDC_ROOT", REPO.parent / "shared" / "data" / "lidc")).resolve()
 
-sys.path.insert(0, str(BUNDLE))
 torch.set_num_threads(1)
 
 
