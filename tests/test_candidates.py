@@ -1,4 +1,4 @@
-"""The candidate rule on small hand-made CT slices (issue 14): ground-glass, partial volume, pleura, vessels.
+"""The candidate rule on small hand-made CT slices: ground-glass, partial volume, pleura, vessels.
 
 Each slice is a chest in HU: a body of soft tissue with two lungs of -870 HU parenchyma (with scanner noise), and
 a nodule. The candidates come from the stage exactly as the segmenter runs it with its defaults (the real-CT rules).

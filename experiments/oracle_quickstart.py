@@ -1,15 +1,15 @@
 """The segmentation stage with an oracle NAM on a quick start's test slices, per nodule kind: what each candidate rule
 can find at the quick start's 2.25 mm pixels when the classifier is taken out of the way.
 
-``bench/oracle_scope.py`` measures the stage on real CT at 0.75 mm; this runs the same stage (its ``evaluate``: the
-ideal NAM, a Gaussian of ``--nam-sigma`` pixels on the nodule, and one displaced by ``--displacement`` pixels) on the
-test slices with one nodule of a finished quick start (``python -m scripts.quickstart``), typed solid, part-solid or
-ground-glass by ``bench/quickstart_by_kind.py``, under the quick start's rule (the fixed -600 HU cut) and the bundle's
-defaults (100 HU above the parenchyma). Prints detection, best-candidate and coarse TP Dice, the best candidate's
-area ratio and candidates per scope; JSON to ``--out``.
+``experiments/oracle_scope.py`` measures the stage on real CT at 0.75 mm; this runs the same stage (its ``evaluate``:
+the ideal NAM, a Gaussian of ``--nam-sigma`` pixels on the nodule, and one displaced by ``--displacement`` pixels) on
+the test slices with one nodule of a finished quick start (``python -m scripts.quickstart``), typed solid, part-solid or
+ground-glass by ``experiments/quickstart_by_kind.py``, under the quick start's rule (the fixed -600 HU cut) and the
+bundle's defaults (100 HU above the parenchyma). Prints detection, best-candidate and coarse TP Dice, the best
+candidate's area ratio and candidates per scope; JSON to ``--out``.
 
-    PYTHONPATH=bundle python bench/oracle_quickstart.py RUN_DIR [--nam-sigma 16]
-        [--out bench/results/oracle_quickstart.json]
+    PYTHONPATH=bundle python experiments/oracle_quickstart.py RUN_DIR [--nam-sigma 16]
+        [--out experiments/results/oracle_quickstart.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from scripts.networks.checkpoint import bundle_version
 from scripts.quickstart import QUICKSTART_CANDIDATES
 from scripts.utils.io import write_json
 
-BENCH = Path(__file__).resolve().parent
+EXPERIMENTS = Path(__file__).resolve().parent
 
 
 GROUPS = ("all solid", "all part-solid", "all ground-glass", "all")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run_dir", type=Path, help="a finished quick start's --out (dataset/)")
     parser.add_argument("--nam-sigma", type=float, default=oracle_scope.NAM_SIGMA_PX, help="the oracle NAM's sigma, px")
     parser.add_argument("--displacement", type=float, default=oracle_scope.DISPLACEMENT_PX, help="px")
-    parser.add_argument("--out", type=Path, default=BENCH / "results" / "oracle_quickstart.json")
+    parser.add_argument("--out", type=Path, default=EXPERIMENTS / "results" / "oracle_quickstart.json")
     args = parser.parse_args(argv)
     items = quickstart_items(args.run_dir / "dataset")
     compared = rules()
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     result = {
         "run_dir": str(args.run_dir.resolve()),
-        "bundle_version": bundle_version(BENCH.parent / "bundle"),
+        "bundle_version": bundle_version(EXPERIMENTS.parent / "bundle"),
         "nam_sigma_px": args.nam_sigma,
         "displacement_px": args.displacement,
         "rules": compared,

@@ -8,8 +8,8 @@ kind and row: ``n``, the share the classifier calls positive (none for the U-Net
 found (the prediction overlaps the ground truth, Table 1's TP), the share found of those called positive, and TP
 Dice. Prints a table; JSON to ``--out``.
 
-    PYTHONPATH=bundle python bench/quickstart_by_kind.py RUN_DIR [--predictions DIR ...]
-        [--out bench/results/quickstart_by_kind.json]
+    PYTHONPATH=bundle python experiments/quickstart_by_kind.py RUN_DIR [--predictions DIR ...]
+        [--out experiments/results/quickstart_by_kind.json]
 """
 
 from __future__ import annotations
@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
         type=Path,
         nargs="+",
         default=None,
-        help="prediction directories (default: every one under RUN_DIR/predictions; bench/quickstart_rules.py's are "
-        "under RUN_DIR/rules)",
+        help="prediction directories (default: every one under RUN_DIR/predictions; experiments/quickstart_rules.py's "
+        "are under RUN_DIR/rules)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quickstart_by_kind.json")
+    parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "quickstart_by_kind.json")
     args = parser.parse_args(argv)
     dataset_dir = args.run_dir / "dataset"
     kinds = slice_kinds(dataset_dir)

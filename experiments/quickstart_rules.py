@@ -1,15 +1,15 @@
 """The candidate rules and the scope of the segmentation stage on the quick start's Table 1: does a rule that helps on
-real CT (``bench/oracle_scope.py``) cost anything on the embedded default?
+real CT (``experiments/oracle_scope.py``) cost anything on the embedded default?
 
 It re-segments the test split of a finished quick start (``python -m scripts.quickstart``) with its trained 1-GAP
 classifier, coarse and fine, once per variant of the candidate rules (``configs/inference_slices.json``'s
 candidate settings set on top of its defaults), evaluates them together with ``configs/evaluate.json`` and prints
-the Table 1 rows side by side; JSON goes to ``bench/results/quickstart_rules.json``. Given a full run
+the Table 1 rows side by side; JSON goes to ``experiments/results/quickstart_rules.json``. Given a full run
 (``python -m scripts.quickstart --full``: ``models/gap1``, ``gap2``, ``gap3``) it segments all six weakly supervised
 rows of Table 1 instead. A variant's predictions are reused when they were made by this bundle version. The
 classifiers are the same for every variant, so the rows differ only by the rule.
 
-    PYTHONPATH=bundle python bench/quickstart_rules.py RUN_DIR [--variants paper defaults ...] [--name NAME]
+    PYTHONPATH=bundle python experiments/quickstart_rules.py RUN_DIR [--variants paper defaults ...] [--name NAME]
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ VARIANTS: dict[str, dict] = {
         "side_tissue_px": 0.0,
         "split_vessel_mm": 0.0,
     },
-    # the scope: the watershed's domain at half the NAM's range instead of a fifth (bench/oracle_scope.py's "+scope0.5")
+    # the scope: the watershed's domain at half the NAM's range instead of a fifth (experiments/oracle_scope.py's
+    # "+scope0.5")
     "quick start, scope at 0.5": {**QUICKSTART_CANDIDATES, "scope_threshold": 0.5},
     # ground-glass at real densities (0.5.4's data) lies under the fixed cut: cuts lower, or margins that skip the
     # vessels' partial-volume halo (a phase about 200 HU above the parenchyma at 2.25 mm)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run_dir", type=Path, help="a finished quick start's --out (dataset/, models/)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--name", default="", help="suffix of the JSON file")
-    parser.add_argument("--out", type=Path, default=None, help="the JSON file (default: under bench/results/)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file (default: under experiments/results/)")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     work = run_dir / "rules"
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "seconds": seconds,
     }
-    write_json(args.out or REPO / "bench" / "results" / name, result)
+    write_json(args.out or REPO / "experiments" / "results" / name, result)
     return result
 
 

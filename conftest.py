@@ -1,5 +1,5 @@
-"""Shared test set-up: one torch thread, the real scans' location (``scripts`` is importable through setup.cfg's
-``pythonpath = bundle``)."""
+"""Test set-up shared by tests/ and experiments/: one torch thread, the real scans' location. ``scripts`` is importable
+through setup.cfg's ``pythonpath = bundle``."""
 
 import os
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parent
 BUNDLE = REPO / "bundle"
 LIDC_ROOT = Path(os.environ.get("LIDC_ROOT", REPO.parent / "shared" / "data" / "lidc")).resolve()
 

@@ -1,4 +1,4 @@
-"""The segmentation-stage benchmark (bench/oracle_scope.py) at a reduced size: one real scan, nine hybrid slices.
+"""The segmentation-stage study (experiments/oracle_scope.py) at a reduced size: one real scan, nine hybrid slices.
 
 Only what is stable at this size is asserted: on the 8 slices of LIDC-IDRI-0001's solid juxtapleural nodule the
 bundle's defaults find the nodule on every slice with a candidate of about its size (the paper-era pipeline makes it
@@ -7,15 +7,11 @@ candidates that touch the truth bounds the coarse result from above; a variant's
 """
 
 import json
-import sys
 
 import numpy as np
+import oracle_scope
 import pytest
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-import oracle_scope  # noqa: E402
-from scipy import ndimage  # noqa: E402
+from scipy import ndimage
 
 TIGHT_SCOPE = "refit+relative100+drop_thin+trim3+side2+vessel2+scope0.5"
 

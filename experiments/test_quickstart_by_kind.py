@@ -1,21 +1,17 @@
-"""bench/quickstart_by_kind.py and bench/oracle_quickstart.py: each test nodule slice gets the kind its nodule was
-painted as, the counts per kind follow the predictions, and the oracle stage runs both rules on those slices."""
+"""experiments/quickstart_by_kind.py and experiments/oracle_quickstart.py: each test nodule slice gets the kind its
+nodule was painted as, the counts per kind follow the predictions, and the oracle stage runs both rules on those
+slices."""
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import oracle_quickstart
 import pytest
+import quickstart_by_kind
 from scripts.data.dataset import load_split, prepare_dataset, slice_stem
 from scripts.data.synthetic import SyntheticSource
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import oracle_quickstart  # noqa: E402
-import quickstart_by_kind  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +77,7 @@ def test_refuses_a_dataset_of_another_source(dataset, tmp_path):
 
 
 def test_oracle_stage_on_the_quick_start_slices(dataset, tmp_path):
-    """bench/oracle_quickstart.py runs the stage with an oracle NAM on every typed test slice under both rules."""
+    """experiments/oracle_quickstart.py runs the stage with an oracle NAM on every typed test slice under both rules."""
     (tmp_path / "dataset").symlink_to(dataset)
     result = oracle_quickstart.main([str(tmp_path), "--nam-sigma", "6", "--out", str(tmp_path / "oracle.json")])
     n = len(quickstart_by_kind.slice_kinds(dataset))

@@ -1,32 +1,29 @@
 """Single slices against 2.5-D slices: does the classifier learn the generator's default nodules?
 
-    PYTHONPATH=bundle python bench/context_slices.py [--cases 400] [--size 128] [--width 0.125] [--epochs 12]
+    PYTHONPATH=bundle python experiments/context_slices.py [--cases 400] [--size 128] [--width 0.125] [--epochs 12]
         [--channels 1 3] [--synthetic defaults|quickstart] [--out ../runs/context_slices]
 
 For each input (``--channels``: 1 = the slice alone, the paper; 3 = the slice with its neighbours above and below,
 ``scripts.pipeline.context``) it prepares the same synthetic cases, trains the quick start's 1-GAP classifier
-(``configs/train.json``: batch normalisation, Adam, the quick start's width and epochs), classifies and maps the
-test split (``configs/inference_slices.json``) and measures the test AUC and where the NAM peaks
-(``bench/nam_localisation.py``). ``--synthetic defaults`` is the generator's defaults (3-30 mm nodules, 4.5-5.5 mm
-vessel trunks), the harder data issue 15 asks about; ``quickstart`` the quick start's easier settings. Targets on the
-defaults: test AUC >= 0.9 and the NAM peak within 8 px of the nodule on >= 60 % of nodule slices. Prints a table
-and writes ``bench/results/context_slices_<synthetic>_<size>.json``; a rerun reuses finished datasets.
+(``configs/train.json``: batch normalisation, Adam, the quick start's width and epochs) and classifies the test split
+(``configs/classify.json``, whose report gives the test AUC and where the NAM peaks). ``--synthetic defaults`` is the
+generator's defaults (3-30 mm nodules, 4.5-5.5 mm vessel trunks), the harder data; ``quickstart`` the quick start's
+easier settings. Targets on the defaults: test AUC >= 0.9 and the NAM peak within 8 px of the nodule on >= 60 % of
+nodule slices. Prints a table and writes ``experiments/results/context_slices_<synthetic>_<size>.json``; a rerun reuses
+finished datasets.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
-from nam_localisation import nam_localisation
-from scripts.data.dataset import load_split, prepare_dataset, slice_stem
+from scripts.data.dataset import prepare_dataset
 from scripts.data.synthetic import SyntheticSource
-from scripts.evaluation.metrics import classification_summary
-from scripts.quickstart import BUNDLE_ROOT, QUICKSTART_SYNTHETIC, _run_config, _train_classifier, quiet_log
+from scripts.quickstart import BUNDLE_ROOT, QUICKSTART_SYNTHETIC, _classify, _train_classifier, quiet_log
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +33,7 @@ SYNTHETIC = {"defaults": {}, "quickstart": QUICKSTART_SYNTHETIC}
 
 
 def run_arm(args: argparse.Namespace, channels: int) -> dict:
-    """Prepare, train, classify and map with ``channels`` input channels; return the figures."""
+    """Prepare, train and classify with ``channels`` input channels; return the figures."""
     out = Path(args.out).resolve() / f"{args.synthetic}_{args.size}px_c{channels}"
     dataset = out / "dataset"
     seconds = {}
@@ -65,33 +62,16 @@ def run_arm(args: argparse.Namespace, channels: int) -> dict:
     ckpt = _train_classifier(out, "", 1, common, args.epochs, args.batch_size, args.learning_rate, args.seed)
     seconds["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    predictions = out / "predictions"
-    _run_config(
-        "run",
-        "inference_slices.json",
-        desc=f"map the test split ({channels} channel(s))",
-        mode="coarse",
-        ckpt_path=str(ckpt),
-        max_panels=0,
-        output_dir=str(predictions),
-        **common,
-    )
-    seconds["infer"] = time.perf_counter() - clock
-    items = load_split(dataset, "test", ("image", "class"))
-    probability = [
-        json.loads((predictions / "records" / f"{slice_stem(i['image'])}.json").read_text())["probability"]
-        for i in items
-    ]
-    classification = classification_summary(probability, [int(i["class"]) for i in items], 0.5)
-    localisation = nam_localisation(str(dataset), str(predictions), tolerance_px=8)
+    report = _classify(out / "classification", ckpt, 1, common)
+    seconds["classify"] = time.perf_counter() - clock
     return {
         "in_channels": channels,
-        "test_auc": round(float(classification["auc"]), 4),
-        "test_accuracy": round(float(classification["accuracy"]), 4),
-        "nam_peak_within_8px": round(localisation["peak_within_tolerance"], 4),
-        "nam_peak_inside": round(localisation["peak_inside"], 4),
-        "chance_within_8px": round(localisation["chance_within_tolerance"], 4),
-        "test_slices": len(items),
+        "test_auc": round(float(report["auc"]), 4),
+        "test_accuracy": round(float(report["accuracy"]), 4),
+        "nam_peak_within_8px": round(report["peak_near"], 4),
+        "nam_peak_inside": round(report["peak_inside"], 4),
+        "chance_within_8px": round(report["chance"], 4),
+        "test_slices": report["slices"],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
 
@@ -129,7 +109,7 @@ def main() -> None:
         "rows": rows,
         "targets": {"test_auc": ">= 0.9", "nam_peak_within_8px": ">= 0.6"},
     }
-    write_json(REPO / "bench" / "results" / f"context_slices_{args.synthetic}_{args.size}.json", report)
+    write_json(REPO / "experiments" / "results" / f"context_slices_{args.synthetic}_{args.size}.json", report)
 
 
 if __name__ == "__main__":

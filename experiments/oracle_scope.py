@@ -1,4 +1,4 @@
-"""Benchmark of the segmentation stage alone: scope -> lung mask -> ICM -> candidates, with an oracle NAM.
+"""Study of the segmentation stage alone: scope -> lung mask -> ICM -> candidates, with an oracle NAM.
 
 The classifier's NAM is replaced by an ideal one, a 2-D Gaussian (sigma 16 px: the 1-GAP NAM's stride at 384 px)
 centred on the nodule, and by the same Gaussian displaced by 12 px in a seeded random direction. The stage runs
@@ -21,9 +21,9 @@ touching TP Dice (the union of the candidates that overlap the truth: the ceilin
 only drops candidates), best-candidate TP Dice (the candidate R-NAM would ideally pick), TP DOA of both (mm^2), the
 median area ratio of the best candidate to the truth, and candidates per scope. ``--variants`` measures named
 alternatives of the stage (see ``VARIANTS``: the scope, lung mask, ICM and candidate settings); the JSON goes to
-``bench/results/oracle_scope.json`` (``--name`` adds a suffix).
+``experiments/results/oracle_scope.json`` (``--name`` adds a suffix).
 
-    PYTHONPATH=bundle python bench/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16]
+    PYTHONPATH=bundle python experiments/oracle_scope.py [--hybrid 150] [--variants paper current ...] [--nam-sigma 16]
         [--displacement 12] [--name NAME] [--cache FILE] [--paint agreement|consensus]
 """
 
@@ -448,7 +448,7 @@ def evaluate(
     }
 
 
-TARGETS = {  # issue 14, ideal NAM
+TARGETS = {  # what the real-CT candidate rules were built to reach with the ideal NAM
     ("all", "detection"): 0.95,
     ("all ground-glass", "detection"): 0.85,
     ("all solid", "best_tp_dice"): 0.85,
@@ -458,7 +458,7 @@ TARGETS = {  # issue 14, ideal NAM
 
 
 def check_targets(summary: dict) -> dict[str, bool]:
-    """Which of the issue's targets a variant's summary meets (ideal NAM; displaced within 0.05)."""
+    """Which of the targets a variant's summary meets (ideal NAM; displaced within 0.05)."""
     ideal, displaced = summary["ideal"], summary["displaced"]
     met = {f"{g} {k} >= {v}": (ideal[g][k] or 0) >= v for (g, k), v in TARGETS.items() if g in ideal}
     ratio = ideal["all"]["median_area_ratio"] or 0
@@ -551,7 +551,7 @@ def main(argv=None) -> dict:
         print(f"\n## {name} ({summary['seconds']:.0f} s), ideal NAM\n{table(summary)}")
         print(f"\ndisplaced NAM ({args.displacement:g} px)\n{table(summary, 'displaced')}")
         print("targets: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summary["targets"].items()))
-    out = args.out or REPO / "bench" / "results" / f"oracle_scope{'_' + args.name if args.name else ''}.json"
+    out = args.out or REPO / "experiments" / "results" / f"oracle_scope{'_' + args.name if args.name else ''}.json"
     write_json(out, report)
     return report
 
