@@ -22,10 +22,11 @@ import torch
 from bench_icm import phantom
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.pipeline.candidates import Candidate, extract_candidates
+from scripts.pipeline.classify import logits_and_nam
 from scripts.pipeline.icm import icm_segmentation
 from scripts.pipeline.lungs import segment_lungs
 from scripts.pipeline.scope import screening_scope
-from scripts.pipeline.screen import crop_window, logits_and_nam, rnam_scores
+from scripts.pipeline.screen import crop_window, rnam_scores
 from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 
 

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scripts.networks.gap_classifier import GAPClassifier
-from scripts.pipeline.screen import logits_and_nam, rnam_scores
+from scripts.pipeline.classify import logits_and_nam
+from scripts.pipeline.screen import rnam_scores
 from scripts.utils.io import write_json
 from torch import nn
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from scripts.data.dataset import prepare_dataset
 from scripts.data.synthetic import SyntheticSource
-from scripts.quickstart import BUNDLE_ROOT, QUICKSTART_SYNTHETIC, _classify, _train_classifier, quiet_log
+from scripts.integration.config_runs import BUNDLE_ROOT, quiet_log
+from scripts.quickstart import QUICKSTART_SYNTHETIC, classify_split, train_classifier
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +60,10 @@ def run_arm(args: argparse.Namespace, channels: int) -> dict:
         "in_channels": channels,
     }
     clock = time.perf_counter()
-    ckpt = _train_classifier(out, "", 1, common, args.epochs, args.batch_size, args.learning_rate, args.seed)
+    ckpt = train_classifier(out, "", 1, common, args.epochs, args.batch_size, args.learning_rate, args.seed)
     seconds["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    report = _classify(out / "classification", ckpt, 1, common)
+    report = classify_split(out / "classification", ckpt, 1, common)
     seconds["classify"] = time.perf_counter() - clock
     return {
         "in_channels": channels,

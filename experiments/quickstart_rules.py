@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from scripts.evaluation.evaluate import format_number
+from scripts.integration.config_runs import run_config
 from scripts.networks.checkpoint import bundle_version
 from scripts.pipeline.segmenter import PAPER_CANDIDATES
-from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS, _run_config
+from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def segment(run_dir: Path, ckpt: Path, rule: dict, gap_levels: int, mode: str, o
     if gap_levels > 1:
         extra = {"multi_gap_levels": gap_levels, "multi_gap_ckpt_path": str(models / f"gap{gap_levels}" / "model.pt")}
     start = time.perf_counter()
-    _run_config(
+    run_config(
         "run",
         "inference_slices.json",
         bundle_root=str(BUNDLE),
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             out_dir = work / "".join(ch if ch.isalnum() else "_" for ch in row)
             seconds[row] = segment(run_dir, ckpt, VARIANTS[name], gap_levels, mode, out_dir)
             predictions[row] = str(out_dir)
-    _run_config(
+    run_config(
         "run",
         "evaluate.json",
         bundle_root=str(BUNDLE),

@@ -7,7 +7,8 @@ import pytest
 import scripts.networks.pretrained as pretrained
 import torch
 from scripts.networks.checkpoint import load_checkpoint
-from scripts.networks.gap_classifier import GAPClassifier, NAMInferer
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.classify import NAMInferer
 from scripts.pipeline.screen import rnam_scores
 
 WIDTH = 1 / 16

@@ -13,7 +13,8 @@ import torch
 from matplotlib.image import imread
 from monai.bundle import run
 from monai.data import MetaTensor
-from scripts.evaluation.slice_writer import OUTCOMES, PredictionWriter, panel_outcome, save_panel
+from scripts.evaluation.panels import OUTCOMES, panel_outcome, save_panel
+from scripts.evaluation.slice_writer import PredictionWriter
 from scripts.networks.gap_classifier import GAPClassifier
 
 SIZE = 32

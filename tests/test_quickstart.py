@@ -9,7 +9,6 @@ import math
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -21,10 +20,7 @@ from scripts.quickstart import (
     PAPER_TABLE1,
     QUICKSTART_CANDIDATES,
     QUICKSTART_SYNTHETIC,
-    StageProgress,
-    _quiet_handlers,
     quickstart,
-    quiet_log,
 )
 from trained_classifier import nodule_probability, trained_classifier
 
@@ -135,65 +131,6 @@ def test_quickstart_runs_every_step(short_run):
     assert len(log) < 8000, len(log)
     with pytest.raises(ValueError, match="prepared with other settings"):
         quickstart(out=str(out), **{**TINY, "cases": 9})
-
-
-def test_quiet_handlers_replace_per_iteration_output():
-    config = {
-        "train": {
-            "handlers": [
-                {"_target_": "LrScheduleHandler"},
-                {"_target_": "StatsHandler", "tag_name": "train_loss"},
-                {"_target_": "ignite.handlers.ProgressBar", "persist": True},
-            ]
-        },
-        "validate": {
-            "handlers": [{"_target_": "StatsHandler", "iteration_log": False}, {"_target_": "CheckpointSaver"}]
-        },
-    }
-    lists = _quiet_handlers(config, "train x")
-    train, validate = lists["train#handlers"], lists["validate#handlers"]
-    assert [h.get("_disabled_") for h in train] == [None, True, True, None]
-    assert train[-1] == {
-        "_target_": "scripts.quickstart.StageProgress",
-        "desc": "train x",
-        "validator": "@validate#evaluator",
-    }
-    assert [h.get("_disabled_") for h in validate] == [True, None]
-    assert config["train"]["handlers"][1] == {"_target_": "StatsHandler", "tag_name": "train_loss"}  # not mutated
-    inference = _quiet_handlers({"handlers": [{"_target_": "PredictionWriter"}]}, "segment")
-    assert inference["handlers"][-1] == {"_target_": "scripts.quickstart.StageProgress", "desc": "segment"}
-    assert _quiet_handlers({"run": []}, "evaluate") == {}
-
-
-def test_quiet_log_silences_only_inside():
-    import logging
-
-    logger = logging.getLogger("monai.bundle.workflows")
-    before = logger.level
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with quiet_log():
-            assert logger.level == logging.WARNING
-            warnings.warn("parsing config_file configs/train.json: any ...")
-            warnings.warn("pkg_resources is deprecated as an API.")
-            warnings.warn("a warning that concerns the user")
-        warnings.warn("parsing config_file again, outside")
-    assert [str(w.message) for w in caught] == [
-        "a warning that concerns the user",
-        "parsing config_file again, outside",
-    ]
-    assert logger.level == before
-
-
-def test_stage_progress_prints_one_line_per_epoch(capsys):
-    from ignite.engine import Engine
-
-    engine = Engine(lambda engine, batch: [{"loss": 0.5}])
-    StageProgress("train toy").attach(engine)
-    engine.run([0, 1, 2], max_epochs=2)
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("train toy: epoch 1/2") and lines[1].startswith("train toy: epoch 2/2")
-    assert lines[2].startswith("train toy: 6 iterations in") and len(lines) == 3
 
 
 def _finite_row(row):

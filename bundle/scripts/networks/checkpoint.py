@@ -22,9 +22,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .gap_classifier import GAPClassifier
+from .gap_classifier import GAPClassifier, unwrap
 
-__all__ = ["TrainingRecord", "read_checkpoint", "resolve_settings", "load_checkpoint", "bundle_version"]
+__all__ = [
+    "TrainingRecord",
+    "read_checkpoint",
+    "resolve_settings",
+    "load_checkpoint",
+    "optional_classifier",
+    "bundle_version",
+]
 
 # The settings inference needs and their defaults for a checkpoint without a record. ``pixel_spacing_mm`` is the
 # [least, largest] pixel spacing of the training slices; None: use every scan at its own spacing. ``context_mm`` is
@@ -99,7 +106,7 @@ class TrainingRecord:
         items = list(datalist)
         spacings = np.array([_pixel_spacing(item) for item in items], dtype=float).reshape(-1, 2)
         spacing = None if not spacings.size else [float(spacings.min()), float(spacings.max())]
-        model = getattr(network, "module", network)
+        model = unwrap(network)
         self.record = {
             **model.config(),
             "context_mm": _context_mm(items, model.config()["in_channels"]),
@@ -215,3 +222,10 @@ def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassif
         )
     model.load_state_dict(state)
     return model
+
+
+def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True) -> torch.nn.Module | None:
+    """``model`` with the checkpoint at ``path`` loaded when ``enabled``, else None (a config switch)."""
+    if not enabled:
+        return None
+    return load_checkpoint(model, path).eval()

@@ -15,12 +15,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.inferers import Inferer
 from torch import nn
 
 from .pretrained import imagenet_vgg16_state
 
-__all__ = ["VGG16_CONFIG", "CONV_NAMES", "INPUT_NORMS", "GAPClassifier", "BackboneTail", "trainable_part", "NAMInferer"]
+__all__ = [
+    "VGG16_CONFIG",
+    "CONV_NAMES",
+    "INPUT_NORMS",
+    "GAPClassifier",
+    "BackboneTail",
+    "trainable_part",
+    "unwrap",
+]
 
 # torchvision's VGG16 "D" layout: channel counts, "M" = 2x2 max pooling (pool5 left out).
 VGG16_CONFIG: tuple[int | str, ...] = (
@@ -427,6 +434,12 @@ class BackboneTail(nn.Module):
         return self.network._logits(self.network._head_activations(x.float(), self.start))
 
 
+def unwrap(network: nn.Module) -> nn.Module:
+    """The classifier inside a ``DistributedDataParallel`` wrapper (whose ``module`` it is), or ``network`` itself:
+    the classifier's own methods (``nam``, ``forward_with_nam``, ``config``) are not the wrapper's."""
+    return getattr(network, "module", network)
+
+
 def trainable_part(network: GAPClassifier, freeze_through: str | None = None) -> nn.Module:
     """What the trainer updates: the classifier, or its ``BackboneTail`` after ``freeze_through``."""
     return network if freeze_through is None else BackboneTail(network, freeze_through)
@@ -441,16 +454,3 @@ def _fold_to_grey(weight: torch.Tensor, bias: torch.Tensor, convention: str) -> 
     folded = grey_std * (w / std[None, :, None, None]).sum(dim=1, keepdim=True)
     shifted = b - (w.sum(dim=(2, 3)) * (mean - grey_mean) / std).sum(dim=1)
     return folded.to(weight.dtype), shifted.to(bias.dtype)
-
-
-class NAMInferer(Inferer):
-    """Run a ``GAPClassifier`` in a MONAI engine, returning the nodule probability and the NAM in one pass.
-
-    Returns ``{"probability": (B, 1) softmax probability of the nodule class, "nam": (B, 1, H, W) raw NAM}``;
-    ``FlattenSubKeysd(keys="pred")`` moves both to the top level of a decollated item.
-    """
-
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        model = getattr(network, "module", network)  # DistributedDataParallel wraps the classifier
-        logits, nam = model.forward_with_nam(inputs)
-        return {"probability": torch.softmax(logits.float(), dim=1)[:, 1:], "nam": nam}

@@ -25,6 +25,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from ..networks.gap_classifier import unwrap
 from .context import check_context, stack_context
 from .crop import crop, crop_window, uncrop
 from .lungs import segment_lungs
@@ -139,7 +140,7 @@ class ScanSegmenter(Inferer):
                     continue  # only the slices called "nodule" are segmented
                 result = self.segmenter.segment(
                     batch[b],
-                    getattr(network, "module", network),
+                    unwrap(network),
                     float(probs[b]),
                     nams[b],
                     spacing[:2],

@@ -30,17 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..networks.gap_classifier import GAPClassifier
+from .classify import logits_and_nam
 
-__all__ = ["logits_and_nam", "fill_candidates", "crop_window", "supports_incremental", "rnam_scores"]
-
-
-def logits_and_nam(network: Callable, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits (B, 2), nam (B, 1, H, W))`` from one pass when the network offers ``forward_with_nam``."""
-    if hasattr(network, "forward_with_nam"):
-        return network.forward_with_nam(inputs)
-    if hasattr(network, "nam"):
-        return network(inputs), network.nam(inputs)
-    raise TypeError(f"{type(network).__name__} offers neither forward_with_nam nor nam: it cannot give a NAM")
+__all__ = ["fill_candidates", "crop_window", "supports_incremental", "rnam_scores"]
 
 
 def fill_candidates(image: torch.Tensor, masks: np.ndarray, fill_value: float) -> torch.Tensor:

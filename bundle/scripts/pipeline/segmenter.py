@@ -26,12 +26,14 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from ..networks.gap_classifier import unwrap
 from ..training.transforms import HU_WINDOW
 from .candidates import Candidate, extract_candidates, parenchyma_value
+from .classify import logits_and_nam
 from .context import centre_channel
 from .icm import icm_segmentation
 from .scope import bounding_box, refine_scope, top_scopes
-from .screen import logits_and_nam, rnam_scores
+from .screen import rnam_scores
 
 __all__ = ["MODES", "PAPER_CANDIDATES", "SliceResult", "WeaklySupervisedSegmenter"]
 
@@ -254,7 +256,7 @@ class WeaklySupervisedSegmenter(Inferer):
         are then recomputed in float32, so that R-NAM compares maps of one precision.
         """
         self._check_inputs(inputs)
-        network = getattr(network, "module", network)  # DistributedDataParallel wraps the classifier
+        network = unwrap(network)
         for name, model in (("classifier", network), ("multi-GAP classifier", self.multi_gap_network)):
             channels = getattr(model, "in_channels", inputs.shape[1])
             if channels != inputs.shape[1]:
@@ -285,7 +287,7 @@ class WeaklySupervisedSegmenter(Inferer):
         spacing: Sequence[float] | None = None,
     ) -> list[SliceResult]:
         """Classify a batch ``(B, C, H, W)`` of windowed slices (``classify``) and segment those called "nodule"."""
-        probs, nams, multi_nams = self.classify(inputs, getattr(network, "module", network))
+        probs, nams, multi_nams = self.classify(inputs, unwrap(network))
         results = []
         for b in range(inputs.shape[0]):
             lungs = None if lung_mask is None else np.asarray(torch.as_tensor(lung_mask[b]).cpu()).astype(bool)
@@ -293,7 +295,7 @@ class WeaklySupervisedSegmenter(Inferer):
             results.append(
                 self.segment(
                     inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b],
-                    getattr(network, "module", network),
+                    unwrap(network),
                     float(probs[b]),
                     nams[b],
                     self._spacing(inputs, b, spacing),

@@ -14,12 +14,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from monai.visualize import blend_images
 
 from ..networks.precision import reduced_precision
-from ..pipeline.context import centre_channel
 
-__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "BackboneFeaturesd", "nam_overlay"]
+__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "BackboneFeaturesd"]
 
 # The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
 HU_WINDOW = (-1000.0, 400.0)
@@ -156,26 +154,3 @@ class BackboneFeaturesd(MapTransform):
             for module, mode in zip(prefix.modules(), modes):
                 module.training = mode
         return d
-
-
-def nam_overlay(
-    image: np.ndarray | torch.Tensor, nam: np.ndarray | torch.Tensor, alpha: float = 0.5, cmap: str = "jet"
-) -> np.ndarray:
-    """RGB picture ``(3, H, W)`` in [0, 1] of a NAM blended over its image, both ``(1, H, W)`` or ``(H, W)``.
-
-    The image and a copy of the NAM are min-max scaled for display only; the NAM itself stays raw. A 2.5-D image
-    ``(C, H, W)`` shows its centre channel, the slice itself.
-    """
-    image_t = torch.as_tensor(image, dtype=torch.float32).cpu()
-    if image_t.ndim == 3 and image_t.shape[0] > 1:
-        centre = centre_channel(image_t.shape[0])
-        image_t = image_t[centre : centre + 1]
-    nam_t = torch.as_tensor(nam, dtype=torch.float32).cpu()
-    if image_t.ndim == 2:
-        image_t = image_t[None]
-    if nam_t.ndim == 2:
-        nam_t = nam_t[None]
-    if image_t.shape != nam_t.shape or image_t.shape[0] != 1:
-        raise ValueError(f"image and NAM must both be (1, H, W), got {tuple(image_t.shape)} and {tuple(nam_t.shape)}.")
-    rgb = blend_images(image_t, nam_t, alpha=alpha, cmap=cmap, rescale_arrays=True, transparent_background=False)
-    return np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0)
