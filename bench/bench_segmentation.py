@@ -27,7 +27,7 @@ from scripts.pipeline.icm import icm_segmentation
 from scripts.pipeline.lungs import segment_lungs
 from scripts.pipeline.scope import screening_scope
 from scripts.pipeline.screen import crop_window, rnam_scores
-from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
+from scripts.pipeline.settings import CandidateSettings, ICMSettings
 
 
 def timed(fn, repeats):
@@ -90,13 +90,9 @@ def main() -> None:
     t_scope, scope = timed(lambda: screening_scope(nam_np), args.repeats)
     t_lungs, lungs = timed(lambda: segment_lungs(hu, spacing), args.repeats)
     t_icm, (labels, means) = timed(lambda: icm_segmentation(hu, lungs), args.repeats)
-    rule = WeaklySupervisedSegmenter()  # the segmenter's default candidate rules (phases fitted again in the scope)
-    t_cand, found = timed(
-        lambda: extract_candidates(
-            labels, means, scope, lungs, spacing, rule.dense_hu, 1.0, hu=hu, **rule.candidate_args
-        ),
-        3,
-    )
+    # the segmenter's default candidate rules (phases fitted again in the scope), candidates from 1 mm^2
+    rules = {**CandidateSettings().extract_arguments(ICMSettings()), "min_area_mm2": 1.0}
+    t_cand, found = timed(lambda: extract_candidates(labels, means, scope, lungs, spacing, hu=hu, **rules), 3)
     rows, cols = np.nonzero(scope)
     window = crop_window(
         (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1), (size, size), net.nam_stride, net.nam_context_radius

@@ -23,7 +23,7 @@ import oracle_scope
 from quickstart_by_kind import slice_kinds
 from scripts.data.dataset import load_split
 from scripts.networks.checkpoint import bundle_version
-from scripts.quickstart import QUICKSTART_CANDIDATES
+from scripts.pipeline.settings import preset_changes
 from scripts.utils.io import write_json
 
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def quickstart_items(dataset_dir: Path) -> list[dict]:
 def rules() -> dict[str, dict]:
     """The two rules compared: the bundle's defaults and the quick start's fixed cut on top of them."""
     defaults = oracle_scope._variant("current")
-    fixed = {**defaults, "cand": {**defaults["cand"], "rule": QUICKSTART_CANDIDATES["dense_rule"]}}
+    fixed = {**defaults, "cand": {**defaults["cand"], "rule": preset_changes("quickstart")["candidates"]["dense_rule"]}}
     return {"quick start (fixed -600 HU cut)": fixed, "defaults (100 HU above the parenchyma)": defaults}
 
 

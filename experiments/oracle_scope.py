@@ -33,6 +33,7 @@ import argparse
 import math
 import pickle
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from scripts.pipeline.candidates import extract_candidates
 from scripts.pipeline.icm import icm_segmentation
 from scripts.pipeline.lungs import segment_lungs
 from scripts.pipeline.scope import screening_scope
+from scripts.pipeline.settings import CandidateSettings, ICMSettings, ScopeSettings
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,11 +133,9 @@ def _variant(name: str) -> dict:
     """The settings of a named variant: ``PAPER`` overridden by ``VARIANTS[name]`` ("current": the segmenter's
     defaults, its real-CT candidate rules)."""
     if name == "current":
-        from scripts.pipeline.segmenter import WeaklySupervisedSegmenter  # imports torch
-
-        seg = WeaklySupervisedSegmenter()
-        cand = {"min_value": seg.dense_hu, "min_area_mm2": seg.min_area_mm2, **seg.candidate_args}
-        return {"scope": dict(seg.scope_args), "lung": {}, "icm": dict(seg.icm_args), "cand": cand}
+        scope, icm = ScopeSettings(), ICMSettings()
+        watershed = {"sigma": scope.sigma, "threshold": scope.threshold, "min_distance": scope.min_distance}
+        return {"scope": watershed, "lung": {}, "icm": asdict(icm), "cand": CandidateSettings().extract_arguments(icm)}
     spec = VARIANTS[name]
     return {k: {**PAPER[k], **spec.get(k, {})} for k in PAPER}
 

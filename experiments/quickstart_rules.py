@@ -23,36 +23,36 @@ from pathlib import Path
 from scripts.evaluation.evaluate import format_number
 from scripts.integration.config_runs import run_config
 from scripts.networks.checkpoint import bundle_version
-from scripts.pipeline.segmenter import PAPER_CANDIDATES
-from scripts.quickstart import QUICKSTART_CANDIDATES, WEAK_ROWS
+from scripts.pipeline.settings import config_overrides, preset_changes
+from scripts.quickstart import WEAK_ROWS
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 
 
-# each variant: what it sets on top of configs/inference_slices.json's defaults (the real-CT candidate rules)
+PAPER, QUICKSTART = (preset_changes(name)["candidates"] for name in ("paper", "quickstart"))
+# each variant: the segmenter settings (``{group: {field: value}}``) it sets on top of the configs' defaults (the
+# real-CT candidate rules)
 VARIANTS: dict[str, dict] = {
-    "paper": dict(PAPER_CANDIDATES),
+    "paper": {"candidates": PAPER},
     "defaults": {},
-    "defaults without trim": {"trim_partial_volume": False},
-    "defaults without refit": {"icm_in_scope": False},
-    "defaults without split": {"split_mm": 0.0},
-    "quick start (defaults, fixed cut)": dict(QUICKSTART_CANDIDATES),
+    "defaults without trim": {"candidates": {"trim_partial_volume": False}},
+    "defaults without refit": {"candidates": {"icm_in_scope": False}},
+    "defaults without split": {"candidates": {"split_mm": 0.0}},
+    "quick start (defaults, fixed cut)": {"candidates": QUICKSTART},
     "quick start at 0.4.2 (no side tissue, no vessel split)": {
-        **QUICKSTART_CANDIDATES,
-        "side_tissue_px": 0.0,
-        "split_vessel_mm": 0.0,
+        "candidates": {**QUICKSTART, "side_tissue_px": 0.0, "split_vessel_mm": 0.0}
     },
     # the scope: the watershed's domain at half the NAM's range instead of a fifth (experiments/oracle_scope.py's
     # "+scope0.5")
-    "quick start, scope at 0.5": {**QUICKSTART_CANDIDATES, "scope_threshold": 0.5},
-    # ground-glass at real densities (0.5.4's data) lies under the fixed cut: cuts lower, or margins that skip the
-    # vessels' partial-volume halo (a phase about 200 HU above the parenchyma at 2.25 mm)
-    "defaults, 150 HU above the parenchyma": {"dense_margin_hu": 150.0},
-    "defaults, 200 HU above the parenchyma": {"dense_margin_hu": 200.0},
-    "quick start, fixed cut at -650 HU": {**QUICKSTART_CANDIDATES, "dense_hu": -650.0},
-    "quick start, fixed cut at -700 HU": {**QUICKSTART_CANDIDATES, "dense_hu": -700.0},
+    "quick start, scope at 0.5": {"candidates": QUICKSTART, "scope": {"threshold": 0.5}},
+    # ground-glass at real densities lies under the fixed cut: cuts lower, or margins that skip the vessels'
+    # partial-volume halo (a phase about 200 HU above the parenchyma at 2.25 mm)
+    "defaults, 150 HU above the parenchyma": {"candidates": {"dense_margin_hu": 150.0}},
+    "defaults, 200 HU above the parenchyma": {"candidates": {"dense_margin_hu": 200.0}},
+    "quick start, fixed cut at -650 HU": {"candidates": {**QUICKSTART, "dense_hu": -650.0}},
+    "quick start, fixed cut at -700 HU": {"candidates": {**QUICKSTART, "dense_hu": -700.0}},
 }
 COLUMNS = {"TPR": "TPR", "FPR_nodule": "FPR_nodule", "Dice": "dice", "TP Dice": "tp_dice", "TP DOA mm^2": "tp_doa_mm2"}
 
@@ -82,7 +82,7 @@ def segment(run_dir: Path, ckpt: Path, rule: dict, gap_levels: int, mode: str, o
         mode=mode,
         max_panels=0,
         output_dir=str(out_dir),
-        **rule,
+        **config_overrides(rule),
         **extra,
     )
     return time.perf_counter() - start

@@ -4,6 +4,8 @@ Each slice is a chest in HU: a body of soft tissue with two lungs of -870 HU par
 a nodule. The candidates come from the stage exactly as the segmenter runs it with its defaults (the real-CT rules).
 """
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -16,7 +18,7 @@ from scripts.pipeline.candidates import (
 )
 from scripts.pipeline.icm import icm_segmentation
 from scripts.pipeline.lungs import segment_lungs
-from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
+from scripts.pipeline.settings import CandidateSettings, ICMSettings
 
 SPACING = (0.7, 0.7)
 SHAPE = (160, 200)
@@ -51,15 +53,13 @@ def paint(hu: np.ndarray, mask: np.ndarray, level: float, blur: float = 0.8) -> 
     return hu + weight * np.maximum(level - ndimage.gaussian_filter(hu, 1.0), 0)
 
 
-def candidates(hu: np.ndarray, scope: np.ndarray, **overrides) -> tuple[list, np.ndarray]:
-    """The segmenter's stage with its default (real-CT) candidate rules: lung mask, ICM in the lungs, candidates in the
-    scope."""
-    seg = WeaklySupervisedSegmenter(mode="coarse", **overrides)
+def candidates(hu: np.ndarray, scope: np.ndarray, **changes) -> tuple[list, np.ndarray]:
+    """The segmenter's stage with its default (real-CT) candidate rules, but for ``changes``: lung mask, ICM in the
+    lungs, candidates in the scope."""
+    icm, rules = ICMSettings(), CandidateSettings(**changes)
     lungs = segment_lungs(hu, SPACING)
-    labels, means = icm_segmentation(hu, lungs, **seg.icm_args)
-    found = extract_candidates(
-        labels, means, scope, lungs, SPACING, seg.dense_hu, seg.min_area_mm2, hu=hu, **seg.candidate_args
-    )
+    labels, means = icm_segmentation(hu, lungs, **asdict(icm))
+    found = extract_candidates(labels, means, scope, lungs, SPACING, hu=hu, **rules.extract_arguments(icm))
     return found, lungs
 
 

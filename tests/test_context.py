@@ -275,7 +275,7 @@ def test_the_segmenter_segments_the_middle_channel():
     parenchyma = np.where(lung, -850.0, 40.0)
     with_blob = np.where(blob, 20.0, parenchyma)
     nam = np.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / (2 * 6.0**2)).astype(np.float32)
-    segmenter = WeaklySupervisedSegmenter(mode="coarse", min_area_mm2=1.0)
+    segmenter = WeaklySupervisedSegmenter(mode="coarse", candidates={"min_area_mm2": 1.0})
 
     def found(channels):
         image = torch.as_tensor(np.clip((np.stack(channels) + 1000.0) / 1400.0, 0, 1), dtype=torch.float32)

@@ -15,10 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scripts.evaluation.evaluate import PAPER_ORDER
+from scripts.pipeline.settings import CandidateSettings
 from scripts.quickstart import (
     PAPER_ACCURACY,
     PAPER_TABLE1,
-    QUICKSTART_CANDIDATES,
     QUICKSTART_SYNTHETIC,
     quickstart,
 )
@@ -92,7 +92,7 @@ def test_quickstart_runs_every_step(short_run):
         assert row["classification"]["accuracy"] == pytest.approx(np.mean(called))
     for mode in ("coarse", "fine"):  # the quick start's own candidate rule reached the segmentations
         used = json.loads((out / "predictions" / f"1gap_{mode}" / "settings.json").read_text())["segmenter"]
-        assert used["mode"] == mode and {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES
+        assert used["mode"] == mode and used["candidates"]["dense_rule"] == "fixed" != CandidateSettings().dense_rule
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) >= {"prepare_s", "train_s", "classify_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}
     # the classifier's report (AUC, accuracy, where the NAM looks) and its picture, from configs/classify.json
@@ -183,7 +183,7 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
         screened = [r for r in records if r["positive"]]
         assert screened and all((r["base_scope_box"] is not None) == name.startswith(("2-", "3-")) for r in screened)
         used = json.loads((Path(row["predictions"]) / "settings.json").read_text())["segmenter"]
-        assert {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES, name
+        assert used["candidates"]["dense_rule"] == "fixed", name
     report = (out / "report.md").read_text()
     assert report in capsys.readouterr().out  # printed, and written
     for name, paper in PAPER_TABLE1.items():

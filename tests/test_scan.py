@@ -124,7 +124,7 @@ def spot_run(bundle_root, lidc_inputs, tmp_path_factory):
         input=str(lidc_inputs),
         output_dir=str(out),
         mode="fine",
-        rnam_crop=False,
+        **{"segmenter#screening#crop": False},
     )
     summary = parser.get_parsed_content("evaluator").run()
     return {"out": out, "summary": summary, "truth": truth, "parser": parser, "network": network}

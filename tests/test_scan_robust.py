@@ -19,6 +19,7 @@ from scripts.data.prepare import scans
 from scripts.pipeline.assemble import _largest_axial_diameter, axial_axis, nodule_table
 from scripts.pipeline.lungs import segment_lungs
 from scripts.pipeline.read import ScanError
+from scripts.pipeline.settings import config_overrides
 from scripts.pipeline.write import ScanWriter
 from scripts.utils.io import write_folder_atomically
 
@@ -27,12 +28,18 @@ SIZE = 64
 # (the fixed cut below air), no trimming, splitting or least area
 LUNGS = {
     "mode": "coarse",
-    "dense_rule": "fixed",
-    "dense_hu": -1100.0,
-    "icm_in_scope": False,
-    "trim_partial_volume": False,
-    "split_mm": 0.0,
-    "min_area_mm2": 0.0,
+    **config_overrides(
+        {
+            "candidates": {
+                "dense_rule": "fixed",
+                "dense_hu": -1100.0,
+                "icm_in_scope": False,
+                "trim_partial_volume": False,
+                "split_mm": 0.0,
+                "min_area_mm2": 0.0,
+            }
+        }
+    ),
 }
 
 

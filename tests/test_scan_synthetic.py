@@ -101,7 +101,7 @@ def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp
             "input": str(path),
             "output_dir": str(tmp_path),
             "mode": "two_nodule",
-            "rnam_crop": False,
+            "segmenter#screening#crop": False,
             "overview": False,
         }
     )
@@ -109,8 +109,8 @@ def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp
     result = json.loads((tmp_path / "SYN-0001" / "SYN-0001_nodules.json").read_text())
     # the table says what made it: the bundle version and the segmenter's settings, the config's overrides included
     assert result["bundle_version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
-    assert result["segmenter"]["mode"] == "two_nodule" and result["segmenter"]["crop"] is False
-    assert result["segmenter"]["dense_rule"] == parser.get_parsed_content("dense_rule")
+    assert result["segmenter"]["mode"] == "two_nodule" and result["segmenter"]["screening"]["crop"] is False
+    assert result["segmenter"]["candidates"] == parser.get_parsed_content("segmenter#candidates")
     nodules = result["nodules"]
     # each known nodule is the one row whose slices hold its centre and whose centroid is within 3 voxels in-plane, its
     # centroid within a voxel of the truth's. The oracle may also fire where other dense tissue crosses its places on

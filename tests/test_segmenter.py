@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,7 @@ from monai.data import MetaTensor
 from scripts.networks.checkpoint import TrainingRecord
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
-from scripts.quickstart import QUICKSTART_CANDIDATES
+from scripts.pipeline.settings import GROUPS, preset_changes
 from test_rnam import RegionNet
 
 SIZE = 64
@@ -131,7 +132,7 @@ def test_negative_flat_and_bad_inputs():
 
 def test_spacing_and_meta_from_metatensor():
     x = MetaTensor(slice_with_blobs((26, 28)), affine=torch.diag(torch.tensor([0.5, 0.8, 1.0, 1.0])))
-    seg = WeaklySupervisedSegmenter("fine", min_area_mm2=1.0)
+    seg = WeaklySupervisedSegmenter("fine", candidates={"min_area_mm2": 1.0})
     out = seg(x, scoped_net((26, 28), [(26, 28, 8, 2.0)]))
     assert isinstance(out, MetaTensor) and torch.allclose(out.affine, x.affine.double())
     assert seg.last_results[0].spacing == pytest.approx((0.5, 0.8))
@@ -192,7 +193,7 @@ def overrides(root: Path, out: Path, **extra) -> dict:
         "ckpt_path": str(root / "model.pt"),
         "multi_gap_ckpt_path": str(root / "model_2gap.pt"),
         "output_dir": str(out),
-        "min_area_mm2": 3.0,
+        "segmenter#candidates#min_area_mm2": 3.0,
         "device": "cpu",
         **extra,
     }
@@ -221,24 +222,15 @@ STEMS = [f"S{i}_{10 + i}" for i in range(4)]
 
 
 @pytest.mark.parametrize("config", ["inference.json", "inference_slices.json"])
-def test_configs_default_to_the_segmenter_s_candidate_rules(bundle_root, config):
-    """The configs give scans and slices the same candidate rules as ``WeaklySupervisedSegmenter``'s defaults (the
-    real-CT rules); the quick start alone overrides the cut."""
-    defaults = inspect.signature(WeaklySupervisedSegmenter).parameters
-    parsed = json.loads((Path(bundle_root) / "configs" / config).read_text())
-    keys = (
-        "dense_hu",
-        "min_area_mm2",
-        "dense_rule",
-        "dense_margin_hu",
-        "icm_in_scope",
-        "trim_partial_volume",
-        "side_tissue_px",
-        "split_mm",
-        "split_vessel_mm",
-    )
-    assert {k: parsed[k] for k in keys} == {k: defaults[k].default for k in keys}
-    assert parsed["dense_rule"] == "relative" and QUICKSTART_CANDIDATES == {"dense_rule": "fixed"}
+def test_configs_default_to_the_segmenter_s_settings(bundle_root, config):
+    """The configs give scans and slices the settings of ``WeaklySupervisedSegmenter``'s defaults (the real-CT
+    candidate rules), every one written out; the quick start's preset changes the cut alone."""
+    parsed = json.loads((Path(bundle_root) / "configs" / config).read_text())["segmenter"]
+    for name, kind in GROUPS.items():
+        written = {k: v for k, v in asdict(kind()).items() if k != "batch_size"}
+        assert parsed[name] == written, name
+    assert parsed["candidates"]["dense_rule"] == "relative"
+    assert preset_changes("quickstart") == {"candidates": {"dense_rule": "fixed"}}
 
 
 def test_settings_name_every_rule_and_rebuild_the_segmenter():
@@ -247,31 +239,31 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
     chosen = {
         "mode": "two_nodule",
         "threshold": 0.3,
-        "scope_sigma": 2.0,
-        "scope_threshold": 0.25,
-        "scope_min_distance": 5,
-        "multi_gap_min_peak": 0.4,
-        "phases": 3,
-        "beta": 0.5,
-        "max_sweeps": 7,
-        "dense_hu": -650.0,
-        "min_area_mm2": 5.0,
-        "dense_rule": "fixed",
-        "dense_margin_hu": 120.0,
-        "icm_in_scope": False,
-        "trim_partial_volume": False,
-        "side_tissue_px": 2.5,
-        "split_mm": 1.5,
-        "split_vessel_mm": 2.5,
-        "n_nodules": 3,
-        "crop": False,
         "intensity_range": [-1100.0, 300.0],
+        "scope": {"sigma": 2.0, "threshold": 0.25, "min_distance": 5, "multi_gap_min_peak": 0.4, "n_nodules": 3},
+        "icm": {"phases": 3, "beta": 0.5, "max_sweeps": 7},
+        "candidates": {
+            "dense_rule": "fixed",
+            "dense_hu": -650.0,
+            "dense_margin_hu": 120.0,
+            "min_area_mm2": 5.0,
+            "icm_in_scope": False,
+            "trim_partial_volume": False,
+            "trim_iterations": 2,
+            "side_tissue_px": 2.5,
+            "split_mm": 1.5,
+            "drop_thin": False,
+            "split_vessel_mm": 2.5,
+        },
+        "screening": {"crop": False, "batch_size": 4},
     }
     settings = WeaklySupervisedSegmenter(**chosen).settings()
     assert settings == chosen and json.loads(json.dumps(settings)) == settings
-    not_rules = {"lung_mask_fn", "multi_gap_network", "batch_size", "spacing", "amp"}
+    not_rules = {"lung_mask_fn", "multi_gap_network", "spacing", "amp"}
     assert set(inspect.signature(WeaklySupervisedSegmenter).parameters) - not_rules == set(settings)
     assert WeaklySupervisedSegmenter(**settings).settings() == settings
+    with pytest.raises(ValueError, match="unknown candidates settings"):
+        WeaklySupervisedSegmenter(candidates={"dense_cut": -600.0})
 
 
 @pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule"])
@@ -285,7 +277,7 @@ def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode)
     )
     records = check_outputs(tiny_bundle, out, STEMS)
     settings = json.loads((out / "settings.json").read_text())  # what made these masks, beside them
-    assert settings["segmenter"]["mode"] == mode and settings["segmenter"]["dense_rule"] == "relative"
+    assert settings["segmenter"]["mode"] == mode and settings["segmenter"]["candidates"]["dense_rule"] == "relative"
     assert settings["bundle_version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
     segmented = [r for r in records if r["status"] == "segmented"]
     assert segmented, [r["status"] for r in records]  # the fc bias makes most slices positive: the pipeline ran

@@ -30,6 +30,7 @@ from .data.synthetic import SyntheticSource
 from .evaluation.evaluate import format_mean_sd, format_number, table1_cells
 from .evaluation.localisation import format_localisation
 from .integration.config_runs import BUNDLE_ROOT, quiet_log, run_config
+from .pipeline.settings import preset_changes, preset_overrides
 from .utils.io import write_json, write_text
 
 __all__ = ["quickstart", "quickstart_full", "train_classifier", "classify_split", "PAPER_TABLE1", "PAPER_ACCURACY"]
@@ -43,15 +44,9 @@ __all__ = ["quickstart", "quickstart_full", "train_classifier", "classify_split"
 # Its ground-glass is the generator's default since 0.5.4, real CT's -800..-550 HU with texture.
 QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
 
-# The candidate rule of the quick start's segmentations: the bundle's defaults (phases fitted again in the scope,
-# partial volume trimmed, necks split) with the paper's fixed -600 HU cut instead of "100 HU above the parenchyma".
-# On these 2.25 mm pixels the vessels' partial-volume halo is a phase of its own about 200 HU above the parenchyma,
-# and the trained NAM's scope is large (a median 40 % of the slice), so the relative cut takes every vessel and its
-# halo: 1-GAP coarse TP Dice 0.375 -> 0.133, fine 0.743 -> 0.534; with the fixed cut 0.372 and 0.765
-# (bench/quickstart_rules.py).
-# On real CT at 0.75 mm the relative cut does not do this, even with a scope of 60 mm radius
-# (docs/segmentation_choices.md).
-QUICKSTART_CANDIDATES = {"dense_rule": "fixed"}
+# The segmenter's settings in the quick start's segmentations: the "quickstart" preset (scripts.pipeline.settings).
+# On real CT at 0.75 mm the defaults' relative cut holds (docs/segmentation_choices.md).
+QUICKSTART_SEGMENTER = preset_overrides("quickstart")
 
 # From scratch on a CPU the paper's plain VGG16 with SGD does not train (it fine-tunes ImageNet weights); batch
 # normalisation and Adam do, so the quick start uses them, one learning rate for backbone, heads and FC.
@@ -254,7 +249,7 @@ def _quickstart_short(
             ckpt_path=str(ckpt),
             max_panels=max_panels,
             output_dir=predictions[f"1-GAP {mode}"],
-            **QUICKSTART_CANDIDATES,
+            **QUICKSTART_SEGMENTER,
             **common,
         )
         timings[f"segment_{mode}_s"] = time.perf_counter() - start
@@ -379,7 +374,7 @@ def quickstart_full(
                 "unet_batch_size": unet_batch_size,
                 "unet_features": list(unet_features),
                 "unet_learning_rate": unet_learning_rate,
-                "candidates": QUICKSTART_CANDIDATES,
+                "candidates": preset_changes("quickstart")["candidates"],
             }
         )
     )
@@ -445,7 +440,7 @@ def quickstart_full(
                 ckpt_path=str(models / "gap1" / "model.pt"),  # the 1-GAP model classifies and screens (R-NAM)
                 output_dir=str(folder),
                 max_panels=max_panels,
-                **QUICKSTART_CANDIDATES,
+                **QUICKSTART_SEGMENTER,
                 **extra,
                 **common,
             ),

@@ -17,8 +17,8 @@ Modes (paper section 2.2):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,28 +27,25 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from ..networks.gap_classifier import unwrap
-from ..training.transforms import HU_WINDOW
 from .candidates import Candidate, extract_candidates, parenchyma_value
 from .classify import logits_and_nam
 from .context import centre_channel
 from .icm import icm_segmentation
 from .scope import bounding_box, refine_scope, top_scopes
 from .screen import rnam_scores
+from .settings import (
+    GROUPS,
+    HU_WINDOW,
+    CandidateSettings,
+    ICMSettings,
+    ScopeSettings,
+    ScreeningSettings,
+    settings_group,
+)
 
-__all__ = ["MODES", "PAPER_CANDIDATES", "SliceResult", "WeaklySupervisedSegmenter"]
+__all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
 
 MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
-# The candidate rule as the paper gives it and as first built: a fixed -600 HU cut on phases fitted in the whole
-# slice's lungs, no trimming, no splitting. The defaults below depart from it for real CT (bench/oracle_scope.py,
-# ideal NAM: detection 0.78 -> 0.945, ground-glass 0.48 -> 0.90, area ratio 1.20 -> 0.98; docs/segmentation_choices.md)
-PAPER_CANDIDATES = {
-    "dense_rule": "fixed",
-    "icm_in_scope": False,
-    "trim_partial_volume": False,
-    "side_tissue_px": 0.0,
-    "split_mm": 0.0,
-    "split_vessel_mm": 0.0,
-}
 MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
 COARSE_MODES = ("coarse", "multi_gap_coarse")
 
@@ -116,31 +113,8 @@ class WeaklySupervisedSegmenter(Inferer):
         lung_mask_fn: ``f(hu (H, W), spacing) -> bool (H, W)`` giving the lungs (e.g.
             ``scripts.pipeline.lungs.segment_lungs``); None: no lung restriction unless a ``lung_mask`` is passed.
         multi_gap_network: the 2- or 3-GAP model for the multi-GAP modes.
-        scope_sigma, scope_threshold, scope_min_distance: scope parameters (``scripts.pipeline.scope.nam_basins``).
-        multi_gap_min_peak: least normalised peak of a multi-GAP blob to replace C1.
-        phases, beta, max_sweeps: ICM parameters (``scripts.pipeline.icm.icm_segmentation``).
-        dense_hu: with ``dense_rule="fixed"``, phases with a mean above it (HU) make candidates; in both rules the
-            parenchyma is the least dense phase under it that holds a tenth of the lungs
-            (``scripts.pipeline.candidates.parenchyma_value``): its mean is the R-NAM fill value and what
-            ``dense_rule="relative"`` counts from.
-        min_area_mm2: smaller candidates are dropped.
-        dense_rule: ``"relative"`` (phases denser than the parenchyma phase by ``dense_margin_hu``) or ``"fixed"``
-            (phases above ``dense_hu``) make candidates (``scripts.pipeline.candidates.dense_phases``).
-        dense_margin_hu: see ``dense_rule``.
-        icm_in_scope: fit the ICM phases of the candidates again on the lungs within each scope.
-        trim_partial_volume: cut candidates at half way between parenchyma and their own median HU, three times
-            at most (``scripts.pipeline.candidates.trim_partial_volume``).
-        side_tissue_px: when > 0 (with the trim), what the trim cut off beside a candidate that is at least this
-            many pixels thick, a ground-glass nodule against a vessel, becomes a candidate of its own
-            (``scripts.pipeline.candidates.side_tissue``); 0: off.
-        split_mm: split candidates at necks thinner than a disk of this radius, dropping those thinner everywhere
-            (vessels along their length, rims along the pleura); 0: off.
-        split_vessel_mm: with ``split_mm``, first cut candidates at the calibre of a vessel of this radius, keeping
-            what that cuts off split at ``split_mm`` (``scripts.pipeline.candidates.split_vessels``); 0: off.
-        n_nodules: scopes segmented in ``"two_nodule"`` mode.
-        crop: compute R-NAMs on the exact stride-aligned crop around the scope, and for a ``GAPClassifier`` by
-            recomputing only the window each candidate changes, layer by layer (False: full image, the reference).
-        batch_size: masked copies per forward in R-NAM (None: all at once).
+        scope, icm, candidates, screening: the settings of each step (``scripts.pipeline.settings``), as objects or as
+            mappings of their fields (a config's sections); None: the group's defaults. ``PRESETS`` names other sets.
         spacing: ``(row, col)`` mm used when the inputs carry no affine and none is passed.
         amp: classify in mixed precision when the inputs are on CUDA (no effect on CPU).
     """
@@ -152,25 +126,10 @@ class WeaklySupervisedSegmenter(Inferer):
         intensity_range: Sequence[float] = HU_WINDOW,
         lung_mask_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray] | None = None,
         multi_gap_network: torch.nn.Module | None = None,
-        scope_sigma: float = 1.0,
-        scope_threshold: float = 0.2,
-        scope_min_distance: int = 8,
-        multi_gap_min_peak: float = 0.5,
-        phases: int = 4,
-        beta: float = 0.7,
-        max_sweeps: int = 15,
-        dense_hu: float = -600.0,
-        min_area_mm2: float = 7.0,
-        dense_rule: str = "relative",
-        dense_margin_hu: float = 100.0,
-        icm_in_scope: bool = True,
-        trim_partial_volume: bool = True,
-        side_tissue_px: float = 2.0,
-        split_mm: float = 1.0,
-        split_vessel_mm: float = 2.0,
-        n_nodules: int = 2,
-        crop: bool = True,
-        batch_size: int | None = None,
+        scope: ScopeSettings | Mapping[str, Any] | None = None,
+        icm: ICMSettings | Mapping[str, Any] | None = None,
+        candidates: CandidateSettings | Mapping[str, Any] | None = None,
+        screening: ScreeningSettings | Mapping[str, Any] | None = None,
         spacing: Sequence[float] = (1.0, 1.0),
         amp: bool = False,
     ) -> None:
@@ -185,25 +144,10 @@ class WeaklySupervisedSegmenter(Inferer):
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
         self.lung_mask_fn = lung_mask_fn
         self.multi_gap_network = multi_gap_network
-        self.scope_args = {"sigma": scope_sigma, "threshold": scope_threshold, "min_distance": scope_min_distance}
-        self.multi_gap_min_peak = multi_gap_min_peak
-        self.icm_args = {"phases": phases, "beta": beta, "max_sweeps": max_sweeps}
-        self.dense_hu = float(dense_hu)
-        self.min_area_mm2 = float(min_area_mm2)
-        self.candidate_args = {
-            "rule": dense_rule,
-            "margin_hu": float(dense_margin_hu),
-            "refit": self.icm_args if icm_in_scope else None,
-            "trim": bool(trim_partial_volume),
-            "trim_iterations": 3,
-            "side_px": float(side_tissue_px),
-            "split_mm": float(split_mm),
-            "split_vessel_mm": float(split_vessel_mm),
-            "drop_thin": True,
-        }
-        self.n_nodules = int(n_nodules)
-        self.crop = crop
-        self.batch_size = batch_size
+        self.scope: ScopeSettings = settings_group("scope", scope)
+        self.icm: ICMSettings = settings_group("icm", icm)
+        self.candidates: CandidateSettings = settings_group("candidates", candidates)
+        self.screening: ScreeningSettings = settings_group("screening", screening)
         self.spacing = (float(spacing[0]), float(spacing[1]))
         self.amp = bool(amp)
         self.last_results: list[SliceResult] = []
@@ -211,28 +155,12 @@ class WeaklySupervisedSegmenter(Inferer):
     def settings(self) -> dict[str, Any]:
         """What decides the masks, JSON-ready and named as the constructor's arguments (so that
         ``WeaklySupervisedSegmenter(**settings)`` segments alike): written beside the outputs, so that a mask can be
-        traced to the rules that made it. The networks, the lung-mask function and the batching are left out."""
-        cand = self.candidate_args
+        traced to the rules that made it. The networks and the lung-mask function are left out."""
         return {
             "mode": self.mode,
             "threshold": self.threshold,
             "intensity_range": list(self.intensity_range),
-            "scope_sigma": self.scope_args["sigma"],
-            "scope_threshold": self.scope_args["threshold"],
-            "scope_min_distance": self.scope_args["min_distance"],
-            "multi_gap_min_peak": self.multi_gap_min_peak,
-            **self.icm_args,
-            "dense_hu": self.dense_hu,
-            "min_area_mm2": self.min_area_mm2,
-            "dense_rule": cand["rule"],
-            "dense_margin_hu": cand["margin_hu"],
-            "icm_in_scope": cand["refit"] is not None,
-            "trim_partial_volume": cand["trim"],
-            "side_tissue_px": cand["side_px"],
-            "split_mm": cand["split_mm"],
-            "split_vessel_mm": cand["split_vessel_mm"],
-            "n_nodules": self.n_nodules,
-            "crop": self.crop,
+            **{name: asdict(getattr(self, name)) for name in GROUPS},
         }
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -324,14 +252,19 @@ class WeaklySupervisedSegmenter(Inferer):
         )
         if not result.positive:
             return result
-        scopes = top_scopes(nam, self.n_nodules if self.mode == "two_nodule" else 1, **self.scope_args)
+        watershed = {
+            "sigma": self.scope.sigma,
+            "threshold": self.scope.threshold,
+            "min_distance": self.scope.min_distance,
+        }
+        scopes = top_scopes(nam, self.scope.n_nodules if self.mode == "two_nodule" else 1, **watershed)
         if not scopes:
             result.status = "no_scope"
             return result
         if self.mode in MULTI_GAP_MODES:
             result.base_scope = scopes[0]
             scope, result.refined = refine_scope(
-                multi_nam, scopes[0], min_peak=self.multi_gap_min_peak, **self.scope_args
+                multi_nam, scopes[0], min_peak=self.scope.multi_gap_min_peak, **watershed
             )
             scopes = [scope]
         result.scopes = scopes
@@ -342,11 +275,10 @@ class WeaklySupervisedSegmenter(Inferer):
             lung_mask = np.asarray(self.lung_mask_fn(hu, spacing), bool)
         if lung_mask is not None and lung_mask.shape != shape:
             raise ValueError(f"lung mask shape {lung_mask.shape} differs from the slice shape {shape}")
-        labels, means = icm_segmentation(hu, lung_mask, **self.icm_args)
+        labels, means = icm_segmentation(hu, lung_mask, **asdict(self.icm))
+        rules = self.candidates.extract_arguments(self.icm)
         for scope in scopes:
-            found = extract_candidates(
-                labels, means, scope, lung_mask, spacing, self.dense_hu, self.min_area_mm2, hu=hu, **self.candidate_args
-            )
+            found = extract_candidates(labels, means, scope, lung_mask, spacing, hu=hu, **rules)
             if not found:
                 continue
             first = len(result.candidates)
@@ -355,7 +287,7 @@ class WeaklySupervisedSegmenter(Inferer):
                 result.chosen += list(range(first, first + len(found)))
                 continue
             region = result.base_scope if self.mode in MULTI_GAP_MODES else scope
-            fill = (parenchyma_value(labels, means, lung_mask, self.dense_hu) - lo) / (hi - lo)
+            fill = (parenchyma_value(labels, means, lung_mask, self.candidates.dense_hu) - lo) / (hi - lo)
             clock = time.perf_counter()
             scores = rnam_scores(
                 network,
@@ -364,8 +296,8 @@ class WeaklySupervisedSegmenter(Inferer):
                 region,
                 np.stack([c.mask for c in found]),
                 float(np.clip(fill, 0.0, 1.0)),
-                crop=self.crop,
-                batch_size=self.batch_size,
+                crop=self.screening.crop,
+                batch_size=self.screening.batch_size,
             )
             result.screen_seconds += time.perf_counter() - clock
             for candidate, score in zip(found, scores):
