@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.data import decollate_batch
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.utils.io import write_json
 
@@ -92,7 +93,8 @@ def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> di
     for step, value in result.seconds.items():
         seconds[step] += value
     n_classified = int(result.lungs.any(axis=(0, 1)).sum())
-    data["pred"] = _as_output(result, data["image"])  # what the inferer's __call__ returns, without a second run
+    # what the inferer's __call__ returns, without a second run
+    data["pred"] = decollate_batch(inferer.named_outputs(result, data["image"]))[0]
     clock = time.perf_counter()
     data = parser.get_parsed_content("postprocessing")(data)
     seconds["assemble"] += time.perf_counter() - clock
@@ -125,13 +127,6 @@ def segmenter_lungs(volume: torch.Tensor, inferer) -> np.ndarray:
     window = volume[0].detach().float().cpu().numpy().astype(np.float64)
     lungs = inferer.lung_mask_fn(lo + window * (hi - lo), _spacing(volume))
     return np.flatnonzero(np.asarray(lungs).any(axis=(0, 1)))
-
-
-def _as_output(result, image: torch.Tensor) -> torch.Tensor:
-    from monai.data import MetaTensor
-
-    channels = np.stack([result.mask.astype(np.float32), result.probability, result.lungs.astype(np.float32)])
-    return MetaTensor(torch.as_tensor(channels), meta=image.meta)
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ def write_slice(root, stem, label, nodule=None):
 
 
 def hand_made_item(root, stem, label, mask, status="segmented", probability=0.9):
-    """A decollated item as the postprocessing leaves it, and its batch item naming the label file."""
+    """A decollated item as the postprocessing leaves it (the segmenter's named outputs), and its batch item naming the
+    label file."""
     image, label_path = write_slice(root, stem, label)
 
     def plane(a):
@@ -88,8 +89,9 @@ def hand_made_item(root, stem, label, mask, status="segmented", probability=0.9)
         "scope_refined": False,
         "base_scope_box": None,
     }
-    item = {"image": plane(np.zeros_like(label)), "pred": plane(mask), "nam": plane(np.zeros_like(label))}
-    item.update({"scope": plane(np.ones_like(label)), "candidates": plane(cands), "result": result, "label": None})
+    item = {"image": plane(np.zeros_like(label)), "mask": plane(mask), "nam": plane(np.zeros_like(label))}
+    item.update({"scope": plane(np.ones_like(label)), "candidates": plane(cands), "record": json.dumps(result)})
+    item["label"] = None
     return item, {"image": image, "label": label_path}
 
 

@@ -59,9 +59,13 @@ def test_nodule_table_of_known_nodules(bundle_root, synthetic_case):
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
     parser.update({"bundle_root": str(bundle_root), "model_settings": _settings()})
     data = parser.get_parsed_content("preprocessing")({"image": str(path)})
-    lungs = np.ones(truth.shape, np.float32)
-    channels = np.stack([(truth > 0).astype(np.float32), np.full(truth.shape, 0.9, np.float32), lungs])
-    data["pred"] = MetaTensor(torch.as_tensor(channels), affine=torch.as_tensor(image.affine))
+    outputs = {
+        "mask": (truth > 0).astype(np.float32),
+        "slice_probability": np.full(truth.shape, 0.9, np.float32),
+        "lungs": np.ones(truth.shape, np.float32),
+    }
+    for key, array in outputs.items():
+        data[key] = MetaTensor(torch.as_tensor(array[None]), affine=torch.as_tensor(image.affine))
     table = ScanResultd(mode="fine")(data)["result"]["nodules"]
     assert len(table) == 2
     for found, (centre, world, volume) in zip(

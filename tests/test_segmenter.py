@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, run
-from monai.data import MetaTensor
+from monai.data import MetaTensor, decollate_batch
 from scripts.networks.checkpoint import TrainingRecord
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
@@ -59,25 +59,33 @@ def test_fine_coarse_two_nodule_on_a_known_nam():
     blobs = [(20, 20), (26, 28), (46, 46)]
     x = slice_with_blobs(*blobs)
     seg = WeaklySupervisedSegmenter("fine", spacing=(0.7, 0.7))
-    out = seg(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))
-    result = seg.last_results[0]
-    assert out.shape == (1, 1, SIZE, SIZE) and result.status == "segmented"
+    net = scoped_net((26, 28), [(23, 24, 8, 2.0)])
+    out = seg(x, net)
+    (result,) = seg.segment_batch(x, net)
+    assert set(out) == {"mask", "nam", "scope", "candidates", "record"} and result.status == "segmented"
+    assert all(out[key].shape == (1, 1, SIZE, SIZE) for key in ("mask", "nam", "scope", "candidates"))
     assert len(result.candidates) >= 2 and len(result.chosen) == 1
     chosen = result.candidates[result.chosen[0]]
-    assert chosen.mask[26, 28] and (out[0, 0].numpy() == chosen.mask).all()
+    assert chosen.mask[26, 28] and (out["mask"][0, 0].numpy() == chosen.mask).all()
     assert chosen.score == max(c.score for c in result.candidates)
     assert chosen.area_mm2 == pytest.approx(25 * 0.49)
-    record = json.loads(json.dumps(result.to_record()))
+    # the named outputs are this slice's: its NAM, its scope, its candidates numbered from 1, its record
+    np.testing.assert_array_equal(out["nam"][0, 0].numpy(), result.nam)
+    assert (out["scope"][0, 0].numpy() == 1).sum() == result.scopes[0].sum()
+    assert (out["candidates"][0, 0].numpy() == result.chosen[0] + 1).sum() == chosen.mask.sum()
+    record = json.loads(out["record"][0])
+    assert record == json.loads(json.dumps(result.to_record()))
     assert record["chosen"] == result.chosen and record["candidates"][0]["rnam_score"] is not None
 
     coarse = WeaklySupervisedSegmenter("coarse")
-    mask = coarse(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy().astype(bool)
-    union = np.any([c.mask for c in coarse.last_results[0].candidates], axis=0)
+    mask = coarse(x, net)["mask"][0, 0].numpy().astype(bool)
+    union = np.any([c.mask for c in coarse.segment_batch(x, net)[0].candidates], axis=0)
     assert (mask == union).all() and mask.sum() > chosen.mask.sum()
 
     two = WeaklySupervisedSegmenter("two_nodule")
-    mask = two(x, scoped_net((20, 20), [(20, 20, 8, 2.0), (46, 46, 6, 1.5)]))[0, 0].numpy()
-    result = two.last_results[0]
+    net = scoped_net((20, 20), [(20, 20, 8, 2.0), (46, 46, 6, 1.5)])
+    mask = two(x, net)["mask"][0, 0].numpy()
+    (result,) = two.segment_batch(x, net)
     assert len(result.scopes) == 2 and len(result.chosen) == 2
     assert mask[20, 20] and mask[46, 46] and not mask[26, 28]
 
@@ -86,17 +94,19 @@ def test_multi_gap_refines_scope_and_screens_with_the_classifier():
     x = slice_with_blobs((20, 20), (26, 28))
     multi = scoped_net((20, 20), [(20, 20, 3, 2.0)])
     seg = WeaklySupervisedSegmenter("multi_gap", multi_gap_network=multi)
-    mask = seg(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy()
-    result = seg.last_results[0]
+    net = scoped_net((26, 28), [(23, 24, 8, 2.0)])
+    mask = seg(x, net)["mask"][0, 0].numpy()
+    (result,) = seg.segment_batch(x, net)
     assert result.refined and result.base_scope[20, 20] and result.base_scope[26, 28]
     assert result.scopes[0][20, 20] and not result.scopes[0][26, 28]
     assert result.status == "segmented" and mask[20, 20] and not mask[26, 28]
     assert result.candidates[0].score > 0
     coarse = WeaklySupervisedSegmenter("multi_gap_coarse", multi_gap_network=multi)
-    coarse_mask = coarse(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy()
-    union = np.any([c.mask for c in coarse.last_results[0].candidates], axis=0)
-    assert coarse.last_results[0].scopes[0][20, 20] and (coarse_mask == union).all()
-    assert all(np.isnan(c.score) for c in coarse.last_results[0].candidates)  # coarse: no R-NAM
+    coarse_mask = coarse(x, net)["mask"][0, 0].numpy()
+    (result,) = coarse.segment_batch(x, net)
+    union = np.any([c.mask for c in result.candidates], axis=0)
+    assert result.scopes[0][20, 20] and (coarse_mask == union).all()
+    assert all(np.isnan(c.score) for c in result.candidates)  # coarse: no R-NAM
     for mode in ("multi_gap", "multi_gap_coarse"):
         with pytest.raises(ValueError, match="multi_gap_network"):
             WeaklySupervisedSegmenter(mode)
@@ -110,15 +120,16 @@ def test_negative_flat_and_bad_inputs():
         net.fc.bias[1] = -20.0
     seg = WeaklySupervisedSegmenter("fine")
     out = seg(x, net)
-    assert out.shape == (2, 1, SIZE, SIZE) and not out.any()
-    assert [r.status for r in seg.last_results] == ["negative", "negative"]
-    assert seg.last_results[0].probability < 0.5
+    assert out["mask"].shape == (2, 1, SIZE, SIZE) and not out["mask"].any()
+    results = seg.segment_batch(x, net)
+    assert [r.status for r in results] == ["negative", "negative"] and results[0].probability < 0.5
+    assert [json.loads(r)["status"] for r in out["record"]] == ["negative", "negative"]
 
     with torch.no_grad():  # a positive slice with a flat NAM: no scope, empty mask, no exception
         net.fc.bias[1] = 20.0
         net.fc.weight.zero_()
     out = seg(x[:1], net)
-    assert not out.any() and seg.last_results[0].status == "no_scope"
+    assert not out["mask"].any() and json.loads(out["record"][0])["status"] == "no_scope"
 
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         seg(x[0], net)
@@ -133,10 +144,13 @@ def test_negative_flat_and_bad_inputs():
 def test_spacing_and_meta_from_metatensor():
     x = MetaTensor(slice_with_blobs((26, 28)), affine=torch.diag(torch.tensor([0.5, 0.8, 1.0, 1.0])))
     seg = WeaklySupervisedSegmenter("fine", candidates={"min_area_mm2": 1.0})
-    out = seg(x, scoped_net((26, 28), [(26, 28, 8, 2.0)]))
-    assert isinstance(out, MetaTensor) and torch.allclose(out.affine, x.affine.double())
-    assert seg.last_results[0].spacing == pytest.approx((0.5, 0.8))
-    assert seg.last_results[0].candidates[seg.last_results[0].chosen[0]].area_mm2 == pytest.approx(25 * 0.4)
+    net = scoped_net((26, 28), [(26, 28, 8, 2.0)])
+    out = seg(x, net)
+    for key in ("mask", "nam", "scope", "candidates"):
+        assert isinstance(out[key], MetaTensor) and torch.allclose(out[key].affine, x.affine.double()), key
+    (result,) = seg.segment_batch(x, net)
+    assert result.spacing == pytest.approx((0.5, 0.8))
+    assert result.candidates[result.chosen[0]].area_mm2 == pytest.approx(25 * 0.4)
 
 
 def phantom_slice(rng: np.random.Generator, nodule: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -357,8 +371,9 @@ def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
 
 
 def test_monai_label_style_inference(tiny_bundle, bundle_root):
-    """What MONAI Label's BundleInferTask uses: network_def, preprocessing, inferer, postprocessing; result JSON.
-    The probability is the network's own on the slice, and the mask returned is the chosen candidates, not empty."""
+    """What MONAI Label's BundleInferTask calls, on the slices' config: network_def, preprocessing, inferer (its named
+    outputs taken apart by decollate_batch), postprocessing. The probability is the network's own on the slice, and the
+    mask is the chosen candidates, not empty."""
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference_slices.json"))
     parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(tiny_bundle / "model.pt"), "use_lung_mask": False})
@@ -370,13 +385,13 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
     with torch.no_grad():
         pred = parser.get_parsed_content("inferer")(data["image"][None], network)
         expected = float(torch.softmax(network(data["image"][None].as_tensor()), dim=1)[0, 1])
-    data["pred"] = pred[0]
+    data["pred"] = decollate_batch(pred)[0]
     data = parser.get_parsed_content("postprocessing")(data)
-    assert data["pred"].shape == (1, SIZE, SIZE)
-    result = data["result"]
+    assert data["mask"].shape == (1, SIZE, SIZE)
+    result = json.loads(data["record"])
     assert result["probability"] == pytest.approx(expected, abs=1e-6)
     assert result["status"] == "segmented" and result["chosen"]  # the fc bias calls the slice "nodule"
-    mask = data["pred"][0].numpy() > 0
+    mask = data["mask"][0].numpy() > 0
     chosen = np.isin(data["candidates"][0].numpy(), [i + 1 for i in result["chosen"]])
     assert mask.any() and np.array_equal(mask, chosen)
     assert mask.sum() * SPACING**2 == pytest.approx(result["mask_area_mm2"])

@@ -1,8 +1,7 @@
 """Per-slice outputs of the weakly supervised segmenter: masks, NAMs, JSON records and Fig. 2-like PNG panels.
 
-``SegmentationResultd`` (a postprocessing transform) copies the segmenter's per-slice details into the data
-dict (``result`` as JSON-ready dict, as MONAI Label returns it; ``nam``, ``scope`` and ``candidates`` as arrays
-that ``Invertd`` can take back to the input geometry). ``PredictionWriter`` (an Ignite handler) writes
+``PredictionWriter`` (an Ignite handler) reads the segmenter's named outputs from each decollated item (``mask``,
+``nam``, ``scope``, ``candidates`` back on the input geometry after ``Invertd``, and the ``record``) and writes
 ``masks/<stem>.nii.gz``, ``nams/<stem>.nii.gz`` and ``records/<stem>.json`` for every slice, and
 ``panels/<stem>.png`` for a sample across outcomes and subjects (listed in ``panels/index.json``) under an
 output folder, every file to a temporary name first and renamed when complete.
@@ -10,27 +9,24 @@ output folder, every file to a temporary name first and renamed when complete.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import zlib
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
 
 from ..data.dataset import slice_stem
 from ..pipeline.context import centre_channel
-from ..pipeline.segmenter import WeaklySupervisedSegmenter
 from ..utils.io import write_atomically, write_json
 from .panels import OUTCOMES, panel_outcome, save_panel
 
 __all__ = [
-    "SegmentationResultd",
     "PredictionWriter",
     "write_nifti",
 ]
@@ -41,60 +37,6 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
     image.set_data_dtype(dtype)
     write_atomically(path, lambda tmp: nib.save(image, tmp))
-
-
-class SegmentationResultd(MapTransform):
-    """Copy the segmenter's details for this item into the data dict (postprocessing after the inferer).
-
-    Sets ``result`` (the JSON-ready record, as MONAI Label returns ``data["result"]``) and ``(1, H, W)``
-    tensors ``nam`` (raw NAM), ``scope`` (scope index per pixel, 0 outside) and ``candidates`` (candidate
-    j labelled j + 1) carrying the prediction's meta, so ``Invertd`` can take them back to the input geometry.
-    Items of one batch are taken in order.
-
-    Args:
-        inferer: the segmenter whose ``last_results`` are read.
-        keys: the prediction key (its meta is copied).
-        result_key, nam_key, scope_key, candidates_key: output keys.
-    """
-
-    def __init__(
-        self,
-        inferer: WeaklySupervisedSegmenter,
-        keys: KeysCollection = "pred",
-        result_key: str = "result",
-        nam_key: str = "nam",
-        scope_key: str = "scope",
-        candidates_key: str = "candidates",
-    ) -> None:
-        super().__init__(keys)
-        self.inferer = inferer
-        self.out_keys = (result_key, nam_key, scope_key, candidates_key)
-        self._batch: list | None = None
-        self._next = 0
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        results = self.inferer.last_results
-        if results is not self._batch:  # a new inferer call: start again at its first item
-            self._batch, self._next = results, 0
-        if self._next >= len(results):
-            raise ValueError("SegmentationResultd: more items than the segmenter's last call produced")
-        result = results[self._next]
-        self._next += 1
-        pred = d[self.first_key(d)]
-        scope_map = np.zeros(result.mask.shape, np.float32)
-        for k, s in enumerate(result.scopes):
-            scope_map[s & (scope_map == 0)] = k + 1
-        cand_map = np.zeros(result.mask.shape, np.float32)
-        for j, c in enumerate(result.candidates):
-            cand_map[c.mask] = j + 1
-        result_key, *array_keys = self.out_keys
-        d[result_key] = result.to_record()
-        for key, array in zip(array_keys, (result.nam.astype(np.float32), scope_map, cand_map)):
-            out = torch.zeros_like(pred, dtype=torch.float32)
-            out.copy_(torch.as_tensor(array)[None])
-            d[key] = out
-        return d
 
 
 def _pack(array: np.ndarray) -> tuple[tuple[int, ...], str, bytes]:
@@ -128,7 +70,8 @@ class PredictionWriter:
     Args:
         output_dir: output folder.
         max_panels: panels drawn per run.
-        keys: ``(image, pred, nam, scope, candidates, result, label)`` keys of the decollated items.
+        keys: ``(image, mask, nam, scope, candidates, record, label)`` keys of the decollated items (the segmenter's
+            named outputs; the record as JSON text).
         settings: what made the masks (``WeaklySupervisedSegmenter.settings()``, the bundle version), written to
             ``<output_dir>/settings.json`` when a run starts.
     """
@@ -137,7 +80,7 @@ class PredictionWriter:
         self,
         output_dir: str,
         max_panels: int = 16,
-        keys: Sequence[str] = ("image", "pred", "nam", "scope", "candidates", "result", "label"),
+        keys: Sequence[str] = ("image", "mask", "nam", "scope", "candidates", "record", "label"),
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -178,15 +121,15 @@ class PredictionWriter:
 
     def write_item(self, item: Mapping[str, Any], batch_item: Mapping[str, Any] | None = None) -> None:
         """Write one decollated item's files (``batch_item``: its input item, where a label file may be named)."""
-        image_key, pred_key, nam_key, scope_key, cand_key, result_key, label_key = self.keys
+        image_key, mask_key, nam_key, scope_key, cand_key, record_key, label_key = self.keys
         source = str(item[image_key].meta["filename_or_obj"])
         stem = slice_stem(source)
         src = nib.load(source)
-        mask = _plane(item[pred_key], src.shape, source).astype(np.uint8)
+        mask = _plane(item[mask_key], src.shape, source).astype(np.uint8)
         nam = _plane(item[nam_key], src.shape, source)
         write_nifti(self.output_dir / "masks" / f"{stem}.nii.gz", mask, src.affine, np.uint8)
         write_nifti(self.output_dir / "nams" / f"{stem}.nii.gz", nam, src.affine, np.float32)
-        record = {"image": source, **item[result_key]}
+        record = {"image": source, **json.loads(item[record_key])}
         write_json(self.output_dir / "records" / f"{stem}.json", record)
 
         label = _ground_truth(item.get(label_key), None if batch_item is None else batch_item.get(label_key), src)

@@ -22,7 +22,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from .scan_inferer import OUTPUT_CHANNELS
+from .scan_inferer import OUTPUTS
 
 __all__ = ["axial_axis", "nodule_table", "slice_table", "ScanResultd", "NODULE_COLUMNS", "SLICE_COLUMNS"]
 
@@ -158,41 +158,50 @@ def slice_table(
 
 
 class ScanResultd(MapTransform):
-    """Split the inferer's output (``OUTPUT_CHANNELS``, back on the input grid after ``Invertd``) into the uint8
-    mask under ``keys`` and the lungs under ``lungs_key``, and put the nodule and slice tables in ``result_key``
-    (the JSON that MONAI Label returns)."""
+    """From the scan inferer's named outputs, back on the input grid (after ``Invertd``), to what a reader gets: the
+    uint8 nodule mask under ``output_key`` (``pred``, the key MONAI Label writes) and the nodule and slice tables under
+    ``result_key`` (the JSON MONAI Label returns).
+
+    Args:
+        keys: the inferer's ``(mask, slice_probability, lungs)`` outputs, each ``(1, X, Y, Z)`` on the input grid.
+        mode: the segmenter mode that made the mask (recorded in the tables).
+        threshold: the classifier's "nodule" threshold (a slice's ``called_nodule``).
+        output_key: where the mask goes.
+        result_key: where the tables go.
+    """
 
     def __init__(
         self,
-        keys: KeysCollection = "pred",
+        keys: KeysCollection = OUTPUTS,
         mode: str = "fine",
         threshold: float = 0.5,
+        output_key: str = "pred",
         result_key: str = "result",
-        lungs_key: str = "lungs",
     ) -> None:
         super().__init__(keys)
+        if len(self.keys) != len(OUTPUTS):
+            raise ValueError(f"keys must name the inferer's {OUTPUTS}, got {self.keys}")
         self.mode, self.threshold = mode, float(threshold)
-        self.result_key, self.lungs_key = result_key, lungs_key
+        self.output_key, self.result_key = output_key, result_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        key = self.first_key(d)
-        pred = d[key]
-        if pred.ndim != 4 or pred.shape[0] != len(OUTPUT_CHANNELS):
-            raise ValueError(f"expected the scan inferer's {len(OUTPUT_CHANNELS)} channels, got {tuple(pred.shape)}")
-        affine = np.asarray(pred.affine, float)
-        channels = pred.detach().cpu().numpy()
-        mask = (channels[0] > 0.5).astype(np.uint8)
-        lungs = channels[2] > 0.5
+        mask_key, probability_key, lungs_key = self.keys
+        found = d[mask_key]
+        if found.ndim != 4 or found.shape[0] != 1:
+            raise ValueError(f"expected the scan inferer's mask (1, X, Y, Z), got {tuple(found.shape)}")
+        affine = np.asarray(found.affine, float)
+        mask = (found.detach().cpu().numpy()[0] > 0.5).astype(np.uint8)
+        probability = d[probability_key].detach().cpu().numpy()[0]
+        lungs = d[lungs_key].detach().cpu().numpy()[0] > 0.5
         d[self.result_key] = {
             "mode": self.mode,
             "threshold": self.threshold,
             "coordinates": "centroid_lps_mm: DICOM patient coordinates (LPS); centroid_ras_mm: NIfTI/Slicer (RAS)",
-            "nodules": nodule_table(mask, affine, channels[1], self.mode),
-            "slices": slice_table(mask, affine, channels[1], lungs, self.threshold),
+            "nodules": nodule_table(mask, affine, probability, self.mode),
+            "slices": slice_table(mask, affine, probability, lungs, self.threshold),
         }
-        out = pred[:1].clone()
+        out = found.clone()
         out.copy_(torch.as_tensor(mask[None]))
-        d[key] = out.to(torch.uint8)
-        d[self.lungs_key] = lungs
+        d[self.output_key] = out.to(torch.uint8)
         return d

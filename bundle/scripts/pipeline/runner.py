@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from monai.data import Dataset
+from monai.data import Dataset, decollate_batch
 from tqdm import tqdm
 
 from ..utils.io import write_json
@@ -60,7 +60,8 @@ class ScanRunner:
         dataset: items ``{"image", "source", "name"}`` (``scripts.pipeline.read.scan_datalist``) with the preprocessing.
         network: the classifier (weights loaded).
         inferer: the scan inferer (``scripts.pipeline.scan_inferer.ScanSegmenter``).
-        postprocessing: back to the input grid and the tables (``Invertd``, ``scripts.pipeline.assemble.ScanResultd``).
+        postprocessing: from the inferer's named outputs (under ``pred``, as MONAI Label gives them) back to the input
+            grid and the tables (``FlattenSubKeysd``, ``Invertd``, ``scripts.pipeline.assemble.ScanResultd``).
         writer: writes one scan's outputs, all or nothing (``scripts.pipeline.write.ScanWriter``).
         device: where the network and the volumes go.
         summary_path: optional JSON file listing what was done and what failed (one per process when sharded).
@@ -138,7 +139,7 @@ class ScanRunner:
         data = self.dataset[index]
         step[0] = "inference"
         with torch.no_grad():
-            data["pred"] = self.inferer(data["image"][None].to(self.device), network)[0]
+            data["pred"] = decollate_batch(self.inferer(data["image"][None].to(self.device), network))[0]
         step[0] = "post-processing"
         data = self.postprocessing(data)
         step[0] = "writing"

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import collate_meta_tensor
 from monai.inferers import Inferer
 
 from ..networks.gap_classifier import unwrap
@@ -32,10 +33,10 @@ from .lungs import segment_lungs
 from .read import ScanError
 from .segmenter import SliceResult, WeaklySupervisedSegmenter
 
-__all__ = ["OUTPUT_CHANNELS", "ScanResult", "ScanSegmenter"]
+__all__ = ["OUTPUTS", "ScanResult", "ScanSegmenter"]
 
-# The channels of the inferer's output, in order.
-OUTPUT_CHANNELS = ("mask", "slice_probability", "lungs")
+# The inferer's named outputs.
+OUTPUTS = ("mask", "slice_probability", "lungs")
 STEPS = ("lungs", "crop", "classify", "segment", "screen", "assemble")
 
 
@@ -90,16 +91,25 @@ class ScanSegmenter(Inferer):
         self.in_channels = int(in_channels)
         self.context_mm = context_mm
 
-    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``(1, 3, rows, cols, slices)``: the mask, each slice's probability and the lungs (``OUTPUT_CHANNELS``)
-        of a windowed volume ``(1, 1, rows, cols, slices)`` in the axial convention (``scripts.pipeline.orient``)."""
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The named outputs (``OUTPUTS``) of a windowed volume ``(1, 1, rows, cols, slices)`` in the axial convention
+        (``scripts.pipeline.orient``): ``mask`` the nodule mask, ``slice_probability`` each slice's nodule probability
+        over the slice, ``lungs`` the lung mask, each a batch of one ``(1, 1, rows, cols, slices)`` float32 (for
+        ``Invertd``), with the volume's meta when it is a MetaTensor (``decollate_batch`` takes the batch apart)."""
         if inputs.ndim != 5 or inputs.shape[0] != 1 or inputs.shape[1] != 1:
             raise ValueError(f"expected one windowed volume (1, 1, rows, cols, slices), got {tuple(inputs.shape)}")
-        volume = inputs[0]
-        result = self.segment_scan(volume, network)
-        channels = np.stack([result.mask.astype(np.float32), result.probability, result.lungs.astype(np.float32)])
-        out = torch.as_tensor(channels, device=inputs.device)[None]
-        return MetaTensor(out, meta=volume.meta) if isinstance(volume, MetaTensor) else out
+        return self.named_outputs(self.segment_scan(inputs[0], network), inputs[0])
+
+    @staticmethod
+    def named_outputs(result: ScanResult, volume: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What ``__call__`` returns for ``result``, the ``ScanResult`` of ``volume`` ``(1, rows, cols, slices)``."""
+        arrays = (result.mask.astype(np.float32), result.probability, result.lungs.astype(np.float32))
+        outputs = {}
+        for key, array in zip(OUTPUTS, arrays):
+            out = torch.as_tensor(array[None], device=volume.device)
+            is_meta = isinstance(volume, MetaTensor)
+            outputs[key] = collate_meta_tensor([MetaTensor(out, meta=volume.meta)]) if is_meta else out[None]
+        return outputs
 
     def segment_scan(self, volume: torch.Tensor, network: Callable) -> ScanResult:
         """Segment one windowed volume ``(1, rows, cols, slices)`` (see the module docstring)."""

@@ -1,8 +1,9 @@
 """The weakly supervised segmenter: classifier NAM -> scope -> ICM candidates -> R-NAM choice, as a MONAI inferer.
 
 ``WeaklySupervisedSegmenter(mode=...)(inputs, network)`` takes a batch of windowed slices ``(B, C, H, W)`` and
-the 1-GAP (or any GAP) classifier, and returns the masks ``(B, 1, H, W)``; the per-slice details
-(probability, scopes, candidates with areas and R-NAM scores, choice, NAM) are kept in ``last_results``.
+the 1-GAP (or any GAP) classifier, and returns named outputs, as MONAI's inferers do: the masks, the NAMs, the scope
+and candidate maps, and each slice's record (probability, scopes, candidates with areas and R-NAM scores, choice).
+``segment_batch`` gives the same as ``SliceResult`` objects, ``segment`` one slice's.
 Modes (paper section 2.2):
 
 - ``"coarse"``: the union of the candidates in the scope C.
@@ -16,6 +17,7 @@ Modes (paper section 2.2):
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -150,7 +152,6 @@ class WeaklySupervisedSegmenter(Inferer):
         self.screening: ScreeningSettings = settings_group("screening", screening)
         self.spacing = (float(spacing[0]), float(spacing[1]))
         self.amp = bool(amp)
-        self.last_results: list[SliceResult] = []
 
     def settings(self) -> dict[str, Any]:
         """What decides the masks, JSON-ready and named as the constructor's arguments (so that
@@ -163,18 +164,35 @@ class WeaklySupervisedSegmenter(Inferer):
             **{name: asdict(getattr(self, name)) for name in GROUPS},
         }
 
-    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Masks ``(B, 1, H, W)`` of windowed slices ``inputs`` ``(B, C, H, W)``; details in ``last_results``.
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Segment a batch of windowed slices ``inputs`` ``(B, C, H, W)``; return its named outputs.
+
+        Returns:
+            ``mask`` the masks, ``nam`` the raw NAMs, ``scope`` each scope's index per pixel (0 outside) and
+            ``candidates`` candidate j labelled ``j + 1``, each ``(B, 1, H, W)`` float32 with the inputs' meta (so that
+            ``Invertd`` takes them back to the input geometry); ``record`` each slice's ``SliceResult.to_record()`` as
+            JSON text (``decollate_batch`` would split the lists of a record as if they were batched; text passes).
 
         Keyword args (optional): ``lung_mask`` ``(B, [1,] H, W)``; ``spacing`` ``(row, col)`` mm for all slices
         (else taken from the inputs' affine when they are a MetaTensor, else the constructor's ``spacing``).
         """
         results = self.segment_batch(inputs, network, kwargs.get("lung_mask"), kwargs.get("spacing"))
-        self.last_results = results
-        masks = torch.as_tensor(np.stack([r.mask for r in results])[:, None], device=inputs.device)
-        pred = torch.zeros_like(inputs[:, :1])  # keeps a MetaTensor's meta (affine, file name)
-        pred.copy_(masks)
-        return pred
+        maps = {"mask": [], "nam": [], "scope": [], "candidates": []}
+        for result in results:
+            scope_map = np.zeros(result.mask.shape, np.float32)
+            for k, scope in enumerate(result.scopes):
+                scope_map[scope & (scope_map == 0)] = k + 1
+            candidate_map = np.zeros(result.mask.shape, np.float32)
+            for j, candidate in enumerate(result.candidates):
+                candidate_map[candidate.mask] = j + 1
+            for key, array in zip(maps, (result.mask, result.nam, scope_map, candidate_map)):
+                maps[key].append(array.astype(np.float32))
+        outputs: dict[str, Any] = {}
+        for key, arrays in maps.items():
+            outputs[key] = torch.zeros_like(inputs[:, :1], dtype=torch.float32)  # keeps a MetaTensor's meta
+            outputs[key].copy_(torch.as_tensor(np.stack(arrays)[:, None]))
+        outputs["record"] = [json.dumps(result.to_record()) for result in results]
+        return outputs
 
     def classify(self, inputs: torch.Tensor, network: Callable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Nodule probabilities ``(B,)``, raw NAMs ``(B, H, W)`` and, in the multi-GAP modes when a slice is called

@@ -216,8 +216,9 @@ class ScanWriter:
         overview: also write the overview PNG.
         version: the bundle version, recorded in the DICOM SEG and the nodules JSON.
         settings: what made the mask (``WeaklySupervisedSegmenter.settings()``), recorded in the nodules JSON.
-        keys: ``(image, pred, model-grid pred, result)`` keys: the windowed model-grid image, the mask on the input
-            grid, the inferer's output on the model grid (for the picture), and the tables.
+        keys: ``(image, pred, model-grid mask, model-grid probability, result)`` keys: the windowed model-grid image,
+            the mask on the input grid, the inferer's mask and slice probabilities on the model grid (for the picture),
+            and the tables.
     """
 
     def __init__(
@@ -226,7 +227,7 @@ class ScanWriter:
         dicom_seg: bool = True,
         overview: bool = True,
         version: str = "unknown",
-        keys: Sequence[str] = ("image", "pred", "pred_model_grid", "result"),
+        keys: Sequence[str] = ("image", "pred", "model_grid_mask", "model_grid_probability", "result"),
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -236,7 +237,7 @@ class ScanWriter:
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Path]:
         """Write the outputs of one scan; return their paths."""
-        image_key, pred_key, model_key, result_key = self.keys
+        image_key, pred_key, _, _, result_key = self.keys
         source = str(data.get("source", data[image_key].meta.get("filename_or_obj", "")))
         name = str(data.get("name") or scan_name(source))
         paths = output_paths(self.output_dir, name)
@@ -267,17 +268,17 @@ class ScanWriter:
         return written
 
     def _overview(self, path: Path, data: Mapping[str, Any], result: Mapping[str, Any], name: str) -> None:
-        image_key, _, model_key, _ = self.keys
-        image, model_pred = data[image_key], data[model_key]
+        image_key, _, mask_key, probability_key, _ = self.keys
+        image = data[image_key]
         window = np.asarray(image.detach().cpu())[0]
         model_affine = np.asarray(image.affine, float)
         to_voxel = np.linalg.inv(model_affine)
         centroids = [tuple(to_voxel[:3, :3] @ n["centroid_ras_mm"] + to_voxel[:3, 3]) for n in result["nodules"]]
-        probabilities = np.asarray(model_pred.detach().cpu())[1].max(axis=(0, 1))
+        probabilities = np.asarray(data[probability_key].detach().cpu())[0].max(axis=(0, 1))
         save_overview(
             path,
             window,
-            np.asarray(model_pred.detach().cpu())[0] > 0.5,
+            np.asarray(data[mask_key].detach().cpu())[0] > 0.5,
             [float(v) for v in image.pixdim[:3]],
             result["nodules"],
             centroids,
