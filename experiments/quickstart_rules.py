@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from scripts.evaluation.evaluate import format_number
-from scripts.integration.config_runs import run_config
+from scripts.integration.config_runs import SLICE_INFERENCE, run_config
 from scripts.networks.checkpoint import bundle_version
 from scripts.pipeline.settings import config_overrides, preset_changes
 from scripts.quickstart import WEAK_ROWS
@@ -75,7 +75,7 @@ def segment(run_dir: Path, ckpt: Path, rule: dict, gap_levels: int, mode: str, o
     start = time.perf_counter()
     run_config(
         "run",
-        "inference_slices.json",
+        SLICE_INFERENCE,
         bundle_root=str(BUNDLE),
         dataset_dir=str(run_dir / "dataset"),
         ckpt_path=str(ckpt),

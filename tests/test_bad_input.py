@@ -22,7 +22,11 @@ def _bundle_run(bundle_root, *args):
 
 @pytest.mark.parametrize(
     "config, run_id",
-    [("configs/train.json", "training"), ("configs/inference_slices.json", "run"), ("configs/evaluate.json", "run")],
+    [
+        ("configs/train.json", "training"),
+        ("['configs/inference.json','configs/inference_slices.json']", "run"),
+        ("configs/evaluate.json", "run"),
+    ],
 )
 def test_missing_dataset_is_named(bundle_root, tmp_path, config, run_id):
     missing = tmp_path / "no_such_dataset"
@@ -43,7 +47,7 @@ def test_volume_where_a_slice_is_expected_is_named(bundle_root, tmp_path):
         bundle_root,
         "run",
         "--config_file",
-        "configs/inference_slices.json",
+        "['configs/inference.json','configs/inference_slices.json']",
         "--input_dir",
         str(slices),
         "--ckpt_path",

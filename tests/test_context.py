@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.data.dataset import prepare_dataset
 from scripts.data.prepare import scans
 from scripts.data.synthetic import SyntheticSource
+from scripts.integration.config_runs import SLICE_INFERENCE, config_files
 from scripts.networks.checkpoint import read_checkpoint
 from scripts.pipeline.context import centre_channel, context_offsets, stack_context
 from scripts.pipeline.crop import crop_window
@@ -154,7 +155,7 @@ def test_inference_on_2_5_d_slices(datasets, trained, tmp_path):
     _, root = datasets
     out = tmp_path / "predictions"
     workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference_slices.json"),
+        config_file=config_files(SLICE_INFERENCE),
         workflow_type="infer",
         bundle_root=str(REPO / "bundle"),
         dataset_dir=str(root / "c3"),

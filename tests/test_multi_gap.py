@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from scripts.integration.config_runs import SLICE_INFERENCE, config_files
 from scripts.pipeline.scope import nam_basins, refine_scope, top_scopes
 from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 from torch import nn
@@ -167,9 +168,9 @@ def configured_min_peaks(bundle_root):
     """The segmenter's default least peak and the one each inference config sets."""
     default = WeaklySupervisedSegmenter("multi_gap", multi_gap_network=MULTI_GAP).scope.multi_gap_min_peak
     values = {"segmenter default": default}
-    for name in ("inference_slices.json", "inference.json"):
+    for name, config in (("inference_slices.json", SLICE_INFERENCE), ("inference.json", "inference.json")):
         parser = ConfigParser()
-        parser.read_config(str(bundle_root / "configs" / name))
+        parser.read_config(config_files(config))
         if "segmenter#scope#multi_gap_min_peak" in parser:
             values[name] = parser["segmenter#scope#multi_gap_min_peak"]
     return values

@@ -15,6 +15,7 @@ from monai.bundle import run
 from monai.data import MetaTensor
 from scripts.evaluation.panels import OUTCOMES, panel_outcome, save_panel
 from scripts.evaluation.slice_writer import PredictionWriter
+from scripts.integration.config_runs import SLICE_INFERENCE, config_files
 from scripts.networks.gap_classifier import GAPClassifier
 
 SIZE = 32
@@ -159,14 +160,14 @@ def test_inference_config_panels_show_the_ground_truth(tmp_path, bundle_root):
     def infer(output_dir, **extra):
         run(
             "run",
-            config_file=str(bundle_root / "configs" / "inference_slices.json"),
+            config_file=config_files(SLICE_INFERENCE),
             bundle_root=str(bundle_root),
             dataset_dir=str(root),
             ckpt_path=str(tmp_path / "model.pt"),
             output_dir=str(output_dir),
             width=1 / 16,
             image_size=64,
-            min_area_mm2=3.0,
+            **{"segmenter#candidates#min_area_mm2": 3.0},
             use_lung_mask=False,
             device="cpu",
             mode="fine",

@@ -1,4 +1,5 @@
-"""The segmenter as a MONAI inferer, and configs/inference_slices.json end to end on tiny slices."""
+"""The segmenter as a MONAI inferer, and the slice inference (configs/inference.json with inference_slices.json merged)
+end to end on tiny slices."""
 
 import inspect
 import json
@@ -15,6 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run
 from monai.data import MetaTensor, decollate_batch
+from scripts.integration.config_runs import CLASSIFY, SLICE_INFERENCE, config_files
 from scripts.networks.checkpoint import TrainingRecord
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
@@ -235,11 +237,12 @@ def check_outputs(root: Path, out: Path, stems: list[str], panels: bool = True) 
 STEMS = [f"S{i}_{10 + i}" for i in range(4)]
 
 
-@pytest.mark.parametrize("config", ["inference.json", "inference_slices.json"])
-def test_configs_default_to_the_segmenter_s_settings(bundle_root, config):
+@pytest.mark.parametrize("config", ["inference.json", SLICE_INFERENCE, CLASSIFY])
+def test_configs_default_to_the_segmenter_s_settings(config):
     """The configs give scans and slices the settings of ``WeaklySupervisedSegmenter``'s defaults (the real-CT
-    candidate rules), every one written out; the quick start's preset changes the cut alone."""
-    parsed = json.loads((Path(bundle_root) / "configs" / config).read_text())["segmenter"]
+    candidate rules), every one written out once, in inference.json, which the slice configs merge; the quick
+    start's preset changes the cut alone."""
+    parsed = ConfigParser.load_config_files(config_files(config))["segmenter"]
     for name, kind in GROUPS.items():
         written = {k: v for k, v in asdict(kind()).items() if k != "batch_size"}
         assert parsed[name] == written, name
@@ -285,7 +288,7 @@ def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode)
     out = tmp_path / mode
     run(
         "run",
-        config_file=str(bundle_root / "configs" / "inference_slices.json"),
+        config_file=config_files(SLICE_INFERENCE),
         bundle_root=str(bundle_root),
         **overrides(tiny_bundle, out, mode=mode),
     )
@@ -314,7 +317,7 @@ def test_config_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_root):
     out = tmp_path / "neg"
     run(
         "run",
-        config_file=str(bundle_root / "configs" / "inference_slices.json"),
+        config_file=config_files(SLICE_INFERENCE),
         bundle_root=str(bundle_root),
         **overrides(tiny_bundle, out, threshold=1.01, input_dir=str(tiny_bundle / "images")),
     )
@@ -336,7 +339,7 @@ def _fails_saying(pattern: str, **kwargs) -> None:
 
 def test_slices_or_settings_other_than_the_model_s_are_refused(tiny_bundle, tmp_path, bundle_root):
     """A model trained on 64 px slices is not fed 80 px ones (it would call every slice clean without a word)."""
-    config = {"config_file": str(bundle_root / "configs" / "inference_slices.json"), "bundle_root": str(bundle_root)}
+    config = {"config_file": config_files(SLICE_INFERENCE), "bundle_root": str(bundle_root)}
     _fails_saying(
         r"model\.pt was trained with image_size=64, but image_size=80 was given",
         **config,
@@ -361,7 +364,8 @@ def test_slices_or_settings_other_than_the_model_s_are_refused(tiny_bundle, tmp_
 def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
     out = tmp_path / "cli"
     args = [f"--{k}={v}" for k, v in overrides(tiny_bundle, out, max_panels=1).items()]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference_slices.json"]
+    configs = "['bundle/configs/inference.json','bundle/configs/inference_slices.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
     cmd += ["--bundle_root", "bundle", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=bundle_root.parent, env=env, capture_output=True, text=True, timeout=240)
@@ -375,7 +379,7 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
     outputs taken apart by decollate_batch), postprocessing. The probability is the network's own on the slice, and the
     mask is the chosen candidates, not empty."""
     parser = ConfigParser()
-    parser.read_config(str(bundle_root / "configs" / "inference_slices.json"))
+    parser.read_config(config_files(SLICE_INFERENCE))
     parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(tiny_bundle / "model.pt"), "use_lung_mask": False})
     network = parser.get_parsed_content("network_def")
     checkpoint = torch.load(tiny_bundle / "model.pt", weights_only=True)

@@ -29,7 +29,7 @@ from .data.dataset import prepare_dataset
 from .data.synthetic import SyntheticSource
 from .evaluation.evaluate import format_mean_sd, format_number, table1_cells
 from .evaluation.localisation import format_localisation
-from .integration.config_runs import BUNDLE_ROOT, quiet_log, run_config
+from .integration.config_runs import BUNDLE_ROOT, CLASSIFY, SLICE_INFERENCE, quiet_log, run_config
 from .pipeline.settings import preset_changes, preset_overrides
 from .utils.io import write_json, write_text
 
@@ -243,7 +243,7 @@ def _quickstart_short(
         predictions[f"1-GAP {mode}"] = str(out_dir / "predictions" / f"1gap_{mode}")
         run_config(
             "run",
-            "inference_slices.json",
+            SLICE_INFERENCE,
             desc=f"segment {mode}",
             mode=mode,
             ckpt_path=str(ckpt),
@@ -273,7 +273,7 @@ def classify_split(output_dir: Path, ckpt: Path, gap_levels: int, common: dict) 
     accuracy, NAM localisation and the NAM picture); returns the report."""
     run_config(
         "run",
-        "classify.json",
+        CLASSIFY,
         desc=f"classify {gap_levels}-GAP",
         ckpt_path=str(ckpt),
         gap_levels=gap_levels,
@@ -434,7 +434,7 @@ def quickstart_full(
             [folder],
             lambda folder=folder, mode=mode, extra=extra, row=row: run_config(
                 "run",
-                "inference_slices.json",
+                SLICE_INFERENCE,
                 desc=f"segment {row}",
                 mode=mode,
                 ckpt_path=str(models / "gap1" / "model.pt"),  # the 1-GAP model classifies and screens (R-NAM)

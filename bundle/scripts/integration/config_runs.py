@@ -4,24 +4,37 @@ per iteration, and the notices that do not concern a user of this bundle silence
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-from monai.bundle import run
+from monai.bundle import ConfigParser, run
 from tqdm import tqdm
 
-__all__ = ["BUNDLE_ROOT", "CONFIGS", "StageProgress", "quiet_log", "quiet_handlers", "run_config"]
+__all__ = [
+    "BUNDLE_ROOT",
+    "CONFIGS",
+    "SLICE_INFERENCE",
+    "CLASSIFY",
+    "StageProgress",
+    "quiet_log",
+    "quiet_handlers",
+    "config_files",
+    "run_config",
+]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = BUNDLE_ROOT / "configs"
+# The configs that run on prepared slices: overlays of configs/inference.json, which holds what they share (the model's
+# settings, the networks, the segmenter), merged as ``--config_file "['configs/inference.json', ...]"`` does.
+SLICE_INFERENCE = ("inference.json", "inference_slices.json")
+CLASSIFY = ("inference.json", "classify.json")
 
 # Warnings that do not concern a user of this bundle, silenced while it runs (messages matched at their start):
 # MONAI's notice that a config is evaluated (only this bundle's own configs are run), pylidc's import of
@@ -159,10 +172,16 @@ def quiet_handlers(config: dict, desc: str) -> dict[str, list]:
     return lists
 
 
-def run_config(run_id: str, config: str, desc: str | None = None, **overrides) -> None:
-    """``python -m monai.bundle run <run_id> --config_file configs/<config>`` with the bundle's logging config; with
+def config_files(config: str | Sequence[str]) -> list[str]:
+    """The paths of ``config``: one file name of ``configs/``, or several to merge in order."""
+    return [str(CONFIGS / name) for name in ([config] if isinstance(config, str) else config)]
+
+
+def run_config(run_id: str, config: str | Sequence[str], desc: str | None = None, **overrides: Any) -> None:
+    """``python -m monai.bundle run <run_id> --config_file <config>`` with the bundle's logging config, ``config`` one
+    file name of ``configs/`` or several merged in order (``["inference.json", "inference_slices.json"]``); with
     ``desc``, one progress bar for the run (see :class:`StageProgress`) instead of the config's own log lines."""
-    path = CONFIGS / config
+    paths = config_files(config)
     if desc is not None:
-        overrides = {**quiet_handlers(json.loads(path.read_text()), desc), **overrides}
-    run(run_id, config_file=str(path), logging_file=str(CONFIGS / "logging.conf"), **overrides)
+        overrides = {**quiet_handlers(ConfigParser.load_config_files(paths), desc), **overrides}
+    run(run_id, config_file=paths, logging_file=str(CONFIGS / "logging.conf"), **overrides)
