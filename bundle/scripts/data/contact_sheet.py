@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import fire
-import matplotlib
 import nibabel as nib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..utils.io import read_json, write_atomically  # noqa: E402
+from ..utils.io import read_json, write_atomically
 
 __all__ = ["contact_sheet"]
 
@@ -47,7 +44,8 @@ def contact_sheet(
     chosen = [positives[k] for k in rng.permutation(len(positives))[:n_pos]]
     chosen += [negatives[k] for k in rng.permutation(len(negatives))[: n - n_pos]]
     rows = int(np.ceil(len(chosen) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    fig = Figure(figsize=(3 * columns, 3 * rows))  # no pyplot: nothing global holds the figure
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, chosen):
@@ -61,7 +59,6 @@ def contact_sheet(
     fig.tight_layout()
     target = Path(out) if out else root / "contact_sheet.png"
     write_atomically(target, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    plt.close(fig)
     return str(target)
 
 

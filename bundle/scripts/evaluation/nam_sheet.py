@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..utils.io import write_atomically
 from .localisation import TOLERANCE_PX, localise
@@ -54,15 +54,13 @@ def draw_nam_sheet(slices: Sequence[Mapping], path: str | os.PathLike, n: int = 
     over it, the ground truth's outline (white) and the NAM's peak (a cross: green when near the nodule, red when
     not).
     """
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     chosen = choose_slices(slices, n, seed)
     if not chosen:
         raise ValueError("no nodule slice to draw")
     columns = min(4, len(chosen))
     rows = -(-len(chosen) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    figure = Figure(figsize=(3 * columns, 3.2 * rows))  # no pyplot: nothing global holds the figure
+    axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, chosen):
@@ -82,5 +80,4 @@ def draw_nam_sheet(slices: Sequence[Mapping], path: str | os.PathLike, n: int = 
     )
     figure.tight_layout()
     write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
-    plt.close(figure)
     return chosen

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
 import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
 from ..utils.io import write_atomically
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 __all__ = ["OUTCOMES", "panel_outcome", "save_panel"]
 
@@ -67,11 +67,8 @@ def save_panel(
         areas_mm2: area of each candidate, listed with its score.
         base_scope_box: multi-GAP modes: C1's box ``[row_start, col_start, row_stop, col_stop]``, drawn dashed.
     """
-    from matplotlib.colors import ListedColormap
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
-
-    fig, axes = plt.subplots(1, 4, figsize=(17, 5.4))
+    fig = Figure(figsize=(17, 5.4))  # no pyplot: nothing global holds the figure
+    axes = fig.subplots(1, 4)
     window = {"cmap": "gray", "vmin": -1000, "vmax": 400}
     for ax in axes:
         ax.imshow(hu, **window)
@@ -166,4 +163,3 @@ def save_panel(
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +34,6 @@ __all__ = ["ScanWriter", "output_paths", "write_mask_nifti", "write_dicom_seg", 
 MAX_CLOSE_UPS = 6
 MAX_LABELS = 20
 CLOSE_UP_MM = 60.0
-logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
 
 
 def output_paths(output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
