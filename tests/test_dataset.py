@@ -323,8 +323,6 @@ def test_contact_sheet(tmp_path):
 def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):
     import errno
 
-    import scripts.data.dataset as dataset
-
     calls = {"n": 0}
     real_save = nib.save
 
@@ -335,7 +333,7 @@ def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(image, path)
 
-    monkeypatch.setattr(dataset.nib, "save", save_then_fail)
+    monkeypatch.setattr(nib, "save", save_then_fail)  # what the writer's NIfTI files are saved with
     with pytest.raises(RuntimeError, match="No space left"):
         prepare_dataset(ToySource(6), tmp_path / "full_disk", size=64, progress=False)
     assert not (tmp_path / "full_disk").exists()

@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 from tqdm import tqdm
@@ -38,7 +37,7 @@ from tqdm import tqdm
 from ..pipeline.context import DEFAULT_CONTEXT_MM, check_context, stack_context
 from ..pipeline.crop import crop, crop_window
 from ..pipeline.lungs import segment_lungs
-from ..utils.io import read_json, write_atomically, write_json
+from ..utils.io import read_json, write_json, write_nifti
 from .cases import CaseAnnotations, CaseSource, CaseVolume
 from .labels import consensus_mask, slice_classes, slice_label
 
@@ -48,7 +47,7 @@ __all__ = [
     "split_subjects",
     "plan_dataset",
     "prepare_dataset",
-    "write_nifti",
+    "slice_affine",
     "load_split",
     "folder_datalist",
     "inference_datalist",
@@ -74,14 +73,10 @@ class SlicePlan:
     negatives: list[int]
 
 
-def write_nifti(array: np.ndarray, spacing: Iterable[float], path: Path) -> None:
-    """Write a 2-D slice (or a slice's channels, ``(rows, cols, channels)``) as NIfTI with its spacing (``(row,
-    col[, channel step])``), atomically (temporary name, then rename)."""
+def slice_affine(spacing: Iterable[float]) -> np.ndarray:
+    """The affine of a prepared slice: its pixel spacing ``(row, col[, channel step])``, no position."""
     spacing = [float(s) for s in spacing]
-    affine = np.diag([*spacing, *[1.0] * (4 - len(spacing))])
-    image = nib.Nifti1Image(array, affine)
-    image.header.set_xyzt_units("mm")
-    write_atomically(path, lambda tmp: nib.save(image, tmp))
+    return np.diag([*spacing, *[1.0] * (4 - len(spacing))])
 
 
 def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ...] = (4, 1, 1)) -> dict[str, str]:
@@ -231,10 +226,11 @@ def _write_subject(
         channels = stack_context(case.hu, [slice_index], in_channels, a.spacing[2], context_mm)[..., 0, :]
         hu = np.clip(np.rint(channels if in_channels > 1 else channels[..., 0]), -32768, 32767).astype(np.int16)
         image_spacing = [*a.spacing[:2], context_mm] if in_channels > 1 else a.spacing[:2]
-        write_nifti(crop(hu, corner, size, AIR_HU), image_spacing, out_dir / "images" / f"{stem}.nii.gz")
-        write_nifti(crop(label.astype(np.uint8), corner, size, 0), a.spacing[:2], out_dir / "labels" / f"{stem}.nii.gz")
+        write_nifti(out_dir / "images" / f"{stem}.nii.gz", crop(hu, corner, size, AIR_HU), slice_affine(image_spacing))
+        labels = out_dir / "labels" / f"{stem}.nii.gz"
+        write_nifti(labels, crop(label.astype(np.uint8), corner, size, 0), slice_affine(a.spacing[:2]))
         lung = crop(lungs[..., slice_index].astype(np.uint8), corner, size, 0)
-        write_nifti(lung, a.spacing[:2], out_dir / "lungs" / f"{stem}.nii.gz")
+        write_nifti(out_dir / "lungs" / f"{stem}.nii.gz", lung, slice_affine(a.spacing[:2]))
         items.append(
             {
                 "image": f"images/{stem}.nii.gz",

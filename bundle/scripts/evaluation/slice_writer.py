@@ -23,20 +23,12 @@ import torch
 
 from ..data.dataset import slice_stem
 from ..pipeline.context import centre_channel
-from ..utils.io import write_atomically, write_json
+from ..utils.io import write_json, write_nifti
 from .panels import OUTCOMES, panel_outcome, save_panel
 
 __all__ = [
     "PredictionWriter",
-    "write_nifti",
 ]
-
-
-def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype: type) -> None:
-    """Write a 2-D array as NIfTI with the given affine, atomically."""
-    image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
-    image.set_data_dtype(dtype)
-    write_atomically(path, lambda tmp: nib.save(image, tmp))
 
 
 def _pack(array: np.ndarray) -> tuple[tuple[int, ...], str, bytes]:

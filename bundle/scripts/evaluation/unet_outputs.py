@@ -17,7 +17,7 @@ import torch
 from monai.transforms import Transform
 
 from ..data.dataset import slice_stem
-from ..utils.io import write_atomically, write_json
+from ..utils.io import write_json, write_nifti
 
 __all__ = ["write_slice_prediction", "SaveSlicePredictiond"]
 
@@ -32,7 +32,7 @@ def write_slice_prediction(
 
     Args:
         mask: ``(rows, cols)`` or ``(1, rows, cols)``; non-zero = nodule.
-        source_image: the slice's image file, whose shape, affine and header the mask takes.
+        source_image: the slice's image file, whose shape and affine the mask takes.
         output_dir: the prediction folder (``masks/`` and ``records/`` are made inside).
         probability: the slice's nodule probability for ``records/<stem>.json``.
 
@@ -46,13 +46,9 @@ def write_slice_prediction(
     if arr.shape != source.shape:
         raise ValueError(f"{source_image}: the mask's shape {arr.shape} differs from the image's {source.shape}.")
     arr = (arr > 0).astype(np.uint8)
-    header = source.header.copy()
-    header.set_data_dtype(np.uint8)
     stem, output_dir = slice_stem(source_image), Path(output_dir)
     path = output_dir / "masks" / f"{stem}.nii.gz"
-    image = nib.Nifti1Image(arr, source.affine, header)
-    image.header.set_slope_inter(1.0, 0.0)  # a mask, whatever scaling the CT had
-    write_atomically(path, lambda tmp: nib.save(image, tmp))
+    write_nifti(path, arr, source.affine)
     if probability is not None:
         write_json(
             output_dir / "records" / f"{stem}.json", {"probability": float(probability), "pixels": int(arr.sum())}

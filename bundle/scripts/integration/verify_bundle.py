@@ -33,8 +33,8 @@ from monai.networks.utils import convert_to_onnx
 from monai.utils import OptionalImportError, optional_import
 from torch import nn
 
-from ..data.dataset import write_nifti
-from ..utils.io import write_atomically, write_json
+from ..data.dataset import slice_affine
+from ..utils.io import write_atomically, write_json, write_nifti
 
 __all__ = [
     "CheckContext",
@@ -402,9 +402,10 @@ def standin_dataset(out_dir: str | os.PathLike, size: int = 64, spacing: float =
             stem = f"standin-{split}_{positive:04d}"
             label = disc & bool(positive)
             hu = rng.normal(-850.0, 50.0, (size, size)) + 800.0 * label
-            write_nifti(hu.astype(np.int16), (spacing, spacing), out_dir / "images" / f"{stem}.nii.gz")
-            write_nifti(label.astype(np.uint8), (spacing, spacing), out_dir / "labels" / f"{stem}.nii.gz")
-            write_nifti(np.ones((size, size), np.uint8), (spacing, spacing), out_dir / "lungs" / f"{stem}.nii.gz")
+            affine = slice_affine((spacing, spacing))
+            write_nifti(out_dir / "images" / f"{stem}.nii.gz", hu.astype(np.int16), affine)
+            write_nifti(out_dir / "labels" / f"{stem}.nii.gz", label.astype(np.uint8), affine)
+            write_nifti(out_dir / "lungs" / f"{stem}.nii.gz", np.ones((size, size), np.uint8), affine)
             datalist[split].append(
                 {
                     "image": f"images/{stem}.nii.gz",

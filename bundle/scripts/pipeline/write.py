@@ -20,16 +20,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from matplotlib.figure import Figure
 
-from ..utils.io import write_atomically, write_folder_atomically, write_json, write_text
+from ..utils.io import write_atomically, write_folder_atomically, write_json, write_nifti, write_text
 from .assemble import NODULE_COLUMNS, SLICE_COLUMNS
 from .read import dicom_series, scan_name
 
-__all__ = ["ScanWriter", "output_paths", "write_mask_nifti", "write_dicom_seg", "write_csv", "save_overview"]
+__all__ = ["ScanWriter", "output_paths", "write_dicom_seg", "write_csv", "save_overview"]
 
 MAX_CLOSE_UPS = 6
 MAX_LABELS = 20
@@ -48,16 +47,6 @@ def output_paths(output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
         "nodules_json": "_nodules.json",
     }
     return {key: folder / f"{name}{suffix}" for key, suffix in suffixes.items()}
-
-
-def write_mask_nifti(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> None:
-    """Write a uint8 mask with its voxel-to-RAS affine as NIfTI (sform and qform), atomically."""
-    image = nib.Nifti1Image(np.asarray(mask, np.uint8), np.asarray(affine, float))
-    image.set_data_dtype(np.uint8)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(np.asarray(affine, float), code=1)
-    image.set_sform(np.asarray(affine, float), code=1)
-    write_atomically(path, lambda tmp: nib.save(image, tmp))
 
 
 def write_dicom_seg(
@@ -248,7 +237,7 @@ class ScanWriter:
         # so that a failure on any of them (or Ctrl-C) leaves no part of the scan's outputs
         with write_folder_atomically(paths["nodules_json"].parent) as folder:
             staged = {key: folder / path.name for key, path in paths.items()}
-            write_mask_nifti(staged["mask"], mask, affine)
+            write_nifti(staged["mask"], mask, affine, np.uint8)
             written["mask"] = paths["mask"]
             if self.dicom_seg and Path(source).is_dir():
                 write_dicom_seg(staged["seg"], mask, affine, source, self.version)

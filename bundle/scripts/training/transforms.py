@@ -17,10 +17,9 @@ from monai.transforms import MapTransform
 
 from ..networks.precision import reduced_precision
 
-__all__ = ["HU_WINDOW", "CheckSliced", "SliceClassd", "BackboneFeaturesd"]
+__all__ = ["CheckSliced", "SliceClassd", "BackboneFeaturesd"]
 
 # The lung window of the paper's input, mapped to [0, 1] by ScaleIntensityRanged(clip=True).
-HU_WINDOW = (-1000.0, 400.0)
 
 
 class CheckSliced(MapTransform):

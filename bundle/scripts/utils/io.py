@@ -1,6 +1,7 @@
 """Atomic file writes: every output is written under a temporary name beside its target and renamed when
 complete, so a reader (or a resumed run) never sees a half-written file, and a failed write leaves nothing. A folder
-of outputs (one scan's) is written the same way, as a whole (``write_folder_atomically``)."""
+of outputs (one scan's) is written the same way, as a whole (``write_folder_atomically``). ``write_nifti`` is the
+bundle's one NIfTI writer (prepared slices, masks, NAMs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["write_atomically", "write_folder_atomically", "write_text", "write_json", "read_json"]
+import nibabel as nib
+import numpy as np
+
+__all__ = ["write_atomically", "write_folder_atomically", "write_text", "write_json", "read_json", "write_nifti"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -89,3 +93,16 @@ def read_json(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as error:
         where = f"line {error.lineno}, column {error.colno}"
         raise ValueError(f"{path}: malformed JSON at {where}: {error.msg} (a truncated or hand-edited file?)") from None
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype: type | None = None) -> None:
+    """Write ``array`` as NIfTI to ``path`` atomically, its voxel-to-world ``affine`` ``(4, 4)`` as both the sform and
+    the qform (scanner coordinates, mm); ``dtype`` is the stored type (default: the array's)."""
+    array = np.asarray(array) if dtype is None else np.asarray(array).astype(dtype)
+    affine = np.asarray(affine, float)
+    image = nib.Nifti1Image(array, affine)
+    image.set_data_dtype(array.dtype)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    write_atomically(path, lambda tmp: nib.save(image, tmp))
