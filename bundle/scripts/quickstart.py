@@ -37,11 +37,9 @@ __all__ = ["quickstart", "quickstart_full", "train_classifier", "classify_split"
 
 
 # The synthetic chest the quick start learns from. At 128 px a pixel is 2.25 mm, so a 5 mm nodule is a 2-3 pixel dot
-# that looks like the vessel cross-sections around it: trained from scratch for minutes, a classifier stays at
-# chance (validation AUC 0.5-0.6) on the SyntheticSource defaults (nodules from 3 mm, vessel trunks 4.5-5.5 mm in
-# radius). With nodules from 10 mm and thinner vessel trees (trunks 2.5-3.5 mm, closer to segmental arteries) it
-# learns them (test AUC 0.79) and its NAM peaks near the nodule five times as often as at a random lung pixel.
-# Its ground-glass is the generator's default since 0.5.4, real CT's -800..-550 HU with texture.
+# that looks like the vessel cross-sections around it: trained from scratch for minutes, a classifier stays near
+# chance on the SyntheticSource defaults (nodules from 3 mm, vessel trunks 4.5-5.5 mm in radius). With nodules from
+# 10 mm and thinner vessel trees (trunks 2.5-3.5 mm, closer to segmental arteries) it learns them (docs/results.md).
 QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
 
 # The segmenter's settings in the quick start's segmentations: the "quickstart" preset (scripts.pipeline.settings).
@@ -66,7 +64,7 @@ PAPER_TABLE1: dict[str, tuple] = {
 # The paper's test accuracy of the 1-, 2- and 3-GAP classifiers.
 PAPER_ACCURACY = {1: 0.884, 2: 0.866, 3: 0.844}
 # Table 1's weakly supervised rows: (gap levels of the scope network, inference mode). 1-GAP uses the plain modes;
-# 2-/3-GAP refine the 1-GAP scope with the multi-GAP network (METHOD.md, segmentation step 4).
+# 2-/3-GAP refine the 1-GAP scope with the multi-GAP network (the paper's multi-GAP segmentation).
 WEAK_ROWS = {
     "1-GAP coarse": (1, "coarse"),
     "2-GAP coarse": (2, "multi_gap_coarse"),
@@ -76,9 +74,8 @@ WEAK_ROWS = {
     "3-GAP fine": (3, "multi_gap"),
 }
 # The quick start's U-Net: MONAI's BasicUNet at a quarter of the bundle's channels, so that on a CPU one U-Net training
-# step costs about what a classifier step costs (*inferred*: the paper does not give the U-Net's widths). At half the
-# channels a step cost 3.5 times a 1-GAP step at 128 px, and the U-Net was 35 of the full run's 78 minutes; a quarter
-# costs a third of that (0.27 against 0.75-0.89 s a batch of 20 on the 2-core build machine).
+# step costs about what a classifier step costs (*inferred*: the paper does not give the U-Net's widths); at half the
+# channels the U-Net took half of the full run's time on a CPU.
 QUICKSTART_UNET_FEATURES = (8, 8, 16, 32, 64, 8)
 
 

@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
 STATE_DIR = ".state"
 AIR_HU = -1000
-# settings added since the first datasets were written, with the value those datasets were written with
-LATER_SETTINGS = {"in_channels": 1, "context_mm": None}
 
 
 @dataclass
@@ -284,7 +282,7 @@ def _check_output(out_dir: Path, settings: dict) -> bool:
         raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
     settings_path = out_dir / STATE_DIR / "settings.json"
     if settings_path.exists():
-        earlier = {**LATER_SETTINGS, **read_json(settings_path)}
+        earlier = read_json(settings_path)
         if earlier != settings:
             changed = sorted(k for k in settings if earlier.get(k) != settings[k])
             raise ValueError(f"output {out_dir} holds a dataset prepared with other settings ({', '.join(changed)})")

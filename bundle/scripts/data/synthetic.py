@@ -22,14 +22,10 @@ __all__ = ["SyntheticSource"]
 FOV_MM = 288.0  # field of view of the ``size`` x ``size`` crop, as in a chest CT at 0.75 mm
 MIN_SIZE = 64
 NODULE_COUNT_P = (0.15, 0.45, 0.28, 0.12)  # P(0, 1, 2, 3 nodules in a case)
-# Ground-glass density and texture as on real CT, the default since 0.5.4: LIDC-IDRI-0003's ground-glass nodule has a
-# median of -650 HU and a 10-90 % spread of 250 HU, and ground-glass is uneven, with denser and fainter patches of a
-# few mm. The first generator drew it flat at -550..-300 HU (FIRST_GGO_HU, no texture), denser than real ground-glass;
-# the quick start's classifier learns the real densities less well (test AUC 0.824 -> 0.760 at 0.5.3) but learns them
-# (bundle/docs/segmentation_choices.md).
+# Ground-glass density and texture as on real CT: LIDC-IDRI-0003's ground-glass nodule has a median of -650 HU and a
+# 10-90 % spread of 250 HU, and ground-glass is uneven, with denser and fainter patches of a few mm.
 REAL_GGO_HU = (-800.0, -550.0)
 REAL_GGO_TEXTURE_HU = 50.0
-FIRST_GGO_HU = (-550.0, -300.0)
 GGO_TEXTURE_MM = 1.5
 NODULE_KINDS = ("solid", "part-solid", "ground-glass")  # the order of ``nodule_types_p``
 SMALL_MARK_P = 0.3  # share of cases with a < 3 mm mark, as LIDC readers also marked those
@@ -87,7 +83,7 @@ class SyntheticSource:
         vessel_radius_mm: range of the radius of the vessel trunks leaving each hilum.
         min_vessel_radius_mm: vessel branches end below this radius.
         ggo_hu: range of the HU of ground-glass nodules and of part-solid nodules' ground-glass; real CT's by
-            default, ``FIRST_GGO_HU`` with ``ggo_texture_hu=0`` for the first generator's.
+            default.
         ggo_texture_hu: standard deviation of the ground-glass texture, smooth over ``GGO_TEXTURE_MM``; 0 paints
             ground-glass flat.
     """

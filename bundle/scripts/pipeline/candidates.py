@@ -191,7 +191,7 @@ def split_vessels(
     inside the component (``split_attached``); what it took away, the vessels with any nodule narrower than they are,
     is split at necks thinner than ``neck_px`` and kept too, so that nothing a split at ``neck_px`` alone would find
     is lost. When nothing is wider than a vessel it is ``split_attached(component, neck_px, drop_thin)``
-    (*inferred*: the paper does not separate vessels; ``bench/oracle_scope.py``).
+    (*inferred*: the paper does not separate vessels; ``experiments/oracle_scope.py``).
     """
     wide = split_attached(component, vessel_px, drop_thin=True)
     if not wide:

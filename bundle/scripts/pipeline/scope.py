@@ -1,9 +1,9 @@
 """The screening scope C: the most prominent blob of a nodule activation map (NAM), found by watershed.
 
-Recipe (METHOD.md, section "Segmentation" 1): smooth the NAM, normalise a copy to [0, 1], keep values
->= ``threshold`` as the domain, seed the watershed of ``-nam`` with the local maxima and take the basin of
-the highest peak. Choosing by peak (not by area or integral) keeps a sharp nodule response ahead of a
-broad diffuse one.
+Recipe (*inferred*: the paper names the watershed, not its settings): smooth the NAM, normalise a copy to [0, 1],
+keep values >= ``threshold`` as the domain, seed the watershed of ``-nam`` with the local maxima and take the basin
+of the highest peak. Choosing by peak (not by area or integral) keeps a sharp nodule response ahead of a broad
+diffuse one.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ __all__ = [
 
 
 def _plain(tensor: Any) -> torch.Tensor:
-    # a MetaTensor copies its metadata through every operation of the network and of its backward pass: 6-15 % of a
-    # CPU training step at the quick start's size (bench/bench_training.py --compare), for metadata nothing in
-    # training reads. The arithmetic is the same to the bit.
+    # a MetaTensor copies its metadata through every operation of the network and of its backward pass, a measurable
+    # share of a CPU training step (bench/bench_training.py --compare), for metadata nothing in training reads. The
+    # arithmetic is the same to the bit.
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
 
 
