@@ -83,7 +83,7 @@ def parenchyma_value(
     ``min_value``) and hold at least ``min_share`` of the region's labelled pixels: aerated lung is the least dense
     tissue, and the share keeps a phase of a few dark noisy pixels from being taken for it. Where a faint nodule fills
     most of a small scope it is the most frequent such phase, but not the least dense (*inferred*;
-    ``bundle/docs/segmentation_choices.md``). Where no such phase holds that share, the most frequent one; the lowest
+    ``docs/segmentation_choices.md``). Where no such phase holds that share, the most frequent one; the lowest
     phase mean when the region holds no non-dense pixel (NaN when no phase has pixels).
     """
     means = np.asarray(means, dtype=np.float64)
