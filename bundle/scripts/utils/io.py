@@ -5,6 +5,7 @@ bundle's one NIfTI writer (prepared slices, masks, NAMs)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,15 @@ from typing import Any, Callable
 import nibabel as nib
 import numpy as np
 
-__all__ = ["write_atomically", "write_folder_atomically", "write_text", "write_json", "read_json", "write_nifti"]
+__all__ = [
+    "write_atomically",
+    "write_folder_atomically",
+    "write_text",
+    "write_json",
+    "read_json",
+    "write_nifti",
+    "sha256",
+]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -106,3 +115,12 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     write_atomically(path, lambda tmp: nib.save(image, tmp))
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's content, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
