@@ -1,7 +1,7 @@
 """Evaluation time per thousand slices, on a generated split of 384x384 slices and one or more methods' masks.
 
-Usage: ``python bench/bench_evaluate.py [--slices 300] [--methods 2] [--size 384]``; prints a table and writes
-``bench/results/evaluate.json``.
+Usage: ``PYTHONPATH=bundle python bench/bench_evaluate.py [--slices 300] [--methods 2] [--size 384]``; prints a table
+and writes ``bench/results/evaluate.json``.
 """
 
 from __future__ import annotations
@@ -10,19 +10,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scripts.evaluation.evaluate import SegmentationEvaluation
+from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
-
-from scripts.atomic import write_json  # noqa: E402  (needs the bundle on the path)
-from scripts.evaluate import SegmentationEvaluation  # noqa: E402
 
 
 def make_split(root: Path, preds: list[Path], n: int, size: int, seed: int = 0) -> None:

@@ -1,10 +1,10 @@
-"""Benchmark: vectorised ICM (scripts.icm) against a plain per-pixel loop version of the same algorithm.
+"""Benchmark: vectorised ICM (scripts.pipeline.icm) against a plain per-pixel loop version of the same algorithm.
 
 Both update the four colour classes of the 8-neighbourhood graph in the same order (inside a class the
 pixels are independent, so the loop's raster order gives the same result) and re-estimate the phases the
 same way: they must give identical labels. Prints a table and writes bench/results/icm.json.
 
-    python bench/bench_icm.py [--sizes 48 96 384] [--loop-max 96] [--out bench/results/icm.json]
+    PYTHONPATH=bundle python bench/bench_icm.py [--sizes 48 96 384] [--loop-max 96] [--out bench/results/icm.json]
 """
 
 import argparse
@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-from scripts.icm import COLOURS, NEIGHBOUR_OFFSETS, icm_segmentation, initial_labels  # noqa: E402
+from scripts.pipeline.icm import COLOURS, NEIGHBOUR_OFFSETS, icm_segmentation, initial_labels
 
 
 def icm_loop(image, mask, phases=4, beta=0.7, max_sweeps=15):

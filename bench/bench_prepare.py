@@ -1,9 +1,9 @@
 """Data preparation speed: seconds per real LIDC-IDRI scan with 1 and 2 workers, and per synthetic case.
 
-Usage: ``python bench/bench_prepare.py [--lidc_root ../shared/data/lidc] [--synthetic_cases 6]``; prints a table
-and writes ``bench/results/prepare.json``. The real scans are prepared from a temporary folder of links to them,
-plus one DB patient given only an XML header (it fails at once, reported as a failure): the dataset split needs
-at least three subjects.
+Usage: ``PYTHONPATH=bundle python bench/bench_prepare.py [--lidc_root ../shared/data/lidc] [--synthetic_cases 6]``;
+prints a table and writes ``bench/results/prepare.json``. The real scans are prepared from a temporary folder of links
+to them, plus one DB patient given only an XML header (it fails at once, reported as a failure): the dataset split
+needs at least three subjects.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
+from scripts.data.dataset import prepare_dataset
+from scripts.data.lidc import LidcSource, patient_scan
+from scripts.data.synthetic import SyntheticSource
+from scripts.utils.io import write_json
 
-from scripts.atomic import write_json  # noqa: E402  (needs the bundle on the path)
-from scripts.dataset import prepare_dataset  # noqa: E402
-from scripts.lidc import LidcSource, patient_scan  # noqa: E402
-from scripts.synthetic import SyntheticSource  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 STUB = "LIDC-IDRI-0002"
 

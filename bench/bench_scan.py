@@ -1,6 +1,7 @@
 """Whole-scan inference speed: seconds per scan split into its steps, and batched vs one-by-one classification.
 
-    python bench/bench_scan.py [--lidc_root ../shared/data/lidc] [--width 1.0] [--image_size 384] [--batch_size 8]
+    PYTHONPATH=bundle python bench/bench_scan.py [--lidc_root ../shared/data/lidc] [--width 1.0] [--image_size 384]
+        [--batch_size 8]
 
 Runs ``configs/inference.json``'s preprocessing, inferer, postprocessing and writer on the real LIDC-IDRI scans (as
 DICOM) with a randomly initialised classifier at the paper's size. A random network's probabilities say nothing, so
@@ -18,20 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
+from monai.data import decollate_batch
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
 
-from monai.bundle import ConfigParser  # noqa: E402
-from scripts.atomic import write_json  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
 
 STEPS = ("read", "lungs", "crop", "classify", "segment", "screen", "assemble", "write")
 FORWARDS = ("classify", "screen")  # the classifier's forwards: the slices', and R-NAM's on the masked copies
@@ -93,7 +93,8 @@ def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> di
     for step, value in result.seconds.items():
         seconds[step] += value
     n_classified = int(result.lungs.any(axis=(0, 1)).sum())
-    data["pred"] = _as_output(result, data["image"])  # what the inferer's __call__ returns, without a second run
+    # what the inferer's __call__ returns, without a second run
+    data["pred"] = decollate_batch(inferer.named_outputs(result, data["image"]))[0]
     clock = time.perf_counter()
     data = parser.get_parsed_content("postprocessing")(data)
     seconds["assemble"] += time.perf_counter() - clock
@@ -120,19 +121,12 @@ def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> di
 
 def segmenter_lungs(volume: torch.Tensor, inferer) -> np.ndarray:
     """Indices of the slices that hold lung (what the inferer classifies)."""
-    from scripts.scan import _spacing
+    from scripts.pipeline.scan_inferer import _spacing
 
     lo, hi = inferer.segmenter.intensity_range
     window = volume[0].detach().float().cpu().numpy().astype(np.float64)
     lungs = inferer.lung_mask_fn(lo + window * (hi - lo), _spacing(volume))
     return np.flatnonzero(np.asarray(lungs).any(axis=(0, 1)))
-
-
-def _as_output(result, image: torch.Tensor) -> torch.Tensor:
-    from monai.data import MetaTensor
-
-    channels = np.stack([result.mask.astype(np.float32), result.probability, result.lungs.astype(np.float32)])
-    return MetaTensor(torch.as_tensor(channels), meta=image.meta)
 
 
 def main() -> None:

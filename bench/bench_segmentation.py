@@ -7,30 +7,27 @@ one, full-image batched, cropped batched and incremental (cropped, recomputing o
 forwards per candidate; the post-processing share of one forward; and the largest differences between the exact
 shortcuts' scores and the full-image ones. Prints a table and writes bench/results/segmentation.json.
 
-    python bench/bench_segmentation.py [--width 1.0] [--size 384] [--candidates 4 8] [--threads 1]
+    PYTHONPATH=bundle python bench/bench_segmentation.py [--width 1.0] [--size 384] [--candidates 4 8] [--threads 1]
 """
 
 import argparse
 import json
 import math
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_icm import phantom  # noqa: E402
-from scripts.candidates import Candidate, extract_candidates  # noqa: E402
-from scripts.icm import icm_segmentation  # noqa: E402
-from scripts.lung_mask import segment_lungs  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
-from scripts.rnam import crop_window, logits_and_nam, rnam_scores  # noqa: E402
-from scripts.scope import screening_scope  # noqa: E402
-from scripts.segmenter import WeaklySupervisedSegmenter  # noqa: E402
+from bench_icm import phantom
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.candidates import Candidate, extract_candidates
+from scripts.pipeline.classify import logits_and_nam
+from scripts.pipeline.icm import icm_segmentation
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.scope import screening_scope
+from scripts.pipeline.screen import crop_window, rnam_scores
+from scripts.pipeline.settings import CandidateSettings, ICMSettings
 
 
 def timed(fn, repeats):
@@ -93,13 +90,9 @@ def main() -> None:
     t_scope, scope = timed(lambda: screening_scope(nam_np), args.repeats)
     t_lungs, lungs = timed(lambda: segment_lungs(hu, spacing), args.repeats)
     t_icm, (labels, means) = timed(lambda: icm_segmentation(hu, lungs), args.repeats)
-    rule = WeaklySupervisedSegmenter()  # the segmenter's default candidate rules (phases fitted again in the scope)
-    t_cand, found = timed(
-        lambda: extract_candidates(
-            labels, means, scope, lungs, spacing, rule.dense_hu, 1.0, hu=hu, **rule.candidate_args
-        ),
-        3,
-    )
+    # the segmenter's default candidate rules (phases fitted again in the scope), candidates from 1 mm^2
+    rules = {**CandidateSettings().extract_arguments(ICMSettings()), "min_area_mm2": 1.0}
+    t_cand, found = timed(lambda: extract_candidates(labels, means, scope, lungs, spacing, hu=hu, **rules), 3)
     rows, cols = np.nonzero(scope)
     window = crop_window(
         (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1), (size, size), net.nam_stride, net.nam_context_radius

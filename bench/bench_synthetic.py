@@ -1,7 +1,7 @@
 """Speed of the synthetic chest-CT source: seconds per case at two sizes, and what the cases hold.
 
-Usage: ``python bench/bench_synthetic.py [--n_cases 4] [--sizes 384 160] [--preview /tmp/synthetic_preview.png]``.
-Prints a table and writes ``bench/results/synthetic.json``.
+Usage: ``PYTHONPATH=bundle python bench/bench_synthetic.py [--n_cases 4] [--sizes 384 160]
+[--preview /tmp/synthetic_preview.png]``. Prints a table and writes ``bench/results/synthetic.json``.
 """
 
 from __future__ import annotations
@@ -9,18 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scripts.data.synthetic import SyntheticSource
+from scripts.utils.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bundle"))
-
-from scripts.atomic import write_json  # noqa: E402
-from scripts.synthetic import SyntheticSource  # noqa: E402
 
 
 def vessel_blobs(hu: np.ndarray, lung: np.ndarray, spacing_mm: float) -> int:

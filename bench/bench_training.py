@@ -4,15 +4,15 @@ One SGD step = forward, cross-entropy, backward and update with the bundle's par
 slices of ``--image-size`` pixels. Each configuration runs in a fresh process so that its peak memory
 (CUDA: max allocated; CPU: max resident set size of the process) is its own.
 
-    python bench/bench_training.py                                  # paper sizes (width 1, batch 30): a GPU
-    python bench/bench_training.py --width 0.125 --batch-size 4 --iters 2   # a quick CPU run
+    PYTHONPATH=bundle python bench/bench_training.py                            # paper sizes (width 1, batch 30): a GPU
+    PYTHONPATH=bundle python bench/bench_training.py --width 0.125 --batch-size 4 --iters 2  # a quick CPU run
 
 The weights are in the channels-last layout and the input a plain tensor, as ``configs/train.json`` trains since
 0.5.3. ``--compare`` also times what it did before: the contiguous layout, and the input a MONAI ``MetaTensor``
 carrying each slice's header (the engines' batch). The quick start's classifier:
 
-    python bench/bench_training.py --width 0.125 --image-size 128 --batch-norm --gap-levels 1 --iters 40 --compare \
-        --output bench/results/training_quickstart.json
+    PYTHONPATH=bundle python bench/bench_training.py --width 0.125 --image-size 128 --batch-norm --gap-levels 1 \
+        --iters 40 --compare --output bench/results/training_quickstart.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import itertools
 import multiprocessing
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +31,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import LoadImaged
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-from scripts.atomic import write_json  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.utils.io import write_json
 
 LEARNING_RATES = {1: 1e-2, 2: 2e-3, 3: 1e-3}
 

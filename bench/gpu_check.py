@@ -1,7 +1,7 @@
 """The GPU checks in one prepared script: under 8 minutes on one GPU, one JSON with every figure.
 
-    python bench/gpu_check.py                    # on a machine with one CUDA GPU: every check at the paper's size
-    python bench/gpu_check.py --tiny --only amp_training rnam_batched   # the CPU-capable parts, tiny, in seconds
+    PYTHONPATH=bundle python bench/gpu_check.py     # on a machine with one CUDA GPU: every check at the paper's size
+    PYTHONPATH=bundle python bench/gpu_check.py --tiny --only amp_training rnam_batched  # the CPU-capable parts, tiny
 
 Checks (each runs on its own: one that fails or raises is reported as such, and the others still run):
 
@@ -15,7 +15,7 @@ Checks (each runs on its own: one that fails or raises is reported as such, and 
 - ``training_throughput``: training slices/s of each classifier at 384 px, width 1, batch 30, AMP, beside the GPU's
   dense bf16 ceiling: the network's FLOPs are counted from its convolutions and linear layers (forward; a training
   step counted as 3x the forward). Target: >= 30 % of the ceiling.
-- ``rnam_batched``: R-NAM of 8 candidates (``scripts.rnam.rnam_scores``) in one batch vs one by one
+- ``rnam_batched``: R-NAM of 8 candidates (``scripts.pipeline.screen.rnam_scores``) in one batch vs one by one
   (``batch_size=1``), on the full image (the paper's formulation; the target, >= 3x, applies to it) and on the
   segmenter's default exact crop with incremental recomputation (reported beside it); the scores must agree.
 - ``classification_throughput``: slices/s of the 1-GAP classifier's logits and NAM (what inference computes) at
@@ -48,14 +48,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.classify import logits_and_nam
+from scripts.pipeline.screen import rnam_scores
+from scripts.utils.io import write_json
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
-from scripts.atomic import write_json  # noqa: E402
-from scripts.networks import GAPClassifier  # noqa: E402
-from scripts.rnam import logits_and_nam, rnam_scores  # noqa: E402
 
 CHECKS = (
     "amp_training",
@@ -275,8 +275,8 @@ def check_torchrun_nccl(timeout: Callable[[], int] = lambda: 240) -> dict:
         result["worker_log_tail"] = _tail(raw.stdout + raw.stderr)
     ok = raw.returncode == 0 and worker is not None and worker["backend"] == "nccl" and worker["all_reduce"] == 1.0
 
-    from scripts.dataset import prepare_dataset
-    from scripts.synthetic import SyntheticSource
+    from scripts.data.dataset import prepare_dataset
+    from scripts.data.synthetic import SyntheticSource
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

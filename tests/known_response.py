@@ -12,7 +12,7 @@ R-NAM picks it.
 
 import numpy as np
 import torch
-from scripts.transforms import HU_WINDOW
+from scripts.pipeline.settings import HU_WINDOW
 from torch import nn
 
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scripts.networks import GAPClassifier
+from scripts.networks.gap_classifier import GAPClassifier
 
 
 def _bundle_run(bundle_root, *args):
@@ -22,7 +22,11 @@ def _bundle_run(bundle_root, *args):
 
 @pytest.mark.parametrize(
     "config, run_id",
-    [("configs/train.json", "training"), ("configs/inference_slices.json", "run"), ("configs/evaluate.json", "run")],
+    [
+        ("configs/train.json", "training"),
+        ("['configs/inference.json','configs/inference_slices.json']", "run"),
+        ("configs/evaluate.json", "run"),
+    ],
 )
 def test_missing_dataset_is_named(bundle_root, tmp_path, config, run_id):
     missing = tmp_path / "no_such_dataset"
@@ -43,7 +47,7 @@ def test_volume_where_a_slice_is_expected_is_named(bundle_root, tmp_path):
         bundle_root,
         "run",
         "--config_file",
-        "configs/inference_slices.json",
+        "['configs/inference.json','configs/inference_slices.json']",
         "--input_dir",
         str(slices),
         "--ckpt_path",
@@ -62,7 +66,7 @@ def test_volume_where_a_slice_is_expected_is_named(bundle_root, tmp_path):
 
 def test_check_sliced_names_the_problem():
     from monai.data import MetaTensor
-    from scripts.transforms import CheckSliced
+    from scripts.training.transforms import CheckSliced
 
     check = CheckSliced(keys="image")
     good = MetaTensor(torch.zeros(1, 8, 8), meta={"filename_or_obj": "good.nii.gz"})

@@ -1,22 +1,24 @@
-"""The candidate rule on small hand-made CT slices (issue 14): ground-glass, partial volume, pleura, vessels.
+"""The candidate rule on small hand-made CT slices: ground-glass, partial volume, pleura, vessels.
 
 Each slice is a chest in HU: a body of soft tissue with two lungs of -870 HU parenchyma (with scanner noise), and
 a nodule. The candidates come from the stage exactly as the segmenter runs it with its defaults (the real-CT rules).
 """
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.candidates import (
+from scripts.pipeline.candidates import (
     dense_phases,
     extract_candidates,
     parenchyma_value,
     split_attached,
     trim_partial_volume,
 )
-from scripts.icm import icm_segmentation
-from scripts.lung_mask import segment_lungs
-from scripts.segmenter import WeaklySupervisedSegmenter
+from scripts.pipeline.icm import icm_segmentation
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.settings import CandidateSettings, ICMSettings
 
 SPACING = (0.7, 0.7)
 SHAPE = (160, 200)
@@ -51,15 +53,13 @@ def paint(hu: np.ndarray, mask: np.ndarray, level: float, blur: float = 0.8) -> 
     return hu + weight * np.maximum(level - ndimage.gaussian_filter(hu, 1.0), 0)
 
 
-def candidates(hu: np.ndarray, scope: np.ndarray, **overrides) -> tuple[list, np.ndarray]:
-    """The segmenter's stage with its default (real-CT) candidate rules: lung mask, ICM in the lungs, candidates in the
-    scope."""
-    seg = WeaklySupervisedSegmenter(mode="coarse", **overrides)
+def candidates(hu: np.ndarray, scope: np.ndarray, **changes) -> tuple[list, np.ndarray]:
+    """The segmenter's stage with its default (real-CT) candidate rules, but for ``changes``: lung mask, ICM in the
+    lungs, candidates in the scope."""
+    icm, rules = ICMSettings(), CandidateSettings(**changes)
     lungs = segment_lungs(hu, SPACING)
-    labels, means = icm_segmentation(hu, lungs, **seg.icm_args)
-    found = extract_candidates(
-        labels, means, scope, lungs, SPACING, seg.dense_hu, seg.min_area_mm2, hu=hu, **seg.candidate_args
-    )
+    labels, means = icm_segmentation(hu, lungs, **asdict(icm))
+    found = extract_candidates(labels, means, scope, lungs, SPACING, hu=hu, **rules.extract_arguments(icm))
     return found, lungs
 
 

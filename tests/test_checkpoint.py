@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from scripts.checkpoint import TrainingRecord, load_checkpoint, read_checkpoint, resolve_settings
-from scripts.networks import GAPClassifier
+from scripts.networks.checkpoint import TrainingRecord, load_checkpoint, read_checkpoint, resolve_settings
+from scripts.networks.gap_classifier import GAPClassifier
 
 
 def _save(tmp_path, model, record=None, name="model.pt"):

@@ -10,16 +10,17 @@ import pytest
 import torch
 from known_response import InputRecorder
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.checkpoint import read_checkpoint
-from scripts.context import centre_channel, context_offsets, stack_context
-from scripts.crop import crop_window
-from scripts.dataset import prepare_dataset
-from scripts.lung_mask import segment_lungs
-from scripts.orient import axial_affine
-from scripts.prepare import scans
-from scripts.scan import ScanSegmenter
-from scripts.segmenter import WeaklySupervisedSegmenter
-from scripts.synthetic import SyntheticSource
+from scripts.data.dataset import prepare_dataset
+from scripts.data.prepare import scans
+from scripts.data.synthetic import SyntheticSource
+from scripts.integration.config_runs import SLICE_INFERENCE, config_files
+from scripts.networks.checkpoint import read_checkpoint
+from scripts.pipeline.context import centre_channel, context_offsets, stack_context
+from scripts.pipeline.crop import crop_window
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.orient import axial_affine
+from scripts.pipeline.scan_inferer import ScanSegmenter
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 from trained_classifier import nodule_probability, trained_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_inference_on_2_5_d_slices(datasets, trained, tmp_path):
     _, root = datasets
     out = tmp_path / "predictions"
     workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference_slices.json"),
+        config_file=config_files(SLICE_INFERENCE),
         workflow_type="infer",
         bundle_root=str(REPO / "bundle"),
         dataset_dir=str(root / "c3"),
@@ -275,7 +276,7 @@ def test_the_segmenter_segments_the_middle_channel():
     parenchyma = np.where(lung, -850.0, 40.0)
     with_blob = np.where(blob, 20.0, parenchyma)
     nam = np.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / (2 * 6.0**2)).astype(np.float32)
-    segmenter = WeaklySupervisedSegmenter(mode="coarse", min_area_mm2=1.0)
+    segmenter = WeaklySupervisedSegmenter(mode="coarse", candidates={"min_area_mm2": 1.0})
 
     def found(channels):
         image = torch.as_tensor(np.clip((np.stack(channels) + 1000.0) / 1400.0, 0, 1), dtype=torch.float32)
@@ -287,7 +288,7 @@ def test_the_segmenter_segments_the_middle_channel():
 
 
 def test_the_multi_gap_model_must_take_the_same_slices():
-    from scripts.networks import GAPClassifier
+    from scripts.networks.gap_classifier import GAPClassifier
 
     single = GAPClassifier(gap_levels=2, width=0.0625, head_channels=8).eval()
     context = GAPClassifier(gap_levels=1, width=0.0625, head_channels=8, in_channels=3).eval()

@@ -7,11 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import scripts.dataset as scripts_dataset
+import scripts.data.dataset as scripts_dataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImaged
-from scripts.cases import CaseAnnotations, CaseVolume, Nodule
-from scripts.dataset import (
+from scripts.data.cases import CaseAnnotations, CaseVolume, Nodule
+from scripts.data.dataset import (
     SPLITS,
     crop_window,
     inference_datalist,
@@ -20,7 +20,7 @@ from scripts.dataset import (
     prepare_dataset,
     split_subjects,
 )
-from scripts.labels import slice_classes, staple
+from scripts.data.labels import slice_classes, staple
 
 SHAPE = (80, 80, 12)
 SPACING = (0.8, 0.8, 2.5)
@@ -111,7 +111,7 @@ def test_split_has_no_leak_and_is_stratified(caplog):
     assert split_subjects(share, seed=1) == split and split_subjects(share, seed=2) != split
     small = split_subjects({"a": 0.1, "b": 0.2, "c": 0.0}, seed=0)
     assert sorted(small.values()) == sorted(SPLITS)
-    with caplog.at_level("WARNING", logger="scripts.dataset"):
+    with caplog.at_level("WARNING", logger="scripts.data.dataset"):
         two = split_subjects({"a": 0.1, "b": 0.2, "c": 0.0})  # every split a subject, but one without nodule slices
     assert sorted(two.values()) == sorted(SPLITS)
     assert "2 of 3 subjects have slices with nodule, too few to fill 3 splits" in caplog.text
@@ -296,7 +296,7 @@ def test_bad_input_is_reported_and_leaves_nothing(tmp_path):
 
 def test_contact_sheet(tmp_path):
     from matplotlib.image import imread
-    from scripts.contact_sheet import contact_sheet
+    from scripts.data.contact_sheet import contact_sheet
 
     prepare_dataset(ToySource(6), tmp_path / "ds", size=64, progress=False)
     training = json.loads((tmp_path / "ds" / "datalist.json").read_text())["training"]
@@ -323,8 +323,6 @@ def test_contact_sheet(tmp_path):
 def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):
     import errno
 
-    import scripts.dataset as dataset
-
     calls = {"n": 0}
     real_save = nib.save
 
@@ -335,7 +333,7 @@ def test_disk_full_leaves_no_partial_files(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(image, path)
 
-    monkeypatch.setattr(dataset.nib, "save", save_then_fail)
+    monkeypatch.setattr(nib, "save", save_then_fail)  # what the writer's NIfTI files are saved with
     with pytest.raises(RuntimeError, match="No space left"):
         prepare_dataset(ToySource(6), tmp_path / "full_disk", size=64, progress=False)
     assert not (tmp_path / "full_disk").exists()
@@ -371,9 +369,9 @@ def test_matched_negatives_follow_the_positives_heights():
 
 
 def test_malformed_prediction_record_and_datalist_are_named(tmp_path):
-    from scripts.atomic import read_json
-    from scripts.contact_sheet import contact_sheet
-    from scripts.evaluate import _read_probability
+    from scripts.data.contact_sheet import contact_sheet
+    from scripts.evaluation.evaluate import _read_probability
+    from scripts.utils.io import read_json
 
     records = tmp_path / "pred" / "records"
     records.mkdir(parents=True)

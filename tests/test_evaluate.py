@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from scripts.dataset import load_split
-from scripts.evaluate import SegmentationEvaluation, order_methods, plot_fig3
+from scripts.data.dataset import load_split
+from scripts.evaluation.evaluate import SegmentationEvaluation, order_methods, plot_fig3
 
 SHAPE = (16, 16)
 

@@ -9,8 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
 from torch import nn
+
+from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)

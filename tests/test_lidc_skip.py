@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import LIDC_PATIENTS, find_lidc_root
 
 REPO = Path(__file__).resolve().parents[1]

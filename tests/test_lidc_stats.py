@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from scripts.labels import consensus_mask, slice_classes
-from scripts.lidc import LidcSource, patient_scan
-from scripts.lidc_stats import PAPER, lidc_statistics, main, markdown_table, scan_statistics
+from scripts.data.labels import consensus_mask, slice_classes
+from scripts.data.lidc import LidcSource, patient_scan
+from scripts.data.lidc_stats import PAPER, lidc_statistics, main, markdown_table, scan_statistics
 
 PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0003"]
-# Slices with nodule and nodule pixels of each scan, counted by _vote_counts below without scripts.labels.
+# Slices with nodule and nodule pixels of each scan, counted by _vote_counts below without scripts.data.labels.
 VOTE_COUNTS = {"LIDC-IDRI-0001": (8, 5428), "LIDC-IDRI-0003": (13, 4206)}
 
 

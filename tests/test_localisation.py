@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from scripts.localisation import format_localisation, localisation_summary, localise
-from scripts.nam_sheet import choose_slices, draw_nam_sheet
+from scripts.evaluation.localisation import format_localisation, localisation_summary, localise
+from scripts.evaluation.nam_sheet import choose_slices, draw_nam_sheet
 from skimage.io import imread
 
 SIZE = 32

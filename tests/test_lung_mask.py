@@ -4,7 +4,7 @@ slice, also where the mask touches the slice's border."""
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts import lung_mask
+from scripts.pipeline import lungs
 from skimage.morphology import convex_hull_image
 
 
@@ -31,12 +31,12 @@ def _closing_on_the_whole_slice(mask, radius_px):
 def test_closing_on_the_bounding_box_equals_the_whole_slice(radius):
     radius = np.asarray(radius)
     for mask in _masks():
-        np.testing.assert_array_equal(lung_mask._closing(mask, radius), _closing_on_the_whole_slice(mask, radius))
+        np.testing.assert_array_equal(lungs._closing(mask, radius), _closing_on_the_whole_slice(mask, radius))
 
 
 def test_hole_filling_on_the_bounding_box_equals_the_whole_slice():
     for mask in _masks():
-        np.testing.assert_array_equal(lung_mask._fill_holes(mask), ndimage.binary_fill_holes(mask))
+        np.testing.assert_array_equal(lungs._fill_holes(mask), ndimage.binary_fill_holes(mask))
 
 
 def test_coarse_hull_on_the_bounding_box_equals_the_whole_slice():
@@ -45,4 +45,4 @@ def test_coarse_hull_on_the_bounding_box_equals_the_whole_slice():
         small = convex_hull_image(mask[::step, ::step])
         hull = np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: mask.shape[0], : mask.shape[1]]
         expected = ndimage.binary_erosion(hull, iterations=step) | mask
-        np.testing.assert_array_equal(lung_mask._coarse_convex_hull(mask, step), expected)
+        np.testing.assert_array_equal(lungs._coarse_convex_hull(mask, step), expected)

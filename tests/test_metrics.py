@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from scripts.metrics import (
+from scripts.evaluation.metrics import (
     binned_mean_sd,
     classification_summary,
     count_found_nodules,

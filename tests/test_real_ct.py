@@ -1,4 +1,4 @@
-"""Tests of the real-CT training set (``python -m scripts.prepare real``): two real scans at 2.25 mm pixels, 128 px."""
+"""Tests of the real-CT training set (``python -m scripts.data.prepare real``): two real scans at 2.25 mm, 128 px."""
 
 import json
 import os
@@ -8,13 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts import real_ct
-from scripts.crop import crop
-from scripts.dataset import prepare_dataset
-from scripts.insertion import blend_nodule, render_shape
-from scripts.labels import marked_slices
-from scripts.nodule_shapes import NoduleShapeLibrary, lidc_nodule_shapes, lidc_scan_patients, texture_rating
-from scripts.real_ct import RealCtSource
+from scripts.data import real_ct
+from scripts.data.dataset import prepare_dataset
+from scripts.data.insertion import blend_nodule, render_shape
+from scripts.data.labels import marked_slices
+from scripts.data.nodule_shapes import NoduleShapeLibrary, lidc_nodule_shapes, lidc_scan_patients, texture_rating
+from scripts.data.real_ct import RealCtSource
+from scripts.pipeline.crop import crop
 
 HELD_OUT = "LIDC-IDRI-0001"
 SCANS = [HELD_OUT, "Lung_Dx-A0002"]

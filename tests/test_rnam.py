@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from scripts.networks import GAPClassifier
-from scripts.rnam import crop_window, fill_candidates, logits_and_nam, rnam_scores, supports_incremental
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.classify import logits_and_nam
+from scripts.pipeline.screen import crop_window, fill_candidates, rnam_scores, supports_incremental
 from torch import nn
 
 

@@ -14,14 +14,14 @@ import SimpleITK as sitk
 import torch
 from known_response import InputRecorder, SpotNet
 from monai.bundle import ConfigParser
-from scripts.crop import crop_window
-from scripts.lung_mask import segment_lungs
-from scripts.read import scan_datalist
+from scripts.pipeline.crop import crop_window
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.read import scan_datalist
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import pylidc  # noqa: F401  (its import warns about pkg_resources)
-from scripts.lidc import patient_scan  # noqa: E402
+from scripts.data.lidc import patient_scan  # noqa: E402
 
 SPACING = 2.25  # the pixel spacing the test "model" was trained at: scans are resampled to it
 SIZE = 160
@@ -124,7 +124,7 @@ def spot_run(bundle_root, lidc_inputs, tmp_path_factory):
         input=str(lidc_inputs),
         output_dir=str(out),
         mode="fine",
-        rnam_crop=False,
+        **{"segmenter#screening#crop": False},
     )
     summary = parser.get_parsed_content("evaluator").run()
     return {"out": out, "summary": summary, "truth": truth, "parser": parser, "network": network}
@@ -214,9 +214,9 @@ def test_batched_and_one_by_one_classification_give_the_same_masks(spot_run, lid
     parser = spot_run["parser"]
     data = parser.get_parsed_content("preprocessing")({"image": str(lidc_inputs / "ras.nii.gz")})
     volume = data["image"][..., 80:100]
-    from scripts.networks import GAPClassifier
-    from scripts.scan import ScanSegmenter
-    from scripts.segmenter import WeaklySupervisedSegmenter
+    from scripts.networks.gap_classifier import GAPClassifier
+    from scripts.pipeline.scan_inferer import ScanSegmenter
+    from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 
     torch.manual_seed(0)
     network = GAPClassifier(width=0.0625, head_channels=64).eval()
@@ -234,10 +234,10 @@ def test_batched_and_one_by_one_classification_give_the_same_masks(spot_run, lid
 def test_the_classifier_sees_what_the_dataset_writer_wrote_for_training(bundle_root, lidc_root, tmp_path):
     """Orientation, lung crop and HU window of the scan path equal the LIDC preparation's, pixel for pixel."""
     import nibabel as nib
-    from scripts.dataset import prepare_dataset
-    from scripts.lidc import LidcSource
-    from scripts.scan import ScanSegmenter
-    from scripts.segmenter import WeaklySupervisedSegmenter
+    from scripts.data.dataset import prepare_dataset
+    from scripts.data.lidc import LidcSource
+    from scripts.pipeline.scan_inferer import ScanSegmenter
+    from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
 
     prepare_dataset(LidcSource(lidc_root, patients=["LIDC-IDRI-0001"]), tmp_path / "prepared", progress=False)
     import json

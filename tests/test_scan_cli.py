@@ -12,9 +12,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
-from scripts.checkpoint import TrainingRecord
-from scripts.networks import GAPClassifier
-from scripts.read import CheckScand, LoadScand, ScanError, scan_datalist
+from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.read import CheckScand, LoadScand, ScanError, scan_datalist
 
 SPACING = 4.0  # coarse pixels keep the run short
 

@@ -15,24 +15,31 @@ import pytest
 from known_response import DomeNet
 from monai.bundle import ConfigParser
 from monai.transforms import MapTransform
-from scripts.assemble import _largest_axial_diameter, axial_axis, nodule_table
-from scripts.atomic import write_folder_atomically
-from scripts.lung_mask import segment_lungs
-from scripts.prepare import scans
-from scripts.read import ScanError
-from scripts.write import ScanWriter
+from scripts.data.prepare import scans
+from scripts.pipeline.assemble import _largest_axial_diameter, axial_axis, nodule_table
+from scripts.pipeline.lungs import segment_lungs
+from scripts.pipeline.read import ScanError
+from scripts.pipeline.settings import config_overrides
+from scripts.pipeline.write import ScanWriter
+from scripts.utils.io import write_folder_atomically
 
 SIZE = 64
 # With DomeNet's NAM, which covers the window, coarse masks that are nearly all of the lungs: every ICM phase dense
 # (the fixed cut below air), no trimming, splitting or least area
 LUNGS = {
     "mode": "coarse",
-    "dense_rule": "fixed",
-    "dense_hu": -1100.0,
-    "icm_in_scope": False,
-    "trim_partial_volume": False,
-    "split_mm": 0.0,
-    "min_area_mm2": 0.0,
+    **config_overrides(
+        {
+            "candidates": {
+                "dense_rule": "fixed",
+                "dense_hu": -1100.0,
+                "icm_in_scope": False,
+                "trim_partial_volume": False,
+                "split_mm": 0.0,
+                "min_area_mm2": 0.0,
+            }
+        }
+    ),
 }
 
 

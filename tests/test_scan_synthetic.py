@@ -15,12 +15,12 @@ from known_response import SpotNet
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage
-from scripts.assemble import ScanResultd
-from scripts.checkpoint import TrainingRecord
-from scripts.crop import crop_window
-from scripts.lung_mask import segment_lungs
-from scripts.networks import GAPClassifier
-from scripts.prepare import scans
+from scripts.data.prepare import scans
+from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.assemble import ScanResultd
+from scripts.pipeline.crop import crop_window
+from scripts.pipeline.lungs import segment_lungs
 
 SIZE = 128
 
@@ -59,9 +59,13 @@ def test_nodule_table_of_known_nodules(bundle_root, synthetic_case):
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
     parser.update({"bundle_root": str(bundle_root), "model_settings": _settings()})
     data = parser.get_parsed_content("preprocessing")({"image": str(path)})
-    lungs = np.ones(truth.shape, np.float32)
-    channels = np.stack([(truth > 0).astype(np.float32), np.full(truth.shape, 0.9, np.float32), lungs])
-    data["pred"] = MetaTensor(torch.as_tensor(channels), affine=torch.as_tensor(image.affine))
+    outputs = {
+        "mask": (truth > 0).astype(np.float32),
+        "slice_probability": np.full(truth.shape, 0.9, np.float32),
+        "lungs": np.ones(truth.shape, np.float32),
+    }
+    for key, array in outputs.items():
+        data[key] = MetaTensor(torch.as_tensor(array[None]), affine=torch.as_tensor(image.affine))
     table = ScanResultd(mode="fine")(data)["result"]["nodules"]
     assert len(table) == 2
     for found, (centre, world, volume) in zip(
@@ -101,7 +105,7 @@ def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp
             "input": str(path),
             "output_dir": str(tmp_path),
             "mode": "two_nodule",
-            "rnam_crop": False,
+            "segmenter#screening#crop": False,
             "overview": False,
         }
     )
@@ -109,8 +113,8 @@ def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp
     result = json.loads((tmp_path / "SYN-0001" / "SYN-0001_nodules.json").read_text())
     # the table says what made it: the bundle version and the segmenter's settings, the config's overrides included
     assert result["bundle_version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
-    assert result["segmenter"]["mode"] == "two_nodule" and result["segmenter"]["crop"] is False
-    assert result["segmenter"]["dense_rule"] == parser.get_parsed_content("dense_rule")
+    assert result["segmenter"]["mode"] == "two_nodule" and result["segmenter"]["screening"]["crop"] is False
+    assert result["segmenter"]["candidates"] == parser.get_parsed_content("segmenter#candidates")
     nodules = result["nodules"]
     # each known nodule is the one row whose slices hold its centre and whose centroid is within 3 voxels in-plane, its
     # centroid within a voxel of the truth's. The oracle may also fire where other dense tissue crosses its places on

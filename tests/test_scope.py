@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from scripts.scope import bounding_box, nam_basins, refine_scope, screening_scope, top_scopes
+from scripts.pipeline.scope import bounding_box, nam_basins, refine_scope, screening_scope, top_scopes
 
 YY, XX = np.mgrid[:96, :96]
 

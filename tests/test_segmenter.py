@@ -1,4 +1,5 @@
-"""The segmenter as a MONAI inferer, and configs/inference_slices.json end to end on tiny slices."""
+"""The segmenter as a MONAI inferer, and the slice inference (configs/inference.json with inference_slices.json merged)
+end to end on tiny slices."""
 
 import inspect
 import json
@@ -6,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -13,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, run
-from monai.data import MetaTensor
-from scripts.checkpoint import TrainingRecord
-from scripts.networks import GAPClassifier
-from scripts.quickstart import QUICKSTART_CANDIDATES
-from scripts.segmenter import WeaklySupervisedSegmenter
+from monai.data import MetaTensor, decollate_batch
+from scripts.integration.config_runs import CLASSIFY, SLICE_INFERENCE, config_files
+from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
+from scripts.pipeline.settings import GROUPS, preset_changes
 from test_rnam import RegionNet
 
 SIZE = 64
@@ -58,25 +61,33 @@ def test_fine_coarse_two_nodule_on_a_known_nam():
     blobs = [(20, 20), (26, 28), (46, 46)]
     x = slice_with_blobs(*blobs)
     seg = WeaklySupervisedSegmenter("fine", spacing=(0.7, 0.7))
-    out = seg(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))
-    result = seg.last_results[0]
-    assert out.shape == (1, 1, SIZE, SIZE) and result.status == "segmented"
+    net = scoped_net((26, 28), [(23, 24, 8, 2.0)])
+    out = seg(x, net)
+    (result,) = seg.segment_batch(x, net)
+    assert set(out) == {"mask", "nam", "scope", "candidates", "record"} and result.status == "segmented"
+    assert all(out[key].shape == (1, 1, SIZE, SIZE) for key in ("mask", "nam", "scope", "candidates"))
     assert len(result.candidates) >= 2 and len(result.chosen) == 1
     chosen = result.candidates[result.chosen[0]]
-    assert chosen.mask[26, 28] and (out[0, 0].numpy() == chosen.mask).all()
+    assert chosen.mask[26, 28] and (out["mask"][0, 0].numpy() == chosen.mask).all()
     assert chosen.score == max(c.score for c in result.candidates)
     assert chosen.area_mm2 == pytest.approx(25 * 0.49)
-    record = json.loads(json.dumps(result.to_record()))
+    # the named outputs are this slice's: its NAM, its scope, its candidates numbered from 1, its record
+    np.testing.assert_array_equal(out["nam"][0, 0].numpy(), result.nam)
+    assert (out["scope"][0, 0].numpy() == 1).sum() == result.scopes[0].sum()
+    assert (out["candidates"][0, 0].numpy() == result.chosen[0] + 1).sum() == chosen.mask.sum()
+    record = json.loads(out["record"][0])
+    assert record == json.loads(json.dumps(result.to_record()))
     assert record["chosen"] == result.chosen and record["candidates"][0]["rnam_score"] is not None
 
     coarse = WeaklySupervisedSegmenter("coarse")
-    mask = coarse(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy().astype(bool)
-    union = np.any([c.mask for c in coarse.last_results[0].candidates], axis=0)
+    mask = coarse(x, net)["mask"][0, 0].numpy().astype(bool)
+    union = np.any([c.mask for c in coarse.segment_batch(x, net)[0].candidates], axis=0)
     assert (mask == union).all() and mask.sum() > chosen.mask.sum()
 
     two = WeaklySupervisedSegmenter("two_nodule")
-    mask = two(x, scoped_net((20, 20), [(20, 20, 8, 2.0), (46, 46, 6, 1.5)]))[0, 0].numpy()
-    result = two.last_results[0]
+    net = scoped_net((20, 20), [(20, 20, 8, 2.0), (46, 46, 6, 1.5)])
+    mask = two(x, net)["mask"][0, 0].numpy()
+    (result,) = two.segment_batch(x, net)
     assert len(result.scopes) == 2 and len(result.chosen) == 2
     assert mask[20, 20] and mask[46, 46] and not mask[26, 28]
 
@@ -85,17 +96,19 @@ def test_multi_gap_refines_scope_and_screens_with_the_classifier():
     x = slice_with_blobs((20, 20), (26, 28))
     multi = scoped_net((20, 20), [(20, 20, 3, 2.0)])
     seg = WeaklySupervisedSegmenter("multi_gap", multi_gap_network=multi)
-    mask = seg(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy()
-    result = seg.last_results[0]
+    net = scoped_net((26, 28), [(23, 24, 8, 2.0)])
+    mask = seg(x, net)["mask"][0, 0].numpy()
+    (result,) = seg.segment_batch(x, net)
     assert result.refined and result.base_scope[20, 20] and result.base_scope[26, 28]
     assert result.scopes[0][20, 20] and not result.scopes[0][26, 28]
     assert result.status == "segmented" and mask[20, 20] and not mask[26, 28]
     assert result.candidates[0].score > 0
     coarse = WeaklySupervisedSegmenter("multi_gap_coarse", multi_gap_network=multi)
-    coarse_mask = coarse(x, scoped_net((26, 28), [(23, 24, 8, 2.0)]))[0, 0].numpy()
-    union = np.any([c.mask for c in coarse.last_results[0].candidates], axis=0)
-    assert coarse.last_results[0].scopes[0][20, 20] and (coarse_mask == union).all()
-    assert all(np.isnan(c.score) for c in coarse.last_results[0].candidates)  # coarse: no R-NAM
+    coarse_mask = coarse(x, net)["mask"][0, 0].numpy()
+    (result,) = coarse.segment_batch(x, net)
+    union = np.any([c.mask for c in result.candidates], axis=0)
+    assert result.scopes[0][20, 20] and (coarse_mask == union).all()
+    assert all(np.isnan(c.score) for c in result.candidates)  # coarse: no R-NAM
     for mode in ("multi_gap", "multi_gap_coarse"):
         with pytest.raises(ValueError, match="multi_gap_network"):
             WeaklySupervisedSegmenter(mode)
@@ -109,15 +122,16 @@ def test_negative_flat_and_bad_inputs():
         net.fc.bias[1] = -20.0
     seg = WeaklySupervisedSegmenter("fine")
     out = seg(x, net)
-    assert out.shape == (2, 1, SIZE, SIZE) and not out.any()
-    assert [r.status for r in seg.last_results] == ["negative", "negative"]
-    assert seg.last_results[0].probability < 0.5
+    assert out["mask"].shape == (2, 1, SIZE, SIZE) and not out["mask"].any()
+    results = seg.segment_batch(x, net)
+    assert [r.status for r in results] == ["negative", "negative"] and results[0].probability < 0.5
+    assert [json.loads(r)["status"] for r in out["record"]] == ["negative", "negative"]
 
     with torch.no_grad():  # a positive slice with a flat NAM: no scope, empty mask, no exception
         net.fc.bias[1] = 20.0
         net.fc.weight.zero_()
     out = seg(x[:1], net)
-    assert not out.any() and seg.last_results[0].status == "no_scope"
+    assert not out["mask"].any() and json.loads(out["record"][0])["status"] == "no_scope"
 
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         seg(x[0], net)
@@ -131,11 +145,14 @@ def test_negative_flat_and_bad_inputs():
 
 def test_spacing_and_meta_from_metatensor():
     x = MetaTensor(slice_with_blobs((26, 28)), affine=torch.diag(torch.tensor([0.5, 0.8, 1.0, 1.0])))
-    seg = WeaklySupervisedSegmenter("fine", min_area_mm2=1.0)
-    out = seg(x, scoped_net((26, 28), [(26, 28, 8, 2.0)]))
-    assert isinstance(out, MetaTensor) and torch.allclose(out.affine, x.affine.double())
-    assert seg.last_results[0].spacing == pytest.approx((0.5, 0.8))
-    assert seg.last_results[0].candidates[seg.last_results[0].chosen[0]].area_mm2 == pytest.approx(25 * 0.4)
+    seg = WeaklySupervisedSegmenter("fine", candidates={"min_area_mm2": 1.0})
+    net = scoped_net((26, 28), [(26, 28, 8, 2.0)])
+    out = seg(x, net)
+    for key in ("mask", "nam", "scope", "candidates"):
+        assert isinstance(out[key], MetaTensor) and torch.allclose(out[key].affine, x.affine.double()), key
+    (result,) = seg.segment_batch(x, net)
+    assert result.spacing == pytest.approx((0.5, 0.8))
+    assert result.candidates[result.chosen[0]].area_mm2 == pytest.approx(25 * 0.4)
 
 
 def phantom_slice(rng: np.random.Generator, nodule: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +209,7 @@ def overrides(root: Path, out: Path, **extra) -> dict:
         "ckpt_path": str(root / "model.pt"),
         "multi_gap_ckpt_path": str(root / "model_2gap.pt"),
         "output_dir": str(out),
-        "min_area_mm2": 3.0,
+        "segmenter#candidates#min_area_mm2": 3.0,
         "device": "cpu",
         **extra,
     }
@@ -220,25 +237,17 @@ def check_outputs(root: Path, out: Path, stems: list[str], panels: bool = True) 
 STEMS = [f"S{i}_{10 + i}" for i in range(4)]
 
 
-@pytest.mark.parametrize("config", ["inference.json", "inference_slices.json"])
-def test_configs_default_to_the_segmenter_s_candidate_rules(bundle_root, config):
-    """The configs give scans and slices the same candidate rules as ``WeaklySupervisedSegmenter``'s defaults (the
-    real-CT rules); the quick start alone overrides the cut."""
-    defaults = inspect.signature(WeaklySupervisedSegmenter).parameters
-    parsed = json.loads((Path(bundle_root) / "configs" / config).read_text())
-    keys = (
-        "dense_hu",
-        "min_area_mm2",
-        "dense_rule",
-        "dense_margin_hu",
-        "icm_in_scope",
-        "trim_partial_volume",
-        "side_tissue_px",
-        "split_mm",
-        "split_vessel_mm",
-    )
-    assert {k: parsed[k] for k in keys} == {k: defaults[k].default for k in keys}
-    assert parsed["dense_rule"] == "relative" and QUICKSTART_CANDIDATES == {"dense_rule": "fixed"}
+@pytest.mark.parametrize("config", ["inference.json", SLICE_INFERENCE, CLASSIFY])
+def test_configs_default_to_the_segmenter_s_settings(config):
+    """The configs give scans and slices the settings of ``WeaklySupervisedSegmenter``'s defaults (the real-CT
+    candidate rules), every one written out once, in inference.json, which the slice configs merge; the quick
+    start's preset changes the cut alone."""
+    parsed = ConfigParser.load_config_files(config_files(config))["segmenter"]
+    for name, kind in GROUPS.items():
+        written = {k: v for k, v in asdict(kind()).items() if k != "batch_size"}
+        assert parsed[name] == written, name
+    assert parsed["candidates"]["dense_rule"] == "relative"
+    assert preset_changes("quickstart") == {"candidates": {"dense_rule": "fixed"}}
 
 
 def test_settings_name_every_rule_and_rebuild_the_segmenter():
@@ -247,31 +256,31 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
     chosen = {
         "mode": "two_nodule",
         "threshold": 0.3,
-        "scope_sigma": 2.0,
-        "scope_threshold": 0.25,
-        "scope_min_distance": 5,
-        "multi_gap_min_peak": 0.4,
-        "phases": 3,
-        "beta": 0.5,
-        "max_sweeps": 7,
-        "dense_hu": -650.0,
-        "min_area_mm2": 5.0,
-        "dense_rule": "fixed",
-        "dense_margin_hu": 120.0,
-        "icm_in_scope": False,
-        "trim_partial_volume": False,
-        "side_tissue_px": 2.5,
-        "split_mm": 1.5,
-        "split_vessel_mm": 2.5,
-        "n_nodules": 3,
-        "crop": False,
         "intensity_range": [-1100.0, 300.0],
+        "scope": {"sigma": 2.0, "threshold": 0.25, "min_distance": 5, "multi_gap_min_peak": 0.4, "n_nodules": 3},
+        "icm": {"phases": 3, "beta": 0.5, "max_sweeps": 7},
+        "candidates": {
+            "dense_rule": "fixed",
+            "dense_hu": -650.0,
+            "dense_margin_hu": 120.0,
+            "min_area_mm2": 5.0,
+            "icm_in_scope": False,
+            "trim_partial_volume": False,
+            "trim_iterations": 2,
+            "side_tissue_px": 2.5,
+            "split_mm": 1.5,
+            "drop_thin": False,
+            "split_vessel_mm": 2.5,
+        },
+        "screening": {"crop": False, "batch_size": 4},
     }
     settings = WeaklySupervisedSegmenter(**chosen).settings()
     assert settings == chosen and json.loads(json.dumps(settings)) == settings
-    not_rules = {"lung_mask_fn", "multi_gap_network", "batch_size", "spacing", "amp"}
+    not_rules = {"lung_mask_fn", "multi_gap_network", "spacing", "amp"}
     assert set(inspect.signature(WeaklySupervisedSegmenter).parameters) - not_rules == set(settings)
     assert WeaklySupervisedSegmenter(**settings).settings() == settings
+    with pytest.raises(ValueError, match="unknown candidates settings"):
+        WeaklySupervisedSegmenter(candidates={"dense_cut": -600.0})
 
 
 @pytest.mark.parametrize("mode", ["coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule"])
@@ -279,13 +288,13 @@ def test_config_modes_write_every_file(tiny_bundle, tmp_path, bundle_root, mode)
     out = tmp_path / mode
     run(
         "run",
-        config_file=str(bundle_root / "configs" / "inference_slices.json"),
+        config_file=config_files(SLICE_INFERENCE),
         bundle_root=str(bundle_root),
         **overrides(tiny_bundle, out, mode=mode),
     )
     records = check_outputs(tiny_bundle, out, STEMS)
     settings = json.loads((out / "settings.json").read_text())  # what made these masks, beside them
-    assert settings["segmenter"]["mode"] == mode and settings["segmenter"]["dense_rule"] == "relative"
+    assert settings["segmenter"]["mode"] == mode and settings["segmenter"]["candidates"]["dense_rule"] == "relative"
     assert settings["bundle_version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
     segmented = [r for r in records if r["status"] == "segmented"]
     assert segmented, [r["status"] for r in records]  # the fc bias makes most slices positive: the pipeline ran
@@ -308,7 +317,7 @@ def test_config_threshold_and_input_dir(tiny_bundle, tmp_path, bundle_root):
     out = tmp_path / "neg"
     run(
         "run",
-        config_file=str(bundle_root / "configs" / "inference_slices.json"),
+        config_file=config_files(SLICE_INFERENCE),
         bundle_root=str(bundle_root),
         **overrides(tiny_bundle, out, threshold=1.01, input_dir=str(tiny_bundle / "images")),
     )
@@ -330,7 +339,7 @@ def _fails_saying(pattern: str, **kwargs) -> None:
 
 def test_slices_or_settings_other_than_the_model_s_are_refused(tiny_bundle, tmp_path, bundle_root):
     """A model trained on 64 px slices is not fed 80 px ones (it would call every slice clean without a word)."""
-    config = {"config_file": str(bundle_root / "configs" / "inference_slices.json"), "bundle_root": str(bundle_root)}
+    config = {"config_file": config_files(SLICE_INFERENCE), "bundle_root": str(bundle_root)}
     _fails_saying(
         r"model\.pt was trained with image_size=64, but image_size=80 was given",
         **config,
@@ -355,7 +364,8 @@ def test_slices_or_settings_other_than_the_model_s_are_refused(tiny_bundle, tmp_
 def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
     out = tmp_path / "cli"
     args = [f"--{k}={v}" for k, v in overrides(tiny_bundle, out, max_panels=1).items()]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference_slices.json"]
+    configs = "['bundle/configs/inference.json','bundle/configs/inference_slices.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
     cmd += ["--bundle_root", "bundle", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=bundle_root.parent, env=env, capture_output=True, text=True, timeout=240)
@@ -365,10 +375,11 @@ def test_cli_from_repo_root(tiny_bundle, tmp_path, bundle_root):
 
 
 def test_monai_label_style_inference(tiny_bundle, bundle_root):
-    """What MONAI Label's BundleInferTask uses: network_def, preprocessing, inferer, postprocessing; result JSON.
-    The probability is the network's own on the slice, and the mask returned is the chosen candidates, not empty."""
+    """What MONAI Label's BundleInferTask calls, on the slices' config: network_def, preprocessing, inferer (its named
+    outputs taken apart by decollate_batch), postprocessing. The probability is the network's own on the slice, and the
+    mask is the chosen candidates, not empty."""
     parser = ConfigParser()
-    parser.read_config(str(bundle_root / "configs" / "inference_slices.json"))
+    parser.read_config(config_files(SLICE_INFERENCE))
     parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(tiny_bundle / "model.pt"), "use_lung_mask": False})
     network = parser.get_parsed_content("network_def")
     checkpoint = torch.load(tiny_bundle / "model.pt", weights_only=True)
@@ -378,13 +389,13 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
     with torch.no_grad():
         pred = parser.get_parsed_content("inferer")(data["image"][None], network)
         expected = float(torch.softmax(network(data["image"][None].as_tensor()), dim=1)[0, 1])
-    data["pred"] = pred[0]
+    data["pred"] = decollate_batch(pred)[0]
     data = parser.get_parsed_content("postprocessing")(data)
-    assert data["pred"].shape == (1, SIZE, SIZE)
-    result = data["result"]
+    assert data["mask"].shape == (1, SIZE, SIZE)
+    result = json.loads(data["record"])
     assert result["probability"] == pytest.approx(expected, abs=1e-6)
     assert result["status"] == "segmented" and result["chosen"]  # the fc bias calls the slice "nodule"
-    mask = data["pred"][0].numpy() > 0
+    mask = data["mask"][0].numpy() > 0
     chosen = np.isin(data["candidates"][0].numpy(), [i + 1 for i in result["chosen"]])
     assert mask.any() and np.array_equal(mask, chosen)
     assert mask.sum() * SPACING**2 == pytest.approx(result["mask_area_mm2"])
@@ -392,7 +403,7 @@ def test_monai_label_style_inference(tiny_bundle, bundle_root):
 
 
 def test_missing_inputs_give_clear_errors(tmp_path):
-    from scripts.dataset import inference_datalist
+    from scripts.data.dataset import inference_datalist
 
     with pytest.raises(FileNotFoundError, match="datalist"):
         inference_datalist(str(tmp_path))

@@ -5,9 +5,9 @@ import pickle
 import numpy as np
 import pytest
 from scipy import ndimage
-from scripts.cases import CaseAnnotations, CaseVolume
-from scripts.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks
-from scripts.synthetic import SyntheticSource
+from scripts.data.cases import CaseAnnotations, CaseVolume
+from scripts.data.nodule_shapes import lidc_nodule_shapes, lidc_scan_ids, resample_masks
+from scripts.data.synthetic import SyntheticSource
 
 SMALL = dict(size=128, n_slices=16)
 
@@ -249,16 +249,15 @@ def test_nodule_kinds_name_each_annotated_nodule():
 
 def test_ground_glass_nodules_have_real_densities_and_texture():
     """By default ground-glass (and the rim of part-solid) nodules are drawn at -800..-550 HU, as on real CT, and
-    painted with an uneven texture; solid ones are painted flat. The first generator's denser ground-glass stays an
-    option."""
-    from scripts.cases import Nodule
-    from scripts.synthetic import FIRST_GGO_HU, REAL_GGO_TEXTURE_HU, _Lesion
+    painted with an uneven texture; solid ones are painted flat. Other densities stay an option."""
+    from scripts.data.cases import Nodule
+    from scripts.data.synthetic import REAL_GGO_TEXTURE_HU, _Lesion
 
     source = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), **SMALL)
     assert source.settings()["ggo_texture_hu"] == REAL_GGO_TEXTURE_HU > 0
     drawn = [lesion for i in range(12) for lesion in source._plan(i).nodules]
     assert len(drawn) >= 5 and all(-800.0 <= lesion.ggo_hu <= -550.0 for lesion in drawn)
-    first = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), ggo_hu=FIRST_GGO_HU, **SMALL)
+    first = SyntheticSource(n_cases=12, seed=3, nodule_types_p=(0.0, 0.5, 0.5), ggo_hu=(-550.0, -300.0), **SMALL)
     assert all(-550.0 <= lesion.ggo_hu <= -300.0 for i in range(12) for lesion in first._plan(i).nodules)
     ball = np.zeros((3, 15, 15, 7), bool)
     ball[:, 1:14, 1:14, 1:6] = (

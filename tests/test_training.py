@@ -18,11 +18,12 @@ from dataset_factory import write_tiny_dataset
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
-from scripts.checkpoint import load_checkpoint
-from scripts.localisation import localise
-from scripts.metrics import classification_summary
-from scripts.networks import GAPClassifier
-from scripts.training import last_checkpoint
+from scripts.evaluation.localisation import localise
+from scripts.evaluation.metrics import classification_summary
+from scripts.integration.config_runs import CLASSIFY, config_files
+from scripts.networks.checkpoint import load_checkpoint
+from scripts.networks.gap_classifier import GAPClassifier
+from scripts.training.engine import last_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +223,7 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
         "num_overlays": 3,
         **TINY,  # as the checkpoint records them (giving them is allowed, not needed)
     }
-    workflow = ConfigWorkflow(config_file=str(CONFIGS / "classify.json"), workflow_type=None, **settings)
+    workflow = ConfigWorkflow(config_file=config_files(CLASSIFY), workflow_type=None, **settings)
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -265,7 +266,7 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
     assert (tmp_path / "classify" / "nam_sheet.png").stat().st_size > 10_000
 
     folder = ConfigWorkflow(
-        config_file=str(CONFIGS / "classify.json"),
+        config_file=config_files(CLASSIFY),
         workflow_type=None,
         **{**settings, "input_dir": str(dataset / "images"), "output_dir": str(tmp_path / "folder")},
     )
@@ -279,7 +280,7 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
 def test_slice_class_comes_from_the_item_or_from_the_mask(tmp_path):
     import nibabel as nib
     import numpy as np
-    from scripts.transforms import SliceClassd
+    from scripts.training.transforms import SliceClassd
 
     mask = np.zeros((8, 8), np.uint8)
     empty, nodule = tmp_path / "empty.nii.gz", tmp_path / "nodule.nii.gz"

@@ -1,4 +1,4 @@
-"""The Model Zoo checks (scripts.verify_bundle): the bundle passes them, and each fails on a broken copy."""
+"""The Model Zoo checks (scripts.integration.verify_bundle): the bundle passes them, and each fails on a broken copy."""
 
 import hashlib
 import json
@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from scripts.verify_bundle import CHECKS, SCHEMA_SHA256, main, standin_dataset, verify_bundle
+from scripts.integration.verify_bundle import CHECKS, SCHEMA_SHA256, main, standin_dataset, verify_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "schemas" / "meta_schema_20240725.json"
@@ -181,7 +181,7 @@ def test_infer_properties_fail_without_dataset(bundle_copy):
 
 
 def test_export_of_a_trained_checkpoint_and_of_a_mismatched_one(bundle_copy, tmp_path):
-    from scripts.networks import GAPClassifier
+    from scripts.networks.gap_classifier import GAPClassifier
 
     ckpt = bundle_copy / "models" / "model.pt"
     torch.manual_seed(1)
@@ -196,7 +196,7 @@ def test_export_of_a_trained_checkpoint_and_of_a_mismatched_one(bundle_copy, tmp
 
 def record_checkpoint(path: Path, seed: int = 2) -> None:
     """A checkpoint as training saves it: the weights under "model" beside a record of the training settings."""
-    from scripts.networks import GAPClassifier
+    from scripts.networks.gap_classifier import GAPClassifier
 
     torch.manual_seed(seed)
     net = GAPClassifier(width=SMALL["width"])
@@ -218,7 +218,7 @@ def test_exports_of_a_checkpoint_with_its_training_record(bundle_copy, tmp_path)
 
 
 def test_onnx_round_trip_gives_the_logits_and_nam(bundle_copy, tmp_path):
-    from scripts.networks import GAPClassifier
+    from scripts.networks.gap_classifier import GAPClassifier
 
     ckpt = bundle_copy / "models" / "model.pt"
     record_checkpoint(ckpt)
@@ -242,7 +242,7 @@ def test_onnx_round_trip_gives_the_logits_and_nam(bundle_copy, tmp_path):
 def test_onnx_export_with_a_size_frozen_by_tracing_fails(bundle_copy, monkeypatch):
     # A realistic export bug: the NAM resized to Python ints, which tracing records as constants. The eager network is
     # right at every size; the ONNX graph returns the traced size, which the check's second input exposes.
-    from scripts.networks import GAPClassifier
+    from scripts.networks.gap_classifier import GAPClassifier
 
     def forward_with_nam_frozen(self, x):
         size = [int(s) for s in x.shape[2:]]
@@ -334,7 +334,16 @@ def test_cli_reports_and_exits_nonzero(bundle_copy, capsys):
 
 
 def test_module_entry_point_runs_in_the_bundle(bundle_copy):
-    cmd = [sys.executable, "-m", "scripts.verify_bundle", "--schema", str(SCHEMA), "--checks", "metadata", "version"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.integration.verify_bundle",
+        "--schema",
+        str(SCHEMA),
+        "--checks",
+        "metadata",
+        "version",
+    ]
     done = subprocess.run(cmd, cwd=bundle_copy, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 of 2 checks passed" in done.stdout

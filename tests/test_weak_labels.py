@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scripts.weak_labels import WeakLabelDataset, is_volume_item
+from scripts.data.weak_labels import WeakLabelDataset, is_volume_item
 from test_scan import _sitk_series, pylidc_mask
 
 MARGIN = 2

@@ -1,12 +1,12 @@
 """A trained classifier's own answer on a slice: what the probabilities a pipeline writes must equal.
 
-The checkpoint is read and the network built by hand (not through ``scripts.checkpoint``), and the slice is put in
-the lung window here, so that a pipeline that loads no weights, or feeds the network other pixels, is seen.
+The checkpoint is read and the network built by hand (not through ``scripts.networks.checkpoint``), and the slice is put
+in the lung window here, so that a pipeline that loads no weights, or feeds the network other pixels, is seen.
 """
 
 import numpy as np
 import torch
-from scripts.networks import GAPClassifier
+from scripts.networks.gap_classifier import GAPClassifier
 
 
 def trained_classifier(path) -> GAPClassifier:

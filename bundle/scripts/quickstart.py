@@ -16,73 +16,35 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import shutil
-import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import fire
 import torch
-from ignite.engine import Engine, Events
-from monai.bundle import run
-from tqdm import tqdm
 
-from .atomic import write_json, write_text
-from .dataset import prepare_dataset
-from .evaluate import format_mean_sd, format_number, table1_cells
-from .localisation import format_localisation
-from .synthetic import SyntheticSource
+from .data.dataset import prepare_dataset
+from .data.synthetic import SyntheticSource
+from .evaluation.evaluate import format_mean_sd, format_number, table1_cells
+from .evaluation.localisation import format_localisation
+from .integration.config_runs import BUNDLE_ROOT, CLASSIFY, SLICE_INFERENCE, quiet_log, run_config
+from .pipeline.settings import preset_changes, preset_overrides
+from .utils.io import write_json, write_text
 
-__all__ = ["quickstart", "quickstart_full", "StageProgress", "quiet_log", "PAPER_TABLE1", "PAPER_ACCURACY"]
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = BUNDLE_ROOT / "configs"
-
-# Warnings that do not concern a quick-start user, silenced while it runs (messages matched at their start):
-# MONAI's notice that a config is evaluated (the quick start runs only this bundle's own configs), pylidc's import of
-# the deprecated pkg_resources (a dependency's affair; setuptools is pinned below 82 for it), and the DICOM GPU codec
-# MONAI looks for when it builds its image readers (the bundle reads NIfTI slices).
-QUIET_WARNINGS = (
-    "parsing config_file",
-    "pkg_resources is deprecated",
-    "NvImgCodecPydicomReader",
-)
-# Loggers whose INFO lines repeat on every config and every epoch (the inputs MONAI echoes, the engines' start, epoch
-# and checkpoint lines): WARNING and above still come through. The stage's progress bar says what they said.
-# MONAI's get_logger sets INFO on each module's logger, so they are named one by one. The GPU DICOM codec's notice
-# (the bundle reads NIfTI) is a WARNING that does not concern the user: ERROR for that one.
-QUIET_LOGGERS = {
-    "monai.bundle.scripts": logging.WARNING,
-    "monai.bundle.workflows": logging.WARNING,
-    "ignite.engine.engine": logging.WARNING,
-    "monai.data.nvimgcodec_pydicom_plugin": logging.ERROR,
-}
-# Handlers of the configs that write a line per iteration or a bar per epoch; StageProgress replaces them.
-_NOISY_HANDLERS = ("StatsHandler", "ignite.handlers.ProgressBar", "ProgressBar")
+__all__ = ["quickstart", "quickstart_full", "train_classifier", "classify_split", "PAPER_TABLE1", "PAPER_ACCURACY"]
 
 
 # The synthetic chest the quick start learns from. At 128 px a pixel is 2.25 mm, so a 5 mm nodule is a 2-3 pixel dot
-# that looks like the vessel cross-sections around it: trained from scratch for minutes, a classifier stays at
-# chance (validation AUC 0.5-0.6) on the SyntheticSource defaults (nodules from 3 mm, vessel trunks 4.5-5.5 mm in
-# radius). With nodules from 10 mm and thinner vessel trees (trunks 2.5-3.5 mm, closer to segmental arteries) it
-# learns them (test AUC 0.79) and its NAM peaks near the nodule five times as often as at a random lung pixel.
-# Its ground-glass is the generator's default since 0.5.4, real CT's -800..-550 HU with texture.
+# that looks like the vessel cross-sections around it: trained from scratch for minutes, a classifier stays near
+# chance on the SyntheticSource defaults (nodules from 3 mm, vessel trunks 4.5-5.5 mm in radius). With nodules from
+# 10 mm and thinner vessel trees (trunks 2.5-3.5 mm, closer to segmental arteries) it learns them (docs/results.md).
 QUICKSTART_SYNTHETIC = {"min_diameter_mm": 10.0, "vessel_radius_mm": (2.5, 3.5)}
 
-# The candidate rule of the quick start's segmentations: the bundle's defaults (phases fitted again in the scope,
-# partial volume trimmed, necks split) with the paper's fixed -600 HU cut instead of "100 HU above the parenchyma".
-# On these 2.25 mm pixels the vessels' partial-volume halo is a phase of its own about 200 HU above the parenchyma,
-# and the trained NAM's scope is large (a median 40 % of the slice), so the relative cut takes every vessel and its
-# halo: 1-GAP coarse TP Dice 0.375 -> 0.133, fine 0.743 -> 0.534; with the fixed cut 0.372 and 0.765
-# (bench/quickstart_rules.py).
-# On real CT at 0.75 mm the relative cut does not do this, even with a scope of 60 mm radius
-# (docs/segmentation_choices.md).
-QUICKSTART_CANDIDATES = {"dense_rule": "fixed"}
+# The segmenter's settings in the quick start's segmentations: the "quickstart" preset (scripts.pipeline.settings).
+# On real CT at 0.75 mm the defaults' relative cut holds (docs/segmentation_choices.md).
+QUICKSTART_SEGMENTER = preset_overrides("quickstart")
 
 # From scratch on a CPU the paper's plain VGG16 with SGD does not train (it fine-tunes ImageNet weights); batch
 # normalisation and Adam do, so the quick start uses them, one learning rate for backbone, heads and FC.
@@ -102,7 +64,7 @@ PAPER_TABLE1: dict[str, tuple] = {
 # The paper's test accuracy of the 1-, 2- and 3-GAP classifiers.
 PAPER_ACCURACY = {1: 0.884, 2: 0.866, 3: 0.844}
 # Table 1's weakly supervised rows: (gap levels of the scope network, inference mode). 1-GAP uses the plain modes;
-# 2-/3-GAP refine the 1-GAP scope with the multi-GAP network (METHOD.md, segmentation step 4).
+# 2-/3-GAP refine the 1-GAP scope with the multi-GAP network (the paper's multi-GAP segmentation).
 WEAK_ROWS = {
     "1-GAP coarse": (1, "coarse"),
     "2-GAP coarse": (2, "multi_gap_coarse"),
@@ -112,132 +74,9 @@ WEAK_ROWS = {
     "3-GAP fine": (3, "multi_gap"),
 }
 # The quick start's U-Net: MONAI's BasicUNet at a quarter of the bundle's channels, so that on a CPU one U-Net training
-# step costs about what a classifier step costs (*inferred*: the paper does not give the U-Net's widths). At half the
-# channels a step cost 3.5 times a 1-GAP step at 128 px, and the U-Net was 35 of the full run's 78 minutes; a quarter
-# costs a third of that (0.27 against 0.75-0.89 s a batch of 20 on the 2-core build machine).
+# step costs about what a classifier step costs (*inferred*: the paper does not give the U-Net's widths); at half the
+# channels the U-Net took half of the full run's time on a CPU.
 QUICKSTART_UNET_FEATURES = (8, 8, 16, 32, 64, 8)
-
-
-class StageProgress:
-    """One progress bar for a whole engine run (every epoch), instead of a bar per epoch and a line per iteration.
-
-    On a terminal the bar shows the last loss and the validator's metrics; when the output is not a terminal (a log
-    file, CI) there is no bar, one line per epoch of a multi-epoch run, and one line at the end.
-
-    Args:
-        desc: the stage's name, printed before the bar.
-        validator: the engine run at the end of each epoch (``ValidationHandler``), whose metrics are shown.
-    """
-
-    def __init__(self, desc: str, validator: Engine | None = None) -> None:
-        self.desc, self.validator = desc, validator
-        self.bar: tqdm | None = None
-        self.start = 0.0
-
-    def attach(self, engine: Engine) -> None:
-        """Register the bar's events on ``engine``."""
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
-        engine.add_event_handler(Events.COMPLETED, self._completed)
-
-    def _metrics(self, engine: Engine) -> dict[str, float]:
-        metrics = {}
-        for source in (engine, self.validator):
-            if source is not None:
-                metrics.update({k: v for k, v in source.state.metrics.items() if isinstance(v, (int, float))})
-        return metrics
-
-    @staticmethod
-    def _format(metrics: dict[str, float]) -> str:
-        return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-
-    def _started(self, engine: Engine) -> None:
-        self.start = time.perf_counter()
-        total = engine.state.max_epochs * (engine.state.epoch_length or 0)
-        self.bar = tqdm(
-            total=total or None,
-            initial=engine.state.iteration,
-            desc=self.desc,
-            unit="it",
-            disable=not sys.stderr.isatty(),  # \r updates in a log file are noise: the epoch lines say it there
-            dynamic_ncols=True,
-            leave=True,
-        )
-
-    def _iteration(self, engine: Engine) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        output = engine.state.output
-        if isinstance(output, list) and output and isinstance(output[0], dict) and "loss" in output[0]:
-            self.bar.set_postfix_str(f"loss {float(output[0]['loss']):.4f}", refresh=False)
-
-    def _epoch(self, engine: Engine) -> None:
-        if engine.state.max_epochs <= 1:
-            return
-        text = f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {self._format(self._metrics(engine))}"
-        if self.bar is not None and not self.bar.disable:
-            self.bar.set_postfix_str(text, refresh=True)
-        else:
-            print(f"{self.desc}: {text}", flush=True)
-
-    def _completed(self, engine: Engine) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        line = f"{self.desc}: {engine.state.iteration} iterations in {time.perf_counter() - self.start:.0f} s"
-        best = self.validator if self.validator is not None else engine
-        name = getattr(best.state, "key_metric_name", None)
-        if name and getattr(best.state, "best_metric_epoch", -1) > 0:
-            line += f"; best {name} {best.state.best_metric:.4f} at epoch {best.state.best_metric_epoch}"
-        print(line, flush=True)
-
-
-@contextmanager
-def quiet_log() -> Iterator[None]:
-    """Silence :data:`QUIET_WARNINGS` and raise :data:`QUIET_LOGGERS` to their levels for the ``with`` block only."""
-    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    with warnings.catch_warnings():
-        for message in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        for name, level in QUIET_LOGGERS.items():
-            logging.getLogger(name).setLevel(level)
-        try:
-            yield
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
-
-
-def _quiet_handlers(config: dict, desc: str) -> dict[str, list]:
-    """Overrides of the config's handler lists: per-iteration loggers and per-epoch bars off, one StageProgress on
-    the main engine (the trainer, else the evaluator), given the validator when there is one."""
-    lists = {}
-    for key in ("train#handlers", "validate#handlers", "handlers"):
-        node: Any = config
-        for part in key.split("#"):
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, list):
-            lists[key] = [
-                {**h, "_disabled_": True} if isinstance(h, dict) and h.get("_target_") in _NOISY_HANDLERS else h
-                for h in node
-            ]
-    main = "train#handlers" if "train#handlers" in lists else "handlers"
-    if main in lists:
-        progress = {"_target_": "scripts.quickstart.StageProgress", "desc": desc}
-        if main == "train#handlers" and "validate" in config:
-            progress["validator"] = "@validate#evaluator"
-        lists[main] = lists[main] + [progress]
-    return lists
-
-
-def _run_config(run_id: str, config: str, desc: str | None = None, **overrides) -> None:
-    """``python -m monai.bundle run <run_id> --config_file configs/<config>`` with the bundle's logging config; with
-    ``desc``, one progress bar for the run (see :class:`StageProgress`) instead of the config's own log lines."""
-    path = CONFIGS / config
-    if desc is not None:
-        overrides = {**_quiet_handlers(json.loads(path.read_text()), desc), **overrides}
-    run(run_id, config_file=str(path), logging_file=str(CONFIGS / "logging.conf"), **overrides)
 
 
 def _stage(title: str) -> float:
@@ -245,21 +84,21 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
-# AMP only where it does something: on a CPU MONAI's engines would disable it with a warning on every config.
 def _describe_recipe(width: float, epochs: int) -> str:
     return f"width {width}, batch norm, Adam, {epochs} epochs"
 
 
 def _amp() -> bool:
+    # AMP only where it does something: on a CPU MONAI's engines would disable it with a warning on every config
     return torch.cuda.is_available()
 
 
-def _train_classifier(
+def train_classifier(
     out_dir: Path, name: str, gap_levels: int, common: dict, epochs: int, batch_size: int, lr: float, seed: int
 ) -> Path:
     """``configs/train.json`` for one classifier into ``<out>/models/<name>``; returns its best checkpoint."""
     ckpt_dir = out_dir / "models" / name if name else out_dir / "models"
-    _run_config(
+    run_config(
         "training",
         "train.json",
         desc=f"train {gap_levels}-GAP",
@@ -388,26 +227,26 @@ def _quickstart_short(
     timings["prepare_s"] = time.perf_counter() - start
 
     start = _stage(f"2/5 train a 1-GAP classifier ({_describe_recipe(width, epochs)})")
-    ckpt = _train_classifier(out_dir, "", 1, common, epochs, batch_size, learning_rate, seed)
+    ckpt = train_classifier(out_dir, "", 1, common, epochs, batch_size, learning_rate, seed)
     timings["train_s"] = time.perf_counter() - start
 
     start = _stage("3/5 classify the test split: does the classifier see the nodules, and where does its NAM look?")
-    report = _classify(out_dir / "classification", ckpt, 1, common)
+    report = classify_split(out_dir / "classification", ckpt, 1, common)
     timings["classify_s"] = time.perf_counter() - start
 
     predictions = {}
     for mode in ("coarse", "fine"):
         start = _stage(f"4/5 segment the test split: {mode}")
         predictions[f"1-GAP {mode}"] = str(out_dir / "predictions" / f"1gap_{mode}")
-        _run_config(
+        run_config(
             "run",
-            "inference_slices.json",
+            SLICE_INFERENCE,
             desc=f"segment {mode}",
             mode=mode,
             ckpt_path=str(ckpt),
             max_panels=max_panels,
             output_dir=predictions[f"1-GAP {mode}"],
-            **QUICKSTART_CANDIDATES,
+            **QUICKSTART_SEGMENTER,
             **common,
         )
         timings[f"segment_{mode}_s"] = time.perf_counter() - start
@@ -426,12 +265,12 @@ def _quickstart_short(
     return metrics
 
 
-def _classify(output_dir: Path, ckpt: Path, gap_levels: int, common: dict) -> dict:
+def classify_split(output_dir: Path, ckpt: Path, gap_levels: int, common: dict) -> dict:
     """``configs/classify.json`` on the test split: probabilities, NAMs and the classifier's report (AUC,
     accuracy, NAM localisation and the NAM picture); returns the report."""
-    _run_config(
+    run_config(
         "run",
-        "classify.json",
+        CLASSIFY,
         desc=f"classify {gap_levels}-GAP",
         ckpt_path=str(ckpt),
         gap_levels=gap_levels,
@@ -445,7 +284,7 @@ def _classify(output_dir: Path, ckpt: Path, gap_levels: int, common: dict) -> di
 
 
 def _evaluate(dataset_dir: Path, predictions: dict[str, str], output_dir: Path) -> None:
-    _run_config(
+    run_config(
         "run",
         "evaluate.json",
         bundle_root=str(BUNDLE_ROOT),
@@ -532,7 +371,7 @@ def quickstart_full(
                 "unet_batch_size": unet_batch_size,
                 "unet_features": list(unet_features),
                 "unet_learning_rate": unet_learning_rate,
-                "candidates": QUICKSTART_CANDIDATES,
+                "candidates": preset_changes("quickstart")["candidates"],
             }
         )
     )
@@ -557,12 +396,12 @@ def quickstart_full(
         step(
             f"train_{k}gap",
             [models / f"gap{k}", out_dir / "logs" / f"gap{k}"],
-            lambda k=k: _train_classifier(out_dir, f"gap{k}", k, common, epochs, batch_size, learning_rate, seed),
+            lambda k=k: train_classifier(out_dir, f"gap{k}", k, common, epochs, batch_size, learning_rate, seed),
         )
     step(
         "train_unet",
         [models / "unet", out_dir / "logs" / "unet"],
-        lambda: _run_config(
+        lambda: run_config(
             "training",
             "train_unet.json",
             desc="train U-Net",
@@ -580,7 +419,7 @@ def quickstart_full(
         step(
             f"classify_{k}gap",
             [classify_dir / f"gap{k}"],
-            lambda k=k: _classify(classify_dir / f"gap{k}", models / f"gap{k}" / "model.pt", k, common),
+            lambda k=k: classify_split(classify_dir / f"gap{k}", models / f"gap{k}" / "model.pt", k, common),
         )
     predictions = {}
     for row, (k, mode) in WEAK_ROWS.items():
@@ -590,15 +429,15 @@ def quickstart_full(
         step(
             f"segment_{k}gap_{mode}",
             [folder],
-            lambda folder=folder, mode=mode, extra=extra, row=row: _run_config(
+            lambda folder=folder, mode=mode, extra=extra, row=row: run_config(
                 "run",
-                "inference_slices.json",
+                SLICE_INFERENCE,
                 desc=f"segment {row}",
                 mode=mode,
                 ckpt_path=str(models / "gap1" / "model.pt"),  # the 1-GAP model classifies and screens (R-NAM)
                 output_dir=str(folder),
                 max_panels=max_panels,
-                **QUICKSTART_CANDIDATES,
+                **QUICKSTART_SEGMENTER,
                 **extra,
                 **common,
             ),
@@ -608,7 +447,7 @@ def quickstart_full(
     def segment_unet() -> None:
         if not unet_ckpt.is_file():
             raise FileNotFoundError(f"the U-Net's training left no best checkpoint: {unet_ckpt}")
-        _run_config(
+        run_config(
             "run",
             "inference_unet.json",
             desc="segment U-Net",

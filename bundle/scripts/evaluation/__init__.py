@@ -1,0 +1,1 @@
+"""Scoring, reports and the per-slice outputs that are scored."""

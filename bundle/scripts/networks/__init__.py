@@ -1,0 +1,1 @@
+"""The classifier, its checkpoints and its ImageNet weights."""

@@ -1,0 +1,291 @@
+"""Residual NAM (R-NAM) screening of nodule candidates (the paper's Eq. 4).
+
+Each candidate R_j is filled in the image, all filled copies go through the network in one batch, and
+``score_j = sum_{(x, y) in C} (NAM_I - NAM_{I \\ R_j})^2``; the candidate whose removal changes the NAM
+in the scope C the most is the nodule.
+
+Two exact shortcuts, both on by default:
+
+- Cropping: the NAM inside C depends only on the input pixels within the network's context radius of C.
+  A crop whose origin is a multiple of the network's stride (so pooling grids and the bilinear upsampling
+  grid coincide with the full image's) and which reaches ``nam_context_radius`` beyond C on every side
+  gives the same NAM in C as the full image, at the cost of a smaller forward.
+- Incremental recomputation (``GAPClassifier`` only): a filled copy differs from the image only inside
+  R_j, so a layer's activations differ only inside R_j's box grown by the layers' reach (1 px per 3x3
+  convolution, halved by each pooling). The unmasked image runs once with every layer's input cached;
+  the copies then recompute, layer by layer, only that window (one window for a batch: the union), reading
+  its surroundings from the cache. The NAM is linear in the head activations, so the NAM change is the
+  upsampled change of the head NAMs, each non-zero only in its head's window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..networks.gap_classifier import GAPClassifier
+from .classify import logits_and_nam
+
+__all__ = ["fill_candidates", "crop_window", "supports_incremental", "rnam_scores"]
+
+
+def fill_candidates(image: torch.Tensor, masks: np.ndarray, fill_value: float) -> torch.Tensor:
+    """``(N, C, H, W)`` copies of a ``(C, H, W)`` image, copy j with candidate j set to ``fill_value``."""
+    masks_t = torch.as_tensor(np.asarray(masks, bool), device=image.device)[:, None]
+    return torch.where(masks_t, torch.as_tensor(fill_value, dtype=image.dtype, device=image.device), image[None])
+
+
+def crop_window(
+    box: tuple[int, int, int, int], shape: tuple[int, int], stride: int, radius: int
+) -> tuple[slice, slice] | None:
+    """The stride-aligned crop that gives the exact NAM inside ``box``, or None when only the full image will do.
+
+    Args:
+        box: ``(row_start, col_start, row_stop, col_stop)`` of the region where the NAM is needed.
+        shape: ``(H, W)`` of the image.
+        stride: the network's total stride (crop origins and sizes are multiples of it).
+        radius: input pixels on each side of a NAM pixel that can influence it.
+
+    Returns:
+        ``(rows, cols)`` slices, or None when the image size is not a multiple of the stride (the
+        upsampling grid would differ) or the crop would not be smaller than the image.
+    """
+    if stride < 1 or radius < 0:
+        raise ValueError(f"need stride >= 1 and radius >= 0, got {stride}, {radius}")
+    if any(n % stride for n in shape):
+        return None
+    window = []
+    for start, stop, n in ((box[0], box[2], shape[0]), (box[1], box[3], shape[1])):
+        lo = max(0, (start - radius) // stride * stride)
+        hi = min(n, math.ceil((stop + radius) / stride) * stride)
+        window.append(slice(lo, hi))
+    if (window[0].stop - window[0].start) * (window[1].stop - window[1].start) >= shape[0] * shape[1]:
+        return None
+    return window[0], window[1]
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _geometry(layer: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None:
+    """``(kernel, stride, padding)`` per axis of a windowed layer; None for an elementwise one (ReLU, eval-mode BN)."""
+    if isinstance(layer, (nn.ReLU, nn.BatchNorm2d)):
+        return None
+    return tuple(_pair(getattr(layer, name)) for name in ("kernel_size", "stride", "padding"))
+
+
+def supports_incremental(network: Callable) -> bool:
+    """Whether ``network`` is a ``GAPClassifier`` built only of layers the incremental path reproduces exactly.
+
+    Those are ReLUs, batch normalisation in eval mode (a per-channel affine map), zero-padded undilated
+    convolutions and unpadded undilated max pooling without ceil mode; anything else (e.g. reflection padding, or
+    batch statistics in training mode) changes which pixels a layer reads, so it takes the general path.
+    """
+    if not isinstance(network, GAPClassifier):
+        return False
+    layers = [*network.features[: max(network.tap_indices) + 1], *(layer for head in network.heads for layer in head)]
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            ok = layer.padding_mode == "zeros" and not isinstance(layer.padding, str) and layer.dilation == (1, 1)
+        elif isinstance(layer, nn.MaxPool2d):
+            ok = _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1) and not layer.ceil_mode
+        elif isinstance(layer, nn.BatchNorm2d):
+            ok = not layer.training
+        else:
+            ok = isinstance(layer, nn.ReLU)
+        if not ok:
+            return False
+    return True
+
+
+class _Changed(NamedTuple):
+    """The masked copies' activations ``values`` ``(N, C, h, w)`` in the window at ``(top, left)`` where they
+    may differ from the unmasked image's (outside it they are equal)."""
+
+    top: int
+    left: int
+    values: torch.Tensor
+
+
+def _reach(start: int, stop: int, size: int, kernel: int, stride: int, padding: int) -> tuple[int, int, int, int]:
+    """Along one axis: the outputs ``[o0, o1)`` that inputs ``[start, stop)`` influence, and the padded-input
+    span ``[i0, i1)`` that those outputs read."""
+    outputs = (size + 2 * padding - kernel) // stride + 1
+    o0 = max(0, math.ceil((start + padding - kernel + 1) / stride))
+    o1 = min(outputs, math.ceil((stop + padding) / stride))
+    return o0, o1, stride * o0, stride * (o1 - 1) + kernel
+
+
+def _cache_inputs(
+    layers: Sequence[nn.Module], x: torch.Tensor, keep: Sequence[int] = ()
+) -> tuple[list[torch.Tensor | None], torch.Tensor, dict[int, torch.Tensor]]:
+    """Run the unmasked ``x`` through ``layers``: each windowed layer's input zero-padded by its padding (so
+    slicing it reproduces the layer's border), the output, and the outputs of the layers indexed in ``keep``."""
+    inputs: list[torch.Tensor | None] = []
+    kept = {}
+    for index, layer in enumerate(layers):
+        geometry = _geometry(layer)
+        inputs.append(None if geometry is None else F.pad(x, (geometry[2][1],) * 2 + (geometry[2][0],) * 2))
+        x = layer(x)
+        if index in keep:
+            kept[index] = x
+    return inputs, x, kept
+
+
+def _advance(layer: nn.Module, cached: torch.Tensor | None, changed: _Changed) -> _Changed | None:
+    """Apply ``layer`` to the masked copies inside the window only (None: the change does not reach its output)."""
+    if cached is None:  # elementwise: the window stays
+        return _Changed(changed.top, changed.left, layer(changed.values))
+    kernel, stride, padding = _geometry(layer)
+    spans = []
+    for axis, start in ((0, changed.top), (1, changed.left)):
+        stop = start + changed.values.shape[2 + axis]
+        size = cached.shape[2 + axis] - 2 * padding[axis]
+        spans.append(_reach(start, stop, size, kernel[axis], stride[axis], padding[axis]))
+    (o0, o1, i0, i1), (q0, q1, j0, j1) = spans
+    if o1 <= o0 or q1 <= q0:  # e.g. only the odd last row, which pooling drops, changed
+        return None
+    # the inputs the window's outputs read: the cache, with the changed window pasted over it (the window may
+    # stick out of the read span on the far side when pooling drops an odd last row or column)
+    patch = cached[:, :, i0:i1, j0:j1].expand(len(changed.values), -1, -1, -1).clone()
+    top, left = changed.top + padding[0], changed.left + padding[1]
+    r0, r1 = max(top, i0), min(top + changed.values.shape[2], i1)
+    c0, c1 = max(left, j0), min(left + changed.values.shape[3], j1)
+    patch[:, :, r0 - i0 : r1 - i0, c0 - j0 : c1 - j0] = changed.values[:, :, r0 - top : r1 - top, c0 - left : c1 - left]
+    if isinstance(layer, nn.Conv2d):
+        out = F.conv2d(patch, layer.weight, layer.bias, layer.stride, 0, 1, layer.groups)
+    else:
+        out = F.max_pool2d(patch, layer.kernel_size, layer.stride)
+    return _Changed(o0, q0, out)
+
+
+def _advance_all(
+    layers: Sequence[nn.Module], inputs: Sequence[torch.Tensor | None], changed: _Changed, keep: Sequence[int] = ()
+) -> tuple[_Changed | None, dict[int, _Changed]]:
+    """``_advance`` through ``layers``; also the windows after the layers indexed in ``keep`` that were reached."""
+    kept = {}
+    for index, (layer, cached) in enumerate(zip(layers, inputs)):
+        changed = _advance(layer, cached, changed)
+        if changed is None:
+            break
+        if index in keep:
+            kept[index] = changed
+    return changed, kept
+
+
+class _IncrementalNAM:
+    """The NAM change of masked copies of one image, recomputing only the windows the masks change.
+
+    Args:
+        network: a GAPClassifier for which ``supports_incremental`` holds.
+        image: ``(C, H, W)`` unmasked input; it runs through the network once, every layer's input cached.
+    """
+
+    def __init__(self, network: GAPClassifier, image: torch.Tensor) -> None:
+        self.size = tuple(image.shape[1:])
+        self.normalize = network.normalize_input  # elementwise: what forward does before ``features``
+        self.taps = network.tap_indices
+        self.layers = list(network.features[: max(self.taps) + 1])
+        self.inputs, _, taps = _cache_inputs(self.layers, self.normalize(image[None]), keep=self.taps)
+        self.heads = []  # per head: (layers, cached inputs, unmasked activations, NAM weights), in head order
+        for head, tap, weight in zip(network.heads, self.taps, torch.split(network.nam_weights(), network.head_sizes)):
+            inputs, activations, _ = _cache_inputs(list(head), taps[tap])
+            self.heads.append((list(head), inputs, activations, weight))
+
+    def __call__(self, changed: _Changed) -> torch.Tensor:
+        """``(N, H, W)`` float64 change of the NAM, ``NAM_{I \\ R_j} - NAM_I``, given the changed input window."""
+        delta = torch.zeros((len(changed.values), *self.size), dtype=torch.float64, device=changed.values.device)
+        changed = changed._replace(values=self.normalize(changed.values))
+        _, at_taps = _advance_all(self.layers, self.inputs, changed, keep=self.taps)
+        for tap, (layers, inputs, base, weight) in zip(self.taps, self.heads):
+            head = _advance_all(layers, inputs, at_taps[tap])[0] if tap in at_taps else None
+            if head is None:
+                continue
+            rows = slice(head.top, head.top + head.values.shape[2])
+            cols = slice(head.left, head.left + head.values.shape[3])
+            # the NAM is linear in the head activations: upsample the change of the head NAM, zero off the window
+            head_delta = base.new_zeros((len(head.values), 1, *base.shape[2:]))
+            head_delta[:, 0, rows, cols] = torch.einsum("nkhw,k->nhw", head.values - base[:, :, rows, cols], weight)
+            delta += F.interpolate(head_delta, size=self.size, mode="bilinear", align_corners=False)[:, 0]
+        return delta
+
+
+@torch.no_grad()
+def rnam_scores(
+    network: Callable,
+    image: torch.Tensor,
+    nam: np.ndarray,
+    scope: np.ndarray,
+    masks: np.ndarray,
+    fill_value: float,
+    crop: bool = True,
+    batch_size: int | None = None,
+    incremental: bool = True,
+) -> np.ndarray:
+    """R-NAM score of each candidate.
+
+    Args:
+        network: the classifier that gave ``nam`` (offers ``forward_with_nam`` or ``nam``); its attributes
+            ``nam_stride`` and ``nam_context_radius`` enable the exact crop.
+        image: ``(C, H, W)`` network input of the slice.
+        nam: ``(H, W)`` raw NAM of the unmasked image: the reference of the full-forward paths (the
+            incremental path computes the NAM change directly).
+        scope: ``(H, W)`` bool region C where NAMs are compared.
+        masks: ``(N, H, W)`` bool candidate masks.
+        fill_value: value (in network input units) written into a candidate.
+        crop: use the exact shortcuts (see the module docstring); False: full forwards of the full image,
+            the reference path.
+        batch_size: copies per forward (None: all in one batch).
+        incremental: with ``crop``, recompute only what each candidate changes when ``supports_incremental``
+            (False: full forwards of the crop).
+
+    Returns:
+        ``(N,)`` float64 scores (empty for no candidates).
+    """
+    masks = np.asarray(masks, bool)
+    scope = np.asarray(scope, bool)
+    if image.ndim != 3 or masks.ndim != 3 or masks.shape[1:] != image.shape[1:] or scope.shape != image.shape[1:]:
+        raise ValueError(
+            f"need image (C, H, W), masks (N, H, W) and scope (H, W) of one size; got {tuple(image.shape)}, "
+            f"{masks.shape}, {scope.shape}"
+        )
+    if masks.shape[0] == 0 or not scope.any():
+        return np.zeros(masks.shape[0])
+    rows, cols = slice(None), slice(None)
+    stride, radius = getattr(network, "nam_stride", None), getattr(network, "nam_context_radius", None)
+    if crop and stride is not None and radius is not None:
+        r, c = np.nonzero(scope)
+        window = crop_window((r.min(), c.min(), r.max() + 1, c.max() + 1), image.shape[1:], int(stride), int(radius))
+        if window is not None:
+            rows, cols = window
+    sub_image, sub_masks = image[:, rows, cols], masks[:, rows, cols]
+    sub_scope = torch.as_tensor(scope[rows, cols], device=image.device)
+    step = batch_size or masks.shape[0]
+    scores = []
+    if crop and incremental and supports_incremental(network):
+        nam_change = _IncrementalNAM(network, sub_image)
+        for i in range(0, masks.shape[0], step):
+            chunk = sub_masks[i : i + step]
+            # one window for the batch: the candidates' union box (no candidate there: nothing changes)
+            rows_on, cols_on = np.nonzero(chunk.any(axis=(0, 2)))[0], np.nonzero(chunk.any(axis=(0, 1)))[0]
+            if rows_on.size == 0:
+                scores.append(np.zeros(len(chunk)))
+                continue
+            box = slice(rows_on[0], rows_on[-1] + 1), slice(cols_on[0], cols_on[-1] + 1)
+            filled = fill_candidates(sub_image[:, box[0], box[1]], chunk[:, box[0], box[1]], fill_value)
+            diff = nam_change(_Changed(int(rows_on[0]), int(cols_on[0]), filled)) * sub_scope[None]
+            scores.append((diff**2).sum(dim=(1, 2)).cpu().numpy())
+        return np.concatenate(scores)
+    reference = torch.as_tensor(np.asarray(nam)[rows, cols], dtype=torch.float64, device=image.device)
+    for i in range(0, masks.shape[0], step):
+        _, rnam = logits_and_nam(network, fill_candidates(sub_image, sub_masks[i : i + step], fill_value))
+        diff = (reference[None] - rnam[:, 0].double()) * sub_scope[None]
+        scores.append((diff**2).sum(dim=(1, 2)).cpu().numpy())
+    return np.concatenate(scores)

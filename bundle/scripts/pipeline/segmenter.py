@@ -1,0 +1,349 @@
+"""The weakly supervised segmenter: classifier NAM -> scope -> ICM candidates -> R-NAM choice, as a MONAI inferer.
+
+``WeaklySupervisedSegmenter(mode=...)(inputs, network)`` takes a batch of windowed slices ``(B, C, H, W)`` and
+the 1-GAP (or any GAP) classifier, and returns named outputs, as MONAI's inferers do: the masks, the NAMs, the scope
+and candidate maps, and each slice's record (probability, scopes, candidates with areas and R-NAM scores, choice).
+``segment_batch`` gives the same as ``SliceResult`` objects, ``segment`` one slice's.
+Modes (paper section 2.2):
+
+- ``"coarse"``: the union of the candidates in the scope C.
+- ``"fine"``: the candidate chosen by R-NAM.
+- ``"multi_gap"``: the classifier gives the probability and C1; the NAM of ``multi_gap_network`` (a 2- or 3-GAP
+  model) refines C to its most prominent blob inside C1 if it has one; R-NAM with the classifier within C1
+  (the paper's "2-/3-GAP fine" rows).
+- ``"multi_gap_coarse"``: the same scope C, and the union of its candidates (the "2-/3-GAP coarse" rows).
+- ``"two_nodule"``: the two most prominent blobs, each screened by R-NAM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+
+from ..networks.gap_classifier import unwrap
+from .candidates import Candidate, extract_candidates, parenchyma_value
+from .classify import logits_and_nam
+from .context import centre_channel
+from .icm import icm_segmentation
+from .scope import bounding_box, refine_scope, top_scopes
+from .screen import rnam_scores
+from .settings import (
+    GROUPS,
+    HU_WINDOW,
+    CandidateSettings,
+    ICMSettings,
+    ScopeSettings,
+    ScreeningSettings,
+    settings_group,
+)
+
+__all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
+
+MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
+MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
+COARSE_MODES = ("coarse", "multi_gap_coarse")
+
+
+@dataclass
+class SliceResult:
+    """Everything the segmenter found on one slice.
+
+    Args:
+        probability: the classifier's nodule probability.
+        positive: whether the slice was called "nodule" (and so segmented).
+        status: ``"negative"``, ``"no_scope"`` (flat or non-finite NAM), ``"no_candidates"`` or ``"segmented"``.
+        mask: ``(H, W)`` uint8 final mask.
+        nam: ``(H, W)`` float32 raw NAM of the classifier.
+        spacing: ``(row, col)`` pixel spacing in mm.
+        scopes: the scope(s) C that candidates were taken from (bool masks).
+        base_scope: C1 in multi_gap mode (where R-NAMs are compared), else None.
+        refined: multi_gap mode: whether the multi-GAP NAM narrowed C1.
+        candidates: all candidates, over all scopes.
+        chosen: indices into ``candidates`` of the segmented ones.
+        screen_seconds: time spent in R-NAM's classifier forwards (the rest of ``segment`` is scope, ICM, candidates).
+    """
+
+    probability: float
+    positive: bool
+    status: str
+    mask: np.ndarray
+    nam: np.ndarray
+    spacing: tuple[float, float]
+    scopes: list[np.ndarray] = field(default_factory=list)
+    base_scope: np.ndarray | None = None
+    refined: bool = False
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
+    screen_seconds: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready summary (boxes are ``[row_start, col_start, row_stop, col_stop]``, stops exclusive)."""
+
+        def box(mask: np.ndarray | None) -> list[int] | None:
+            found = None if mask is None else bounding_box(mask)
+            return None if found is None else list(found)
+
+        return {
+            "probability": float(self.probability),
+            "positive": bool(self.positive),
+            "status": self.status,
+            "spacing_mm": [float(s) for s in self.spacing],
+            "scope_boxes": [box(s) for s in self.scopes],
+            "base_scope_box": box(self.base_scope),
+            "scope_refined": bool(self.refined),
+            "candidates": [c.to_record() for c in self.candidates],
+            "chosen": [int(i) for i in self.chosen],
+            "mask_area_mm2": float(self.mask.sum() * self.spacing[0] * self.spacing[1]),
+        }
+
+
+class WeaklySupervisedSegmenter(Inferer):
+    """Segment nodules on CT slices from a GAP classifier's NAM (see the module docstring for the modes).
+
+    Args:
+        mode: ``"coarse"``, ``"fine"``, ``"multi_gap"``, ``"multi_gap_coarse"`` or ``"two_nodule"``.
+        threshold: slices with a nodule probability below it get an empty mask.
+        intensity_range: the HU window ``(a_min, a_max)`` that mapped HU to the network input [0, 1].
+        lung_mask_fn: ``f(hu (H, W), spacing) -> bool (H, W)`` giving the lungs (e.g.
+            ``scripts.pipeline.lungs.segment_lungs``); None: no lung restriction unless a ``lung_mask`` is passed.
+        multi_gap_network: the 2- or 3-GAP model for the multi-GAP modes.
+        scope, icm, candidates, screening: the settings of each step (``scripts.pipeline.settings``), as objects or as
+            mappings of their fields (a config's sections); None: the group's defaults. ``PRESETS`` names other sets.
+        spacing: ``(row, col)`` mm used when the inputs carry no affine and none is passed.
+        amp: classify in mixed precision when the inputs are on CUDA (no effect on CPU).
+    """
+
+    def __init__(
+        self,
+        mode: str = "fine",
+        threshold: float = 0.5,
+        intensity_range: Sequence[float] = HU_WINDOW,
+        lung_mask_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray] | None = None,
+        multi_gap_network: torch.nn.Module | None = None,
+        scope: ScopeSettings | Mapping[str, Any] | None = None,
+        icm: ICMSettings | Mapping[str, Any] | None = None,
+        candidates: CandidateSettings | Mapping[str, Any] | None = None,
+        screening: ScreeningSettings | Mapping[str, Any] | None = None,
+        spacing: Sequence[float] = (1.0, 1.0),
+        amp: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode in MULTI_GAP_MODES and multi_gap_network is None:
+            raise ValueError(f"mode {mode!r} needs a multi_gap_network (the 2- or 3-GAP classifier)")
+        if len(intensity_range) != 2 or intensity_range[1] <= intensity_range[0]:
+            raise ValueError(f"intensity_range must be (a_min, a_max) with a_min < a_max, got {intensity_range}")
+        self.mode = mode
+        self.threshold = float(threshold)
+        self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
+        self.lung_mask_fn = lung_mask_fn
+        self.multi_gap_network = multi_gap_network
+        self.scope: ScopeSettings = settings_group("scope", scope)
+        self.icm: ICMSettings = settings_group("icm", icm)
+        self.candidates: CandidateSettings = settings_group("candidates", candidates)
+        self.screening: ScreeningSettings = settings_group("screening", screening)
+        self.spacing = (float(spacing[0]), float(spacing[1]))
+        self.amp = bool(amp)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the masks, JSON-ready and named as the constructor's arguments (so that
+        ``WeaklySupervisedSegmenter(**settings)`` segments alike): written beside the outputs, so that a mask can be
+        traced to the rules that made it. The networks and the lung-mask function are left out."""
+        return {
+            "mode": self.mode,
+            "threshold": self.threshold,
+            "intensity_range": list(self.intensity_range),
+            **{name: asdict(getattr(self, name)) for name in GROUPS},
+        }
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Segment a batch of windowed slices ``inputs`` ``(B, C, H, W)``; return its named outputs.
+
+        Returns:
+            ``mask`` the masks, ``nam`` the raw NAMs, ``scope`` each scope's index per pixel (0 outside) and
+            ``candidates`` candidate j labelled ``j + 1``, each ``(B, 1, H, W)`` float32 with the inputs' meta (so that
+            ``Invertd`` takes them back to the input geometry); ``record`` each slice's ``SliceResult.to_record()`` as
+            JSON text (``decollate_batch`` would split the lists of a record as if they were batched; text passes).
+
+        Keyword args (optional): ``lung_mask`` ``(B, [1,] H, W)``; ``spacing`` ``(row, col)`` mm for all slices
+        (else taken from the inputs' affine when they are a MetaTensor, else the constructor's ``spacing``).
+        """
+        results = self.segment_batch(inputs, network, kwargs.get("lung_mask"), kwargs.get("spacing"))
+        maps = {"mask": [], "nam": [], "scope": [], "candidates": []}
+        for result in results:
+            scope_map = np.zeros(result.mask.shape, np.float32)
+            for k, scope in enumerate(result.scopes):
+                scope_map[scope & (scope_map == 0)] = k + 1
+            candidate_map = np.zeros(result.mask.shape, np.float32)
+            for j, candidate in enumerate(result.candidates):
+                candidate_map[candidate.mask] = j + 1
+            for key, array in zip(maps, (result.mask, result.nam, scope_map, candidate_map)):
+                maps[key].append(array.astype(np.float32))
+        outputs: dict[str, Any] = {}
+        for key, arrays in maps.items():
+            outputs[key] = torch.zeros_like(inputs[:, :1], dtype=torch.float32)  # keeps a MetaTensor's meta
+            outputs[key].copy_(torch.as_tensor(np.stack(arrays)[:, None]))
+        outputs["record"] = [json.dumps(result.to_record()) for result in results]
+        return outputs
+
+    def classify(self, inputs: torch.Tensor, network: Callable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Nodule probabilities ``(B,)``, raw NAMs ``(B, H, W)`` and, in the multi-GAP modes when a slice is called
+        "nodule", the multi-GAP NAMs ``(B, H, W)`` of a batch ``(B, C, H, W)`` of windowed slices, in one forward.
+
+        With ``amp`` on CUDA the batch is classified in mixed precision; the NAMs of the slices called "nodule"
+        are then recomputed in float32, so that R-NAM compares maps of one precision.
+        """
+        self._check_inputs(inputs)
+        network = unwrap(network)
+        for name, model in (("classifier", network), ("multi-GAP classifier", self.multi_gap_network)):
+            channels = getattr(model, "in_channels", inputs.shape[1])
+            if channels != inputs.shape[1]:
+                raise ValueError(
+                    f"the {name} takes {channels} input channel(s), the slices have {inputs.shape[1]}: the 1-GAP "
+                    "and the multi-GAP models must be trained on the same slices (single or 2.5-D)"
+                )
+        amp = self.amp and inputs.is_cuda
+        with torch.no_grad():
+            with torch.autocast("cuda", enabled=amp):
+                logits, nams = logits_and_nam(network, inputs)
+            probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            positive = probs >= self.threshold
+            if amp and positive.any():
+                chosen = torch.as_tensor(positive, device=inputs.device)
+                nams = nams.float()
+                nams[chosen] = logits_and_nam(network, inputs[chosen])[1].float()
+            multi_nams = None
+            if self.mode in MULTI_GAP_MODES and positive.any():
+                multi_nams = logits_and_nam(self.multi_gap_network, inputs)[1][:, 0].float().cpu().numpy()
+        return probs, nams[:, 0].float().cpu().numpy(), multi_nams
+
+    def segment_batch(
+        self,
+        inputs: torch.Tensor,
+        network: Callable,
+        lung_mask: torch.Tensor | np.ndarray | None = None,
+        spacing: Sequence[float] | None = None,
+    ) -> list[SliceResult]:
+        """Classify a batch ``(B, C, H, W)`` of windowed slices (``classify``) and segment those called "nodule"."""
+        probs, nams, multi_nams = self.classify(inputs, unwrap(network))
+        results = []
+        for b in range(inputs.shape[0]):
+            lungs = None if lung_mask is None else np.asarray(torch.as_tensor(lung_mask[b]).cpu()).astype(bool)
+            lungs = lungs.reshape(inputs.shape[2:]) if lungs is not None else None
+            results.append(
+                self.segment(
+                    inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b],
+                    unwrap(network),
+                    float(probs[b]),
+                    nams[b],
+                    self._spacing(inputs, b, spacing),
+                    lung_mask=lungs,
+                    multi_nam=None if multi_nams is None else multi_nams[b],
+                )
+            )
+        return results
+
+    def segment(
+        self,
+        image: torch.Tensor,
+        network: Callable,
+        probability: float,
+        nam: np.ndarray,
+        spacing: Sequence[float],
+        lung_mask: np.ndarray | None = None,
+        multi_nam: np.ndarray | None = None,
+    ) -> SliceResult:
+        """Segment one slice ``image`` ``(C, H, W)`` given the classifier's probability and raw NAM."""
+        spacing = (float(spacing[0]), float(spacing[1]))
+        shape = tuple(image.shape[1:])
+        empty = np.zeros(shape, np.uint8)
+        result = SliceResult(
+            probability, probability >= self.threshold, "negative", empty, nam.astype(np.float32), spacing
+        )
+        if not result.positive:
+            return result
+        watershed = {
+            "sigma": self.scope.sigma,
+            "threshold": self.scope.threshold,
+            "min_distance": self.scope.min_distance,
+        }
+        scopes = top_scopes(nam, self.scope.n_nodules if self.mode == "two_nodule" else 1, **watershed)
+        if not scopes:
+            result.status = "no_scope"
+            return result
+        if self.mode in MULTI_GAP_MODES:
+            result.base_scope = scopes[0]
+            scope, result.refined = refine_scope(
+                multi_nam, scopes[0], min_peak=self.scope.multi_gap_min_peak, **watershed
+            )
+            scopes = [scope]
+        result.scopes = scopes
+
+        lo, hi = self.intensity_range
+        hu = lo + image[centre_channel(image.shape[0])].float().cpu().numpy().astype(np.float64) * (hi - lo)
+        if lung_mask is None and self.lung_mask_fn is not None:
+            lung_mask = np.asarray(self.lung_mask_fn(hu, spacing), bool)
+        if lung_mask is not None and lung_mask.shape != shape:
+            raise ValueError(f"lung mask shape {lung_mask.shape} differs from the slice shape {shape}")
+        labels, means = icm_segmentation(hu, lung_mask, **asdict(self.icm))
+        rules = self.candidates.extract_arguments(self.icm)
+        for scope in scopes:
+            found = extract_candidates(labels, means, scope, lung_mask, spacing, hu=hu, **rules)
+            if not found:
+                continue
+            first = len(result.candidates)
+            result.candidates += found
+            if self.mode in COARSE_MODES:
+                result.chosen += list(range(first, first + len(found)))
+                continue
+            region = result.base_scope if self.mode in MULTI_GAP_MODES else scope
+            fill = (parenchyma_value(labels, means, lung_mask, self.candidates.dense_hu) - lo) / (hi - lo)
+            clock = time.perf_counter()
+            scores = rnam_scores(
+                network,
+                image,
+                nam,
+                region,
+                np.stack([c.mask for c in found]),
+                float(np.clip(fill, 0.0, 1.0)),
+                crop=self.screening.crop,
+                batch_size=self.screening.batch_size,
+            )
+            result.screen_seconds += time.perf_counter() - clock
+            for candidate, score in zip(found, scores):
+                candidate.score = float(score)
+            result.chosen.append(first + int(np.argmax(scores)))
+        if not result.chosen:
+            result.status = "no_candidates"
+            return result
+        result.status = "segmented"
+        result.mask = np.any([result.candidates[i].mask for i in result.chosen], axis=0).astype(np.uint8)
+        return result
+
+    def _check_inputs(self, inputs: torch.Tensor) -> None:
+        name = ""
+        if isinstance(inputs, MetaTensor):
+            name = f" ({inputs.meta.get('filename_or_obj', '')})" if "filename_or_obj" in inputs.meta else ""
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+            shape = tuple(getattr(inputs, "shape", ()))
+            raise ValueError(f"expected a batch of 2-D slices (B, C, H, W), got shape {shape}{name}")
+        if not torch.isfinite(inputs).all():
+            raise ValueError(f"the input slices hold NaN or infinite values{name}")
+
+    def _spacing(self, inputs: torch.Tensor, index: int, spacing: Sequence[float] | None) -> tuple[float, float]:
+        if spacing is not None:
+            return float(spacing[0]), float(spacing[1])
+        if isinstance(inputs, MetaTensor) and "affine" in inputs.meta:
+            affine = inputs.affine
+            affine = affine[index] if affine.ndim == 3 else affine
+            norms = torch.linalg.norm(affine[:-1, :2].double(), dim=0)
+            return float(norms[0]), float(norms[1])
+        return self.spacing

@@ -1,0 +1,1 @@
+"""What the training configs plug into MONAI's engines."""
