@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scripts.evaluation.evaluate import PAPER_ORDER
 from scripts.pipeline.settings import CandidateSettings
 from scripts.quickstart import (
@@ -22,7 +23,7 @@ from scripts.quickstart import (
     QUICKSTART_SYNTHETIC,
     quickstart,
 )
-from trained_classifier import nodule_probability, trained_classifier
+from trained_classifier import nodule_probability, prepared_slice, trained_classifier
 
 from conftest import BUNDLE
 
@@ -65,15 +66,16 @@ def test_quickstart_runs_every_step(short_run):
     # each row's figures counted here from the masks and labels on disk; its records' probabilities are the trained
     # model's own on each slice
     network = trained_classifier(out / "models" / "model.pt")
+    threshold = torch.load(out / "models" / "model.pt", weights_only=True)["config"]["threshold"]
     for mode in ("coarse", "fine"):
         row, pred = metrics["methods"][f"1-GAP {mode}"], out / "predictions" / f"1gap_{mode}"
         outcomes, dice, called = [], [], []
         for item in test_items:
             stem = item["image"].split("/")[-1].removesuffix(".nii.gz")
             probability = json.loads((pred / "records" / f"{stem}.json").read_text())["probability"]
-            hu = np.asarray(nib.load(dataset / item["image"]).dataobj)
+            hu = prepared_slice(dataset / item["image"])
             assert probability == pytest.approx(nodule_probability(network, hu), abs=1e-5), stem
-            called.append((probability >= 0.5) == (item["class"] == 1))
+            called.append((probability >= threshold) == (item["class"] == 1))
             if item["nodules"] >= 2:
                 continue
             mask = np.asarray(nib.load(pred / "masks" / f"{stem}.nii.gz").dataobj) > 0
@@ -165,13 +167,15 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
     for k in (1, 2, 3):  # each classifier's own calls on the test slices: accuracy at 0.5, and the AUC by its pairs
         network = trained_classifier(out / "models" / f"gap{k}" / "model.pt")
         assert network.gap_levels == k
-        p = np.array([nodule_probability(network, nib.load(out / "dataset" / i["image"]).dataobj) for i in test_items])
+        p = np.array([nodule_probability(network, prepared_slice(out / "dataset" / i["image"])) for i in test_items])
         pairs = p[classes == 1][:, None] - p[classes == 0][None, :]
         assert accuracy[f"{k}-GAP"]["slices"] == len(test_items)
         assert accuracy[f"{k}-GAP"] == json.loads(
             (out / "classification" / f"gap{k}" / "classifier_report.json").read_text()
         )
-        assert accuracy[f"{k}-GAP"]["accuracy"] == pytest.approx(np.mean((p >= 0.5) == (classes == 1))), k
+        threshold = torch.load(out / "models" / f"gap{k}" / "model.pt", weights_only=True)["config"]["threshold"]
+        assert accuracy[f"{k}-GAP"]["threshold"] == threshold
+        assert accuracy[f"{k}-GAP"]["accuracy"] == pytest.approx(np.mean((p >= threshold) == (classes == 1))), k
         assert accuracy[f"{k}-GAP"]["auc"] == pytest.approx(np.mean((pairs > 0) + 0.5 * (pairs == 0))), k
     # the 2-/3-GAP rows ran the multi-GAP modes (their records keep the 1-GAP scope C1 beside the refined C), the
     # 1-GAP rows the plain ones; a 2-/3-GAP checkpoint paired with the wrong multi_gap_levels would not load

@@ -24,7 +24,9 @@ from scripts.integration.config_runs import CLASSIFY, config_files
 from scripts.networks.checkpoint import load_checkpoint
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.training.engine import last_checkpoint
+from scripts.training.handlers import threshold_at_specificity
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from trained_classifier import nodule_probability, prepared_slice
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -77,11 +79,11 @@ def trained(tmp_path_factory, dataset):
     return out, _train(out, dataset, max_epochs=EPOCHS)
 
 
-def test_training_lowers_loss_and_writes_outputs(trained):
+def test_training_lowers_loss_and_writes_outputs(trained, dataset):
     out, history = trained
     assert len(history["loss"]) == EPOCHS and all(len(e) == ITERATIONS_PER_EPOCH for e in history["loss"])
     assert len(history["val"]) == EPOCHS
-    assert set(history["val"][0]) == {"val_accuracy", "val_auc", "val_loss"}
+    assert set(history["val"][0]) == {"val_accuracy", "val_auc", "val_loss", "val_threshold"}
     first, last = history["val"][0]["val_loss"], history["val"][-1]["val_loss"]
     assert last < first, (first, last)
     assert np.mean(history["loss"][-1]) < np.mean(history["loss"][0])
@@ -94,7 +96,16 @@ def test_training_lowers_loss_and_writes_outputs(trained):
     assert record["width"] == TINY["width"] and record["head_channels"] == TINY["head_channels"]
     assert record["image_size"] == 64 and record["hu_window"] == [-1000.0, 400.0]
     assert len(record["pixel_spacing_mm"]) == 2 and record["bundle_version"] != "unknown"
-    load_checkpoint(GAPClassifier(width=TINY["width"], head_channels=TINY["head_channels"]), models / "model.pt")
+    model = load_checkpoint(
+        GAPClassifier(width=TINY["width"], head_channels=TINY["head_channels"]), models / "model.pt"
+    )
+    # the decision threshold recorded with the weights: 90 % of the validation split's clean slices below it
+    items = json.loads((dataset / "datalist.json").read_text())["validation"]
+    probability = np.array([nodule_probability(model.eval(), prepared_slice(dataset / i["image"])) for i in items])
+    clean = probability[np.array([i["class"] for i in items]) == 0]
+    assert record["threshold"] == pytest.approx(threshold_at_specificity(probability, [i["class"] for i in items], 0.9))
+    assert np.mean(clean >= record["threshold"]) <= 0.1 < np.mean(clean >= record["threshold"] * (1 - 1e-6))
+    assert record["threshold_rule"] == "validation specificity 0.9"
     events = list((out / "logs").glob("events.out.tfevents.*"))
     assert len(events) == 1
     accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0, "scalars": 0}).Reload()
@@ -105,6 +116,22 @@ def test_training_lowers_loss_and_writes_outputs(trained):
     heads = [e.value for e in accumulator.Scalars("lr/group1")]
     np.testing.assert_allclose(lrs, [1e-2 * 0.99**i for i in range(EPOCHS)], rtol=1e-5)
     np.testing.assert_allclose(heads, [1e-1 * 0.99**i for i in range(EPOCHS)], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "probabilities, labels, specificity, expected",
+    [
+        ([0.1, 0.2, 0.3, 0.4, 0.9], [0, 0, 0, 0, 1], 0.75, 0.3),  # one of four clean slices may be called
+        ([0.1, 0.2, 0.3, 0.4, 0.9], [0, 0, 0, 0, 1], 1.0, np.nextafter(0.4, 1)),  # none may
+        ([0.1, 0.2, 0.3, 0.4, 0.9], [0, 0, 0, 0, 1], 0.5, 0.2),
+        ([0.5, 0.5, 0.5, 0.5], [0, 0, 1, 1], 0.5, 0.5),  # ties: every clean slice is called, not half
+    ],
+)
+def test_threshold_at_specificity(probabilities, labels, specificity, expected):
+    threshold = threshold_at_specificity(np.array(probabilities), np.array(labels), specificity)
+    assert threshold == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no slice without nodule"):
+        threshold_at_specificity(np.array([0.4]), np.array([1]), 0.9)
 
 
 def test_resume_continues_from_saved_epoch(trained, dataset, tmp_path):
@@ -247,10 +274,12 @@ def test_classify_writes_csv_nams_and_overlays(trained, dataset, tmp_path):
         np.testing.assert_allclose(saved.get_fdata(), nam[0, 0].numpy(), atol=1e-4)
     assert len(list((tmp_path / "classify" / "overlays").glob("*_nam.png"))) == 3
 
-    # the report: AUC and accuracy of the CSV's probabilities, localisation of the saved NAMs on the dataset's truth
+    # the report: AUC and accuracy (at the checkpoint's decision threshold) of the CSV's probabilities, localisation
+    # of the saved NAMs on the dataset's truth
     report = json.loads((tmp_path / "classify" / "classifier_report.json").read_text())
+    assert report["threshold"] == torch.load(model_path, weights_only=True)["config"]["threshold"] != 0.5
     classes = {Path(i["image"]).name: int(i["class"]) for i in items}
-    expected = classification_summary([rows[n] for n in classes], list(classes.values()))
+    expected = classification_summary([rows[n] for n in classes], list(classes.values()), report["threshold"])
     assert (report["auc"], report["accuracy"], report["slices"]) == (expected["auc"], expected["accuracy"], len(items))
     found = []
     for item in items:

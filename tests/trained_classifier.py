@@ -4,6 +4,7 @@ The checkpoint is read and the network built by hand (not through ``scripts.netw
 in the lung window here, so that a pipeline that loads no weights, or feeds the network other pixels, is seen.
 """
 
+import nibabel as nib
 import numpy as np
 import torch
 from scripts.networks.gap_classifier import GAPClassifier
@@ -26,3 +27,10 @@ def nodule_probability(network: torch.nn.Module, hu) -> float:
     x = torch.as_tensor(np.clip((np.asarray(hu, np.float64) + 1000.0) / 1400.0, 0.0, 1.0), dtype=torch.float32)
     with torch.no_grad():
         return float(torch.softmax(network(x.reshape(1, -1, *x.shape[-2:])), dim=1)[0, 1])
+
+
+def prepared_slice(path) -> np.ndarray:
+    """A prepared slice's HU as the network takes them: ``(rows, cols)``, or ``(channels, rows, cols)`` for a 2.5-D
+    slice, which the dataset writer stores as ``(rows, cols, channels)``."""
+    hu = np.asarray(nib.load(str(path)).dataobj, np.float64)
+    return hu.transpose(2, 0, 1) if hu.ndim == 3 else hu

@@ -84,8 +84,21 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
-def _describe_recipe(width: float, epochs: int) -> str:
-    return f"width {width}, batch norm, Adam, {epochs} epochs"
+def _describe_recipe(width: float, epochs: int, in_channels: int) -> str:
+    inputs = "2.5-D slices" if in_channels > 1 else "single slices"
+    return f"{inputs}, width {width}, batch norm, Adam, {epochs} epochs"
+
+
+def _classifier_settings(dataset_dir: Path, size: int, width: float, in_channels: int) -> dict:
+    """The settings every config of a quick start's classifier shares: the recipe of docs/classifier.md."""
+    return {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(dataset_dir),
+        "width": width,
+        "image_size": size,
+        "batch_norm": True,
+        "in_channels": in_channels,
+    }
 
 
 def _amp() -> bool:
@@ -108,6 +121,7 @@ def train_classifier(
         optimizer=ADAM,
         learning_rate=lr,
         lr_decay=0.95,
+        cpu_bfloat16=True,
         max_epochs=epochs,
         batch_size=batch_size,
         num_workers=0,
@@ -121,13 +135,14 @@ def train_classifier(
 def quickstart(
     out: str | None = None,
     cases: int = 400,
-    size: int = 128,
+    size: int = 256,
     width: float = 0.125,
     epochs: int = 12,
     batch_size: int = 30,
     learning_rate: float = 1e-3,
     seed: int = 0,
     workers: int = 2,
+    in_channels: int = 3,
     full: bool = False,
     unet_epochs: int | None = None,
     unet_batch_size: int = 20,
@@ -141,13 +156,16 @@ def quickstart(
         out: folder for everything the run makes (dataset, model, predictions, evaluation); default
             ``../runs/quickstart`` (``../runs/quickstart_full`` with ``full``).
         cases: synthetic subjects to generate.
-        size: slice size in pixels; the paper's 384 is the bundle's default, 128 keeps this run to minutes on a CPU.
+        size: slice size in pixels over the synthetic chest's 288 mm field of view (256: 1.125 mm pixels); the
+            paper's 384 is the bundle's default. Smaller sizes run faster and localise worse (docs/classifier.md).
         width: channel multiplier of the VGG16 classifier (1.0 = the paper's).
         epochs: training epochs.
         batch_size: training batch size (the paper: 30).
         learning_rate: Adam's learning rate, decayed by 5 % an epoch.
         seed: seeds the data, the split and the training.
         workers: processes preparing the data.
+        in_channels: 3 feeds the classifier each slice with its neighbours 2.5 mm above and below (2.5-D); 1 the
+            slice alone, as the paper.
         full: all seven rows of Table 1 (:func:`quickstart_full`); the ``unet_*`` options apply only then.
         unet_epochs: U-Net training epochs (default: ``epochs``).
         unet_batch_size: U-Net batch size (the paper: 20).
@@ -168,6 +186,7 @@ def quickstart(
                 learning_rate,
                 seed,
                 workers,
+                in_channels,
                 unet_epochs if unet_epochs is not None else epochs,
                 unet_batch_size,
                 tuple(unet_features),
@@ -184,17 +203,27 @@ def quickstart(
             learning_rate,
             seed,
             workers,
+            in_channels,
             max_panels,
         )
 
 
-def _prepare(dataset_dir: Path, cases: int, size: int, seed: int, workers: int) -> dict:
+def _prepare(dataset_dir: Path, cases: int, size: int, seed: int, workers: int, in_channels: int) -> dict:
     source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
     # a finished dataset of these settings is reused as it is; one of other settings (an earlier quick start's,
     # other --cases, --size or --seed) is refused. Negatives are matched to the positives' slice heights: on the
     # synthetic chunks the height alone would otherwise separate the classes (AUC about 0.6) and the classifier
     # would learn that instead of nodules.
-    summary = prepare_dataset(source, dataset_dir, size=size, seed=seed, workers=workers, negative_sampling="matched")
+    summary = prepare_dataset(
+        source,
+        dataset_dir,
+        size=size,
+        seed=seed,
+        workers=workers,
+        negative_sampling="matched",
+        in_channels=in_channels,
+        context_mm=source.slice_spacing_mm,
+    )
     print(json.dumps(summary["slices"]))
     return summary
 
@@ -209,24 +238,19 @@ def _quickstart_short(
     learning_rate: float,
     seed: int,
     workers: int,
+    in_channels: int,
     max_panels: int,
 ) -> dict:
     out_dir = Path(out).resolve()
     dataset_dir = out_dir / "dataset"
-    common = {
-        "bundle_root": str(BUNDLE_ROOT),
-        "dataset_dir": str(dataset_dir),
-        "width": width,
-        "image_size": size,
-        "batch_norm": True,
-    }
+    common = _classifier_settings(dataset_dir, size, width, in_channels)
     timings = {}
 
     start = _stage(f"1/5 synthetic dataset: {cases} cases at {size} px -> {dataset_dir}")
-    _prepare(dataset_dir, cases, size, seed, workers)
+    _prepare(dataset_dir, cases, size, seed, workers, in_channels)
     timings["prepare_s"] = time.perf_counter() - start
 
-    start = _stage(f"2/5 train a 1-GAP classifier ({_describe_recipe(width, epochs)})")
+    start = _stage(f"2/5 train a 1-GAP classifier ({_describe_recipe(width, epochs, in_channels)})")
     ckpt = train_classifier(out_dir, "", 1, common, epochs, batch_size, learning_rate, seed)
     timings["train_s"] = time.perf_counter() - start
 
@@ -342,6 +366,7 @@ def quickstart_full(
     learning_rate: float,
     seed: int,
     workers: int,
+    in_channels: int,
     unet_epochs: int,
     unet_batch_size: int,
     unet_features: tuple[int, ...],
@@ -367,6 +392,7 @@ def quickstart_full(
                 "batch_size": batch_size,
                 "learning_rate": learning_rate,
                 "seed": seed,
+                "in_channels": in_channels,
                 "unet_epochs": unet_epochs,
                 "unet_batch_size": unet_batch_size,
                 "unet_features": list(unet_features),
@@ -375,14 +401,14 @@ def quickstart_full(
             }
         )
     )
-    common = {
+    common = _classifier_settings(dataset_dir, size, width, in_channels)
+    # the fully supervised baseline sees what the classifiers see (2.5-D slices when they do)
+    unet = {
         "bundle_root": str(BUNDLE_ROOT),
         "dataset_dir": str(dataset_dir),
-        "width": width,
         "image_size": size,
-        "batch_norm": True,
+        "in_channels": in_channels,
     }
-    unet = {"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(dataset_dir), "image_size": size}
     unet.update({"features": list(unet_features), "num_workers": 0, "amp": _amp()})
     models, predictions_dir = out_dir / "models", out_dir / "predictions"
     steps = {}
@@ -391,7 +417,7 @@ def quickstart_full(
         steps[name] = _step(out_dir, name, settings, outputs, fn)
 
     print(f"Table 1 on synthetic data: {cases} cases at {size} px -> {out_dir}", flush=True)
-    step("dataset", [], lambda: _prepare(dataset_dir, cases, size, seed, workers))
+    step("dataset", [], lambda: _prepare(dataset_dir, cases, size, seed, workers, in_channels))
     for k in (1, 2, 3):
         step(
             f"train_{k}gap",

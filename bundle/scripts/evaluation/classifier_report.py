@@ -42,6 +42,7 @@ class ClassifierReport:
         split: its split (items with ``image``, ``class``, ``label`` and ``lung``).
         output_dir: where ``classifier_report.json`` and ``nam_sheet.png`` go.
         tolerance_px: distance within which the NAM's peak counts as on the nodule.
+        threshold: the nodule probability from which a slice is called a nodule slice (for the accuracy).
         sheet_slices: slices in the picture (0: none).
         probability_key, nam_key, image_key: keys of the decollated engine output items.
     """
@@ -52,6 +53,7 @@ class ClassifierReport:
         split: str,
         output_dir: str | os.PathLike,
         tolerance_px: int = TOLERANCE_PX,
+        threshold: float = 0.5,
         sheet_slices: int = 12,
         probability_key: str = "probability",
         nam_key: str = "nam",
@@ -61,6 +63,7 @@ class ClassifierReport:
         self.items = {slice_stem(item["image"]): item for item in items}
         self.output_dir = Path(output_dir)
         self.tolerance_px = tolerance_px
+        self.threshold = threshold
         self.sheet_slices = sheet_slices
         self.keys = (probability_key, nam_key, image_key)
         self.classes: list[int] = []
@@ -107,7 +110,8 @@ class ClassifierReport:
                 }
 
     def _report(self, engine: Engine) -> None:
-        summary = localisation_summary(self.found, self.probabilities, self.classes)
+        summary = {**localisation_summary(self.found, self.probabilities, self.classes, self.threshold)}
+        summary["threshold"] = self.threshold
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.output_dir / "classifier_report.json", summary)
         if self.sheet_slices:

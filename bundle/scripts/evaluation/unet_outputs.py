@@ -1,6 +1,7 @@
 """Per-slice outputs of the fully supervised U-Net baseline, in the format every method's predictions share.
 
-``<output_dir>/masks/<stem>.nii.gz``: uint8 mask with the source image's shape, affine and header;
+``<output_dir>/masks/<stem>.nii.gz``: uint8 mask with the source image's shape (its slice's, for a 2.5-D image) and
+affine;
 ``<output_dir>/records/<stem>.json``: ``{"probability": max sigmoid output on the slice, "pixels": mask size}``.
 The stem is the image file name without ``.nii.gz``.
 """
@@ -43,8 +44,8 @@ def write_slice_prediction(
     arr = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
-    if arr.shape != source.shape:
-        raise ValueError(f"{source_image}: the mask's shape {arr.shape} differs from the image's {source.shape}.")
+    if arr.shape != source.shape[:2]:  # a 2.5-D image (rows, cols, channels) has one mask, of its slice
+        raise ValueError(f"{source_image}: the mask's shape {arr.shape} differs from the image's {source.shape[:2]}.")
     arr = (arr > 0).astype(np.uint8)
     stem, output_dir = slice_stem(source_image), Path(output_dir)
     path = output_dir / "masks" / f"{stem}.nii.gz"

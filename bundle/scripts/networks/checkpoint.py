@@ -36,6 +36,8 @@ __all__ = [
 # The settings inference needs and their defaults for a checkpoint without a record. ``pixel_spacing_mm`` is the
 # [least, largest] pixel spacing of the training slices; None: use every scan at its own spacing. ``context_mm`` is
 # the distance between the channels of a 2.5-D model's input (``scripts.pipeline.context``); None for single slices.
+# ``threshold`` is the nodule probability from which a slice is called a nodule slice, chosen on the validation split
+# in training (``scripts.training.handlers.DecisionThreshold``); inference uses it unless it is given one.
 DEFAULTS: dict[str, Any] = {
     "gap_levels": 1,
     "width": 1.0,
@@ -46,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "pixel_spacing_mm": None,
     "hu_window": [-1000.0, 400.0],
     "context_mm": None,
+    "threshold": 0.5,
 }
 
 
@@ -114,6 +117,7 @@ class TrainingRecord:
             "pixel_spacing_mm": spacing,
             "hu_window": [float(hu_window[0]), float(hu_window[1])],
             "bundle_version": bundle_version(bundle_root),
+            "threshold": DEFAULTS["threshold"],  # until a validation run chooses one (DecisionThreshold)
             "pretrained": getattr(model, "pretrained_origin", None),
             "freeze_through": freeze_through,
         }
