@@ -243,7 +243,7 @@ def test_the_scan_path_feeds_what_the_dataset_writer_wrote(datasets, tmp_path):
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     settings = {"gap_levels": 1, "width": 1.0, "in_channels": 3, "head_channels": 1024, "batch_norm": False}
-    settings.update(image_size=SIZE, pixel_spacing_mm=None, hu_window=[-1000.0, 400.0], context_mm=2.5)
+    settings.update(image_size=SIZE, pixel_spacing_mm=None, hu_window=[-1000.0, 400.0], context_mm=2.5, threshold=0.5)
     parser.update({"bundle_root": str(REPO / "bundle"), "model_settings": settings})
     volume = parser.get_parsed_content("preprocessing")({"image": str(folder / f"{item['subject']}.nii.gz")})["image"]
     recorder = InputRecorder(3)

@@ -76,6 +76,7 @@ def settings(**changes):
         "pixel_spacing_mm": [SPACING, SPACING],
         "hu_window": [-1000.0, 400.0],
         "context_mm": None,
+        "threshold": 0.5,
     }
     return {**base, **changes}
 

@@ -46,7 +46,14 @@ LUNGS = {
 def _settings(size=SIZE):
     """The record of a model trained on ``size`` slices (no checkpoint needed: the network is given)."""
     settings = {"gap_levels": 1, "width": 1.0, "in_channels": 1, "head_channels": 1024, "batch_norm": False}
-    return {**settings, "image_size": size, "pixel_spacing_mm": None, "hu_window": [-1000.0, 400.0], "context_mm": None}
+    return {
+        **settings,
+        "image_size": size,
+        "pixel_spacing_mm": None,
+        "hu_window": [-1000.0, 400.0],
+        "context_mm": None,
+        "threshold": 0.5,
+    }
 
 
 def _parser(bundle_root, **overrides):

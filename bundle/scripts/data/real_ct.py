@@ -36,13 +36,13 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
-from .cases import CaseAnnotations, CaseVolume, Nodule
 from ..pipeline.crop import crop_window
+from ..pipeline.lungs import segment_lungs
+from .cases import CaseAnnotations, CaseVolume, Nodule
 from .insertion import RenderedShape, blend_nodule, noise_hu, render_shape
 from .labels import marked_slices
 from .lesions import GROUND_GLASS_BELOW_HU, random_orientation, slide_outward
 from .lidc import LidcSource, read_ct_series
-from ..pipeline.lungs import segment_lungs
 from .nodule_shapes import NoduleShapeLibrary, nodule_record
 from .synthetic import REAL_GGO_TEXTURE_HU
 
