@@ -16,7 +16,7 @@ import pytest
 import torch
 from dataset_factory import write_tiny_dataset
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
 from scripts.evaluation.localisation import localise
 from scripts.evaluation.metrics import classification_summary
@@ -322,3 +322,14 @@ def test_slice_class_comes_from_the_item_or_from_the_mask(tmp_path):
     assert derive({"image": "x", "label": str(nodule), "class": 0})["class"] == 0  # a given class wins
     with pytest.raises(KeyError, match="neither 'class' nor 'label'"):
         derive({"image": "x"})
+
+
+@pytest.mark.parametrize("size, shift", [(128, 8.0), (256, 16.0), (384, 24.0)])
+def test_the_affine_shift_grows_with_the_slice(size, shift):
+    """A fixed shift made for 128 px let a 256 px classifier find the nodule's lung instead of the nodule
+    (docs/classifier.md): the shift is a sixteenth of the slice."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(REPO / "bundle"), "image_size": size})
+    affine = next(t for t in parser.get_parsed_content("train#random_transforms") if type(t).__name__ == "RandAffined")
+    assert tuple(affine.rand_affine.rand_affine_grid.translate_range) == (shift, shift)
