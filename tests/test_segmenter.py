@@ -273,7 +273,7 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
             "drop_thin": False,
             "split_vessel_mm": 2.5,
         },
-        "screening": {"crop": False, "batch_size": 4},
+        "screening": {"crop": False, "batch_size": 4, "reduced_precision": True},
     }
     settings = WeaklySupervisedSegmenter(**chosen).settings()
     assert settings == chosen and json.loads(json.dumps(settings)) == settings

@@ -326,10 +326,11 @@ class WeaklySupervisedSegmenter(Inferer):
             region = result.base_scope if self.mode in MULTI_GAP_MODES else scope
             fill = (parenchyma_value(labels, means, lung_mask, self.candidates.dense_hu) - lo) / (hi - lo)
             clock = time.perf_counter()
+            screener = self.in_precision(network) if self.screening.reduced_precision else network
             scores = rnam_scores(
-                self.in_precision(network),
+                screener,
                 image,
-                nam,
+                nam if screener is self.in_precision(network) else None,  # a NAM of another precision is no reference
                 region,
                 np.stack([c.mask for c in found]),
                 float(np.clip(fill, 0.0, 1.0)),
