@@ -15,8 +15,10 @@ slices (``classify``) and R-NAM's on the masked copies (``screen``); ``segment``
 batched classification at least 1.3x faster per slice than one at a time; on a GPU, >= 200 slices/s with AMP.
 
 Each ``--precision`` runs the whole scan again with ``configs/inference.json``'s ``precision`` set to it (R-NAM as the
-config has it: float32 unless ``--reduced_screening``); the first one's threshold is kept for the others, so that the
-same slices are segmented, and each later one is compared with the first (mask Dice, largest probability change).
+config has it: float32 unless ``--reduced_screening``), its threshold the same quantile of its own sample (a random
+network's probabilities lie within a few thousandths of each other, so a threshold kept from another precision would
+segment other slices, and more or fewer of them); each later one is compared with the first (mask Dice, largest
+probability change), which with a random network says little about a trained one's agreement (docs/precision.md).
 int8 quantises the random network first, calibrated on ``--calibration`` lung slices of the first scan (timed apart).
 Targets (issue #30, 2-core CPU): the whole scan at least 3x faster than float32; LIDC-IDRI-0001 under 30 s.
 """
@@ -82,10 +84,9 @@ def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
 
 
 def bench_scan(
-    parser: ConfigParser, scan: Path, args: argparse.Namespace, precision: str, threshold: float | None
-) -> tuple[dict, np.ndarray]:
-    """One scan in one precision: the report's row, and the mask (for comparing precisions). ``threshold``: the
-    decision threshold to keep (None: the ``--positive_share`` quantile of this run's sample)."""
+    parser: ConfigParser, scan: Path, args: argparse.Namespace, precision: str
+) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """One scan in one precision: the report's row, and the mask and slice probabilities (for comparing precisions)."""
     seconds = dict.fromkeys(STEPS, 0.0)
     parser.update({"precision": precision})
     inferer = parser.get_parsed_content("inferer", lazy=False)  # a segmenter in this precision (everything parsed anew)
@@ -107,8 +108,7 @@ def bench_scan(
     timed = one_by_one.segment_scan(volume[..., sample], network)
     per_slice_single = timed.seconds["classify"] / len(sample)
     probabilities = timed.probability[0, 0]
-    quantile = float(np.quantile(probabilities, 1.0 - args.positive_share))
-    segmenter.threshold = quantile if threshold is None else threshold
+    segmenter.threshold = float(np.quantile(probabilities, 1.0 - args.positive_share))
 
     result = inferer.segment_scan(volume, network)
     for step, value in result.seconds.items():
@@ -179,11 +179,11 @@ def main() -> None:
             calibration = {"slices": len(slices), "seconds": round(time.perf_counter() - clock, 1)}
             print(f"int8 model: quantised in {calibration['seconds']} s on {len(slices)} slices of {scans[0].name}")
         for scan in scans:
-            threshold, first = None, None
+            first = None
             for precision in args.precision:
-                row, (mask, probability) = bench_scan(parser, scan, args, precision, threshold)
+                row, (mask, probability) = bench_scan(parser, scan, args, precision)
                 if first is None:
-                    threshold, first = row["threshold"], (mask, probability, row["total_s"])
+                    first = (mask, probability, row["total_s"])
                 else:
                     row["dice_vs_first"] = round(
                         float(2 * (mask & first[0]).sum() / max(mask.sum() + first[0].sum(), 1)), 4
