@@ -193,8 +193,8 @@ def test_without_the_instructions_float32_with_a_message(synthetic, monkeypatch,
 
 
 def test_int8_model_of_other_weights_is_refused(synthetic, tmp_path):
-    """A checkpoint changed after quantisation, or one never quantised, is refused with both files named and the
-    command that makes the model again."""
+    """A checkpoint changed after quantisation, one never quantised, or a model file that is not the recorded one, is
+    refused with the files named and the command that makes the model again."""
     folder, checkpoint, model = synthetic
     copy = tmp_path / "model.pt"
     shutil.copy(checkpoint, copy)
@@ -211,9 +211,14 @@ def test_int8_model_of_other_weights_is_refused(synthetic, tmp_path):
     text = str(refused.value)
     assert "stale" in text and str(tmp_path / "model_int8.onnx") in text and str(tmp_path / "model_int8.json") in text
     assert str(copy) in text and f"python -m scripts.networks.quantize --ckpt {copy}" in text
+    shutil.copy(checkpoint, copy)  # the weights it was made from again, but another model file beside them
+    (tmp_path / "model_int8.onnx").write_bytes(b"another model")
+    with pytest.raises(quantize.StaleModelError, match="not the model its record"):
+        quantize.int8_model(copy)
     record = json.loads((folder / "model_int8.json").read_text())
     assert record["calibration"]["slices"] == 8 and record["calibration"]["source"].endswith("SYN-0000.nii.gz")
-    assert record["checkpoint_sha256"] != quantize.sha256(copy) and record["onnxruntime"]
+    assert record["checkpoint_sha256"] == quantize.sha256(checkpoint) and record["onnxruntime"]
+    assert record["model_sha256"] == quantize.sha256(folder / "model_int8.onnx")
 
 
 @needs_instructions

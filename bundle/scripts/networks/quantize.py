@@ -4,10 +4,10 @@
     python -m scripts.networks.quantize --ckpt models/model.pt --scans /path/to/scans         # or slices of scans
 
 writes ``models/model_int8.onnx`` beside the checkpoint and ``models/model_int8.json``, its record: the checkpoint's
-sha256, the calibration's source and slice count, the ONNX Runtime version and the date. The model computes
-``forward_with_nam`` (logits and the raw NAM) for any batch size and slice size. ``int8_model`` is what inference
-calls: it returns the model only when its record matches the checkpoint, so a retrained checkpoint is never paired
-with the quantised copy of the one before.
+and the model's sha256, the calibration's source and slice count, the ONNX Runtime version and the date. The model
+computes ``forward_with_nam`` (logits and the raw NAM) for any batch size and slice size. ``int8_model`` is what
+inference calls: it returns the model only when its record matches the checkpoint and the model file, so a retrained
+checkpoint is never paired with the quantised copy of the one before.
 
 The recipe (ONNX Runtime's static quantisation): QDQ format, weights int8 per output channel, activations uint8 per
 tensor with ranges from the calibration slices (min/max). Only the convolutions and the poolings between them are
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.io import read_json, sha256, write_json
+from ..utils.io import read_json, sha256, write_atomically, write_json
 from .checkpoint import load_checkpoint, resolve_settings
 from .gap_classifier import GAPClassifier
 
@@ -63,8 +63,8 @@ def int8_model(checkpoint: str | os.PathLike) -> Path:
     """The int8 model of ``checkpoint``, after checking that its record names this checkpoint's content.
 
     Raises:
-        StaleModelError: the model or its record is missing, or the checkpoint changed since it was quantised; the
-            message names both files and the command that makes the model again.
+        StaleModelError: the model or its record is missing, the checkpoint changed since it was quantised, or the
+            model is not the one recorded; the message names the files and the command that makes the model again.
     """
     model, record_path = int8_paths(checkpoint)
     again = "make it with: " + COMMAND.format(ckpt=checkpoint)
@@ -72,13 +72,16 @@ def int8_model(checkpoint: str | os.PathLike) -> Path:
         raise StaleModelError(
             f"precision int8 needs {model} and its record {record_path}, made from {checkpoint}: {again}"
         )
-    recorded = read_json(record_path).get("checkpoint_sha256")
+    record = read_json(record_path)
     actual = sha256(checkpoint)
-    if recorded != actual:
+    if record.get("checkpoint_sha256") != actual:
         raise StaleModelError(
             f"{model} is stale: its record {record_path} says it was quantised from a checkpoint with sha256 "
-            f"{recorded}, but {checkpoint} now has sha256 {actual} (retrained or replaced); {again}"
+            f"{record.get('checkpoint_sha256')}, but {checkpoint} now has sha256 {actual} (retrained or replaced); "
+            f"{again}"
         )
+    if record.get("model_sha256") != sha256(model):
+        raise StaleModelError(f"{model} is not the model its record {record_path} describes (replaced?); {again}")
     return model
 
 
@@ -157,13 +160,13 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, slices: np.ndarray, sourc
             per_channel=True,
             op_types_to_quantize=["Conv", "MaxPool"],
         )
-        shutil.move(str(quantised), model.with_name(model.name + ".tmp"))
-        os.replace(model.with_name(model.name + ".tmp"), model)
+        write_atomically(model, lambda tmp: shutil.copyfile(quantised, tmp))
     write_json(
         record,
         {
             "checkpoint": Path(checkpoint).name,
             "checkpoint_sha256": sha256(checkpoint),
+            "model_sha256": sha256(model),
             "calibration": {"source": source, "slices": int(len(slices)), "shape": list(slices.shape[1:])},
             "recipe": "static QDQ; Conv and MaxPool; weights int8 per channel, activations uint8 per tensor (min/max)",
             "onnxruntime": onnxruntime.__version__,

@@ -55,8 +55,6 @@ class _ReducedClassifier(nn.Module):
 class BFloat16Classifier(_ReducedClassifier):
     """The classifier in ``torch.autocast("cpu", bfloat16)``; logits and NAM returned in float32."""
 
-    precision = "bfloat16"
-
     def forward_with_nam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, nam = self.network.forward_with_nam(x)
@@ -65,8 +63,6 @@ class BFloat16Classifier(_ReducedClassifier):
 
 class Int8Classifier(_ReducedClassifier):
     """The int8 model of ``scripts.networks.quantize`` in an ONNX Runtime CPU session, as many threads as torch."""
-
-    precision = "int8"
 
     def __init__(self, network: GAPClassifier, model: str | os.PathLike) -> None:
         import onnxruntime
