@@ -1,7 +1,8 @@
-"""Whole-scan inference speed: seconds per scan split into its steps, and batched vs one-by-one classification.
+"""Whole-scan inference speed: seconds per scan split into its steps, batched vs one-by-one classification, and the
+classifier's precisions (float32, bfloat16, int8) compared in one run.
 
     PYTHONPATH=bundle python bench/bench_scan.py [--lidc_root ../shared/data/lidc] [--width 1.0] [--image_size 384]
-        [--batch_size 8]
+        [--batch_size 8] [--precision float32 bfloat16 int8] [--scans LIDC-IDRI-0001]
 
 Runs ``configs/inference.json``'s preprocessing, inferer, postprocessing and writer on the real LIDC-IDRI scans (as
 DICOM) with a randomly initialised classifier at the paper's size. A random network's probabilities say nothing, so
@@ -12,6 +13,14 @@ slices (``classify``) and R-NAM's on the masked copies (``screen``); ``segment``
 (scope, ICM, candidates). Prints a table and writes
 ``bench/results/bench_scan.json``. Targets (2-core CPU): everything but the classifier forwards under 20 % of them;
 batched classification at least 1.3x faster per slice than one at a time; on a GPU, >= 200 slices/s with AMP.
+
+Each ``--precision`` runs the whole scan again with ``configs/inference.json``'s ``precision`` set to it (R-NAM as the
+config has it: float32 unless ``--reduced_screening``), its threshold the same quantile of its own sample (a random
+network's probabilities lie within a few thousandths of each other, so a threshold kept from another precision would
+segment other slices, and more or fewer of them); each later one is compared with the first (mask Dice, largest
+probability change), which with a random network says little about a trained one's agreement (docs/precision.md).
+int8 quantises the random network first, calibrated on ``--calibration`` lung slices of the first scan (timed apart).
+Targets (issue #30, 2-core CPU): the whole scan at least 3x faster than float32; LIDC-IDRI-0001 under 30 s.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import decollate_batch
+from scripts.networks.checkpoint import TrainingRecord
 from scripts.networks.gap_classifier import GAPClassifier
+from scripts.networks.quantize import quantize_checkpoint, scan_slices
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,26 +61,36 @@ def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
         "pixel_spacing_mm": None,
         "hu_window": [-1000.0, 400.0],
         "context_mm": None,
+        "threshold": 0.5,  # replaced by the --positive_share quantile
     }
     torch.manual_seed(0)
     network = GAPClassifier(width=args.width).to(args.device).eval()
+    checkpoint = Path(output_dir) / "model.pt"  # where int8 finds its model (and its record)
+    record = TrainingRecord(network, [], args.image_size, settings["hu_window"], REPO / "bundle")
+    torch.save({"model": network.state_dict(), "config": record.state_dict()}, checkpoint)
     parser.update(
         {
             "bundle_root": str(REPO / "bundle"),
             "model_settings": settings,
             "network": network,
+            "ckpt_path": str(checkpoint),
             "output_dir": output_dir,
             "batch_size": args.batch_size,
             "device": args.device,
+            "segmenter#screening#reduced_precision": args.reduced_screening,
         }
     )
     return parser
 
 
-def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> dict:
+def bench_scan(
+    parser: ConfigParser, scan: Path, args: argparse.Namespace, precision: str
+) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """One scan in one precision: the report's row, and the mask and slice probabilities (for comparing precisions)."""
     seconds = dict.fromkeys(STEPS, 0.0)
-    preprocessing = parser.get_parsed_content("preprocessing")
-    inferer = parser.get_parsed_content("inferer")
+    parser.update({"precision": precision})
+    inferer = parser.get_parsed_content("inferer", lazy=False)  # a segmenter in this precision (everything parsed anew)
+    preprocessing = parser.get_parsed_content("preprocessing")  # the instance the postprocessing's Invertd inverts
     network = parser.get_parsed_content("network")
     clock = time.perf_counter()
     data = preprocessing({"image": str(scan), "source": str(scan), "name": scan.name})
@@ -104,8 +125,10 @@ def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> di
     forwards = sum(seconds[k] for k in FORWARDS)
     others = sum(v for k, v in seconds.items() if k not in FORWARDS)
     per_slice_batched = seconds["classify"] / max(n_classified, 1)
-    return {
+    row = {
         "scan": scan.name,
+        "precision": precision,
+        "threshold": segmenter.threshold,
         "slices": int(volume.shape[-1]),
         "classified": n_classified,
         "segmented": len(result.slices),
@@ -117,6 +140,7 @@ def bench_scan(parser: ConfigParser, scan: Path, args: argparse.Namespace) -> di
         "batching_speedup": round(per_slice_single / per_slice_batched, 3),
         "slices_per_s": round(1.0 / per_slice_batched, 2),
     }
+    return row, (result.mask > 0, result.probability[0, 0])
 
 
 def segmenter_lungs(volume: torch.Tensor, inferer) -> np.ndarray:
@@ -138,30 +162,64 @@ def main() -> None:
     cli.add_argument("--sample", type=int, default=16, help="slices timed one by one")
     cli.add_argument("--positive_share", type=float, default=0.1)
     cli.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"])
+    cli.add_argument("--reduced_screening", action="store_true", help="R-NAM in the precision too")
+    cli.add_argument("--calibration", type=int, default=16, help="int8's calibration slices")
+    cli.add_argument("--scans", nargs="*", help="scan folder names under --lidc_root (default: all)")
     cli.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_scan.json"))
     args = cli.parse_args()
-    scans = sorted(p for p in Path(args.lidc_root).iterdir() if p.is_dir())
-    rows = []
+    scans = sorted(p for p in Path(args.lidc_root).iterdir() if p.is_dir() and (not args.scans or p.name in args.scans))
+    rows, calibration = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         parser = parse_config(args, tmp)
+        if "int8" in args.precision:
+            clock = time.perf_counter()
+            slices = scan_slices(scans[:1], parser["ckpt_path"], args.calibration)
+            quantize_checkpoint(parser["ckpt_path"], slices, f"lung slices of {scans[0].name}")
+            calibration = {"slices": len(slices), "seconds": round(time.perf_counter() - clock, 1)}
+            print(f"int8 model: quantised in {calibration['seconds']} s on {len(slices)} slices of {scans[0].name}")
         for scan in scans:
-            rows.append(bench_scan(parser, scan, args))
-            row = rows[-1]
-            print(
-                f"{row['scan']}: {row['total_s']:.1f} s in all ("
-                + ", ".join(f"{k} {v:.2f}" for k, v in row["seconds"].items())
-                + f"); non-forward {100 * row['non_forward_share']:.1f} % of the forwards; "
-                f"classification {row['slices_per_s']:.2f} slices/s batched, {row['batching_speedup']:.2f}x one by one"
-            )
+            first = None
+            for precision in args.precision:
+                row, (mask, probability) = bench_scan(parser, scan, args, precision)
+                if first is None:
+                    first = (mask, probability, row["total_s"])
+                else:
+                    row["dice_vs_first"] = round(
+                        float(2 * (mask & first[0]).sum() / max(mask.sum() + first[0].sum(), 1)), 4
+                    )
+                    row["max_probability_change"] = round(float(np.abs(probability - first[1]).max()), 5)
+                    row["speedup_vs_first"] = round(first[2] / row["total_s"], 2)
+                rows.append(row)
+                print(
+                    f"{row['scan']} {precision}: {row['total_s']:.1f} s in all ("
+                    + ", ".join(f"{k} {v:.2f}" for k, v in row["seconds"].items())
+                    + f"); non-forward {100 * row['non_forward_share']:.1f} % of the forwards; "
+                    f"classification {row['slices_per_s']:.2f} slices/s batched, {row['batching_speedup']:.2f}x one "
+                    "by one"
+                    + (
+                        f"; vs {args.precision[0]}: {row['speedup_vs_first']}x, Dice {row['dice_vs_first']}, "
+                        f"probabilities within {row['max_probability_change']}"
+                        if "dice_vs_first" in row
+                        else ""
+                    )
+                )
     report = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "device": args.device,
         "settings": vars(args),
+        "int8_calibration": calibration,
         "scans": rows,
-        "targets": {"non_forward_share": "< 0.2", "batching_speedup": ">= 1.3", "gpu_slices_per_s": ">= 200"},
+        "targets": {
+            "non_forward_share": "< 0.2",
+            "batching_speedup": ">= 1.3",
+            "gpu_slices_per_s": ">= 200",
+            "reduced_precision_speedup": ">= 3 (whole scan)",
+            "LIDC-IDRI-0001_s": "< 30",
+        },
     }
     write_json(args.out, report)
-    print(json.dumps({r["scan"]: r["seconds"] for r in rows}, indent=1))
+    print(json.dumps({f"{r['scan']} {r['precision']}": r["seconds"] for r in rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -257,6 +257,7 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
         "mode": "two_nodule",
         "threshold": 0.3,
         "intensity_range": [-1100.0, 300.0],
+        "precision": "bfloat16",
         "scope": {"sigma": 2.0, "threshold": 0.25, "min_distance": 5, "multi_gap_min_peak": 0.4, "n_nodules": 3},
         "icm": {"phases": 3, "beta": 0.5, "max_sweeps": 7},
         "candidates": {
@@ -272,11 +273,11 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
             "drop_thin": False,
             "split_vessel_mm": 2.5,
         },
-        "screening": {"crop": False, "batch_size": 4},
+        "screening": {"crop": False, "batch_size": 4, "reduced_precision": True},
     }
     settings = WeaklySupervisedSegmenter(**chosen).settings()
     assert settings == chosen and json.loads(json.dumps(settings)) == settings
-    not_rules = {"lung_mask_fn", "multi_gap_network", "spacing", "amp"}
+    not_rules = {"lung_mask_fn", "multi_gap_network", "spacing", "amp", "checkpoint"}
     assert set(inspect.signature(WeaklySupervisedSegmenter).parameters) - not_rules == set(settings)
     assert WeaklySupervisedSegmenter(**settings).settings() == settings
     with pytest.raises(ValueError, match="unknown candidates settings"):

@@ -221,7 +221,7 @@ class _IncrementalNAM:
 def rnam_scores(
     network: Callable,
     image: torch.Tensor,
-    nam: np.ndarray,
+    nam: np.ndarray | None,
     scope: np.ndarray,
     masks: np.ndarray,
     fill_value: float,
@@ -236,7 +236,8 @@ def rnam_scores(
             ``nam_stride`` and ``nam_context_radius`` enable the exact crop.
         image: ``(C, H, W)`` network input of the slice.
         nam: ``(H, W)`` raw NAM of the unmasked image: the reference of the full-forward paths (the
-            incremental path computes the NAM change directly).
+            incremental path computes the NAM change directly); None: computed here by ``network`` (when the
+            NAM at hand came from a network of another precision).
         scope: ``(H, W)`` bool region C where NAMs are compared.
         masks: ``(N, H, W)`` bool candidate masks.
         fill_value: value (in network input units) written into a candidate.
@@ -283,7 +284,10 @@ def rnam_scores(
             diff = nam_change(_Changed(int(rows_on[0]), int(cols_on[0]), filled)) * sub_scope[None]
             scores.append((diff**2).sum(dim=(1, 2)).cpu().numpy())
         return np.concatenate(scores)
-    reference = torch.as_tensor(np.asarray(nam)[rows, cols], dtype=torch.float64, device=image.device)
+    if nam is None:  # the crop's NAM equals the full image's inside the scope (the exact crop)
+        reference = logits_and_nam(network, sub_image[None])[1][0, 0].double()
+    else:
+        reference = torch.as_tensor(np.asarray(nam)[rows, cols], dtype=torch.float64, device=image.device)
     for i in range(0, masks.shape[0], step):
         _, rnam = logits_and_nam(network, fill_candidates(sub_image, sub_masks[i : i + step], fill_value))
         diff = (reference[None] - rnam[:, 0].double()) * sub_scope[None]

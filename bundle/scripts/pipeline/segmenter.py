@@ -29,6 +29,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from ..networks.gap_classifier import unwrap
+from ..networks.runtime import PRECISIONS, inference_network
 from .candidates import Candidate, extract_candidates, parenchyma_value
 from .classify import logits_and_nam
 from .context import centre_channel
@@ -119,6 +120,10 @@ class WeaklySupervisedSegmenter(Inferer):
             mappings of their fields (a config's sections); None: the group's defaults. ``PRESETS`` names other sets.
         spacing: ``(row, col)`` mm used when the inputs carry no affine and none is passed.
         amp: classify in mixed precision when the inputs are on CUDA (no effect on CPU).
+        precision: the classifier's CPU path for the slices' and R-NAM's forwards: ``"float32"`` (the reference),
+            ``"bfloat16"`` or ``"int8"`` (``scripts.networks.runtime``; float32 with a message where the CPU lacks the
+            instructions). The multi-GAP classifier stays float32.
+        checkpoint: the classifier's weights file, beside which int8 finds its quantised model.
     """
 
     def __init__(
@@ -134,6 +139,8 @@ class WeaklySupervisedSegmenter(Inferer):
         screening: ScreeningSettings | Mapping[str, Any] | None = None,
         spacing: Sequence[float] = (1.0, 1.0),
         amp: bool = False,
+        precision: str = "float32",
+        checkpoint: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -141,6 +148,8 @@ class WeaklySupervisedSegmenter(Inferer):
             raise ValueError(f"mode {mode!r} needs a multi_gap_network (the 2- or 3-GAP classifier)")
         if len(intensity_range) != 2 or intensity_range[1] <= intensity_range[0]:
             raise ValueError(f"intensity_range must be (a_min, a_max) with a_min < a_max, got {intensity_range}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.mode = mode
         self.threshold = float(threshold)
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
@@ -152,6 +161,9 @@ class WeaklySupervisedSegmenter(Inferer):
         self.screening: ScreeningSettings = settings_group("screening", screening)
         self.spacing = (float(spacing[0]), float(spacing[1]))
         self.amp = bool(amp)
+        self.precision = precision
+        self.checkpoint = checkpoint
+        self._runtime: tuple[Callable, Callable] | None = None  # (network, the network in ``precision``)
 
     def settings(self) -> dict[str, Any]:
         """What decides the masks, JSON-ready and named as the constructor's arguments (so that
@@ -161,6 +173,7 @@ class WeaklySupervisedSegmenter(Inferer):
             "mode": self.mode,
             "threshold": self.threshold,
             "intensity_range": list(self.intensity_range),
+            "precision": self.precision,
             **{name: asdict(getattr(self, name)) for name in GROUPS},
         }
 
@@ -194,6 +207,12 @@ class WeaklySupervisedSegmenter(Inferer):
         outputs["record"] = [json.dumps(result.to_record()) for result in results]
         return outputs
 
+    def in_precision(self, network: Callable) -> Callable:
+        """``network`` in the segmenter's ``precision``; made once per network (an int8 session takes a while)."""
+        if self._runtime is None or self._runtime[0] is not network:
+            self._runtime = (network, inference_network(network, self.precision, self.checkpoint))
+        return self._runtime[1]
+
     def classify(self, inputs: torch.Tensor, network: Callable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Nodule probabilities ``(B,)``, raw NAMs ``(B, H, W)`` and, in the multi-GAP modes when a slice is called
         "nodule", the multi-GAP NAMs ``(B, H, W)`` of a batch ``(B, C, H, W)`` of windowed slices, in one forward.
@@ -202,7 +221,7 @@ class WeaklySupervisedSegmenter(Inferer):
         are then recomputed in float32, so that R-NAM compares maps of one precision.
         """
         self._check_inputs(inputs)
-        network = unwrap(network)
+        network = self.in_precision(unwrap(network))
         for name, model in (("classifier", network), ("multi-GAP classifier", self.multi_gap_network)):
             channels = getattr(model, "in_channels", inputs.shape[1])
             if channels != inputs.shape[1]:
@@ -307,10 +326,11 @@ class WeaklySupervisedSegmenter(Inferer):
             region = result.base_scope if self.mode in MULTI_GAP_MODES else scope
             fill = (parenchyma_value(labels, means, lung_mask, self.candidates.dense_hu) - lo) / (hi - lo)
             clock = time.perf_counter()
+            screener = self.in_precision(network) if self.screening.reduced_precision else network
             scores = rnam_scores(
-                network,
+                screener,
                 image,
-                nam,
+                nam if screener is self.in_precision(network) else None,  # a NAM of another precision is no reference
                 region,
                 np.stack([c.mask for c in found]),
                 float(np.clip(fill, 0.0, 1.0)),

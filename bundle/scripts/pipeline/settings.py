@@ -128,10 +128,15 @@ class ScreeningSettings:
         crop: compute R-NAMs on the exact stride-aligned crop around the scope and, for a ``GAPClassifier``, recompute
             only the window each candidate changes (the same scores; False: the full image, the reference).
         batch_size: masked copies per forward (None: all at once); it changes the speed, not the scores.
+        reduced_precision: run R-NAM's forwards in the segmenter's ``precision`` too (cropped forwards of the masked
+            copies). Off: float32 on the exact incremental path, whatever the precision. R-NAM's scores are small
+            differences of NAMs, and int8's rounding moves them: on an untrained small model int8 picked float32's
+            candidate on 65 % of slices, bfloat16 on 95 % (docs/precision.md).
     """
 
     crop: bool = True
     batch_size: int | None = None
+    reduced_precision: bool = False
 
 
 # The groups by their names in the segmenter's arguments and in the configs' ``segmenter`` section.
