@@ -16,6 +16,14 @@ from scripts.pipeline.settings import HU_WINDOW
 from torch import nn
 
 
+def given_network_settings(image_size: int, **changes) -> dict:
+    """``model_settings`` for a config whose ``network`` is given (no checkpoint to read them from): a 1-GAP model
+    on single ``image_size`` slices of any spacing, the bundle's HU window and decision threshold 0.5."""
+    settings = {"gap_levels": 1, "width": 1.0, "in_channels": 1, "head_channels": 1024, "batch_norm": False}
+    settings.update(image_size=image_size, pixel_spacing_mm=None, hu_window=list(HU_WINDOW), context_mm=None)
+    return {**settings, "threshold": 0.5, **changes}
+
+
 def window(hu: float) -> float:
     """A HU value in the [0, 1] input window."""
     return (hu - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0])

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from known_response import InputRecorder
+from known_response import InputRecorder, given_network_settings
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.data.dataset import prepare_dataset
 from scripts.data.prepare import scans
@@ -242,8 +242,7 @@ def test_the_scan_path_feeds_what_the_dataset_writer_wrote(datasets, tmp_path):
     item = next(i for i in _items(root / "c3") if i["class"] == 1)
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
-    settings = {"gap_levels": 1, "width": 1.0, "in_channels": 3, "head_channels": 1024, "batch_norm": False}
-    settings.update(image_size=SIZE, pixel_spacing_mm=None, hu_window=[-1000.0, 400.0], context_mm=2.5, threshold=0.5)
+    settings = given_network_settings(SIZE, in_channels=3, context_mm=2.5)
     parser.update({"bundle_root": str(REPO / "bundle"), "model_settings": settings})
     volume = parser.get_parsed_content("preprocessing")({"image": str(folder / f"{item['subject']}.nii.gz")})["image"]
     recorder = InputRecorder(3)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from known_response import given_network_settings
 from scripts.networks.checkpoint import TrainingRecord
 from scripts.networks.gap_classifier import GAPClassifier
 from test_scan import assert_same_grid, pylidc_mask, spot_network
@@ -104,10 +105,7 @@ def spot_bundle(bundle_root: Path, dest: Path, study: Path, truth: np.ndarray) -
     size, spacing = 160, 2.25
     network = spot_network(bundle_root, study, truth, size=size, spacing=spacing)
     ((row, col),) = network.spots
-    settings = {"gap_levels": 1, "width": 1.0, "in_channels": 1, "head_channels": 1024, "batch_norm": False}
-    settings.update(
-        image_size=size, pixel_spacing_mm=[spacing, spacing], hu_window=[-1000.0, 400.0], context_mm=None, threshold=0.5
-    )
+    settings = given_network_settings(size, pixel_spacing_mm=[spacing, spacing])
     net_def = {"_target_": "scripts.known_response.SpotNet", "spots": [[row, col]], "size": size, "sigma_px": 3.0}
     bundle_copy(bundle_root, dest, network_def=net_def, model_settings=settings, **{"segmenter#screening#crop": False})
     shutil.copy(Path(__file__).parent / "known_response.py", dest / "scripts" / "known_response.py")

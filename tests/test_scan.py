@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from known_response import InputRecorder, SpotNet
+from known_response import InputRecorder, SpotNet, given_network_settings
 from monai.bundle import ConfigParser
 from scripts.pipeline.crop import crop_window
 from scripts.pipeline.lungs import segment_lungs
@@ -66,19 +66,8 @@ def parse(bundle_root, **overrides):
 
 
 def settings(**changes):
-    base = {
-        "gap_levels": 1,
-        "width": 1.0,
-        "in_channels": 1,
-        "head_channels": 1024,
-        "batch_norm": False,
-        "image_size": SIZE,
-        "pixel_spacing_mm": [SPACING, SPACING],
-        "hu_window": [-1000.0, 400.0],
-        "context_mm": None,
-        "threshold": 0.5,
-    }
-    return {**base, **changes}
+    changes = {"pixel_spacing_mm": [SPACING, SPACING], **changes}
+    return given_network_settings(changes.pop("image_size", SIZE), **changes)
 
 
 def read_grid(path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from known_response import DomeNet
+from known_response import DomeNet, given_network_settings
 from monai.bundle import ConfigParser
 from monai.transforms import MapTransform
 from scripts.data.prepare import scans
@@ -43,23 +43,17 @@ LUNGS = {
 }
 
 
-def _settings(size=SIZE):
-    """The record of a model trained on ``size`` slices (no checkpoint needed: the network is given)."""
-    settings = {"gap_levels": 1, "width": 1.0, "in_channels": 1, "head_channels": 1024, "batch_norm": False}
-    return {
-        **settings,
-        "image_size": size,
-        "pixel_spacing_mm": None,
-        "hu_window": [-1000.0, 400.0],
-        "context_mm": None,
-        "threshold": 0.5,
-    }
-
-
 def _parser(bundle_root, **overrides):
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(bundle_root), "model_settings": _settings(), "network": DomeNet(), **overrides})
+    parser.update(
+        {
+            "bundle_root": str(bundle_root),
+            "model_settings": given_network_settings(SIZE),
+            "network": DomeNet(),
+            **overrides,
+        }
+    )
     return parser
 
 
@@ -144,7 +138,7 @@ def test_scan_whose_mask_covers_the_lungs_runs_to_the_end(bundle_root, tmp_path)
     24 GiB."""
     path = Path(scans(str(tmp_path / "scans"), cases=1, seed=4, size=256, n_slices=8)[0])
     overrides = {
-        "model_settings": _settings(256),
+        "model_settings": given_network_settings(256),
         "input": str(path),
         "output_dir": str(tmp_path / "out"),
         "threshold": 0.0,

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from known_response import SpotNet
+from known_response import SpotNet, given_network_settings
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage
@@ -23,19 +23,6 @@ from scripts.pipeline.crop import crop_window
 from scripts.pipeline.lungs import segment_lungs
 
 SIZE = 128
-
-
-def _settings():
-    """The record of a model trained on the synthetic slices (no checkpoint needed: the network is given)."""
-    settings = {"gap_levels": 1, "width": 1.0, "in_channels": 1, "head_channels": 1024, "batch_norm": False}
-    return {
-        **settings,
-        "image_size": SIZE,
-        "pixel_spacing_mm": None,
-        "hu_window": [-1000.0, 400.0],
-        "context_mm": None,
-        "threshold": 0.5,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def test_nodule_table_of_known_nodules(bundle_root, synthetic_case):
     image, path, truth = synthetic_case
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(bundle_root), "model_settings": _settings()})
+    parser.update({"bundle_root": str(bundle_root), "model_settings": given_network_settings(SIZE)})
     data = parser.get_parsed_content("preprocessing")({"image": str(path)})
     outputs = {
         "mask": (truth > 0).astype(np.float32),
@@ -107,7 +94,7 @@ def test_scan_inference_finds_the_known_nodules(bundle_root, synthetic_case, tmp
     parser.update(
         {
             "bundle_root": str(bundle_root),
-            "model_settings": _settings(),
+            "model_settings": given_network_settings(SIZE),
             "network": network,
             "input": str(path),
             "output_dir": str(tmp_path),
