@@ -198,8 +198,8 @@ def _names(names: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
 def scans(out: str, cases: int = 2, seed: int = 0, size: int = 128, **source_options: Any) -> list[str]:
     """Write synthetic chest CT cases as whole scans for ``configs/inference.json``: ``<out>/<subject>.nii.gz`` (int16
     HU, in the axial convention of ``scripts.pipeline.orient``) and the truth, ``<out>/labels/<subject>.nii.gz`` (the
-    union of the nodules' STAPLE masks). The quick start's model was trained on ``size`` 128 slices: keep ``size`` for
-    it.
+    union of the nodules' STAPLE masks). The quick start's model was trained on ``size`` 256 slices of
+    ``QUICKSTART_SYNTHETIC``'s cases (nodules from 10 mm, vessel trunks of 2.5-3.5 mm): make its scans so.
 
     Args:
         out: output folder.
