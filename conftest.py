@@ -38,17 +38,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.chest_ct)
 
 
+def missing_real_data(reason: str) -> None:
+    """Skip the test for want of real data, or fail it in CI (``CI=true``), which must have the data."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI=true requires them", pytrace=False)
+    pytest.skip(reason)
+
+
 def find_lidc_root(root: Path) -> Path:
     """``root`` when it holds the two real LIDC-IDRI scans; else skip, or fail in CI (``CI=true``), which needs them."""
     missing = [p for p in LIDC_PATIENTS if not (root / p).is_dir()]
     if missing:
-        reason = (
+        missing_real_data(
             f"the real LIDC-IDRI scans {', '.join(missing)} are not in {root}: put the two scans there "
             "(README, 'Tests') or point LIDC_ROOT at them"
         )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true requires them", pytrace=False)
-        pytest.skip(reason)
     return root
 
 
@@ -64,11 +68,17 @@ def chest_ct_root() -> Path:
     repo); skips when they are missing, or fails in CI (``CI=true``), which needs them."""
     missing = [s for s in CHEST_CT_SCANS if not (CHEST_CT_ROOT / s / "ct").is_dir()]
     if missing:
-        reason = (
+        missing_real_data(
             f"the real chest CTs {', '.join(missing)} are not in {CHEST_CT_ROOT}: put them there "
             "(bundle/docs/real_ct.md) or point CHEST_CT_ROOT at them"
         )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true requires them", pytrace=False)
-        pytest.skip(reason)
     return CHEST_CT_ROOT
+
+
+@pytest.fixture(scope="module")
+def isolated_home(tmp_path_factory):
+    """``HOME`` in a temporary folder for a module: pylidc may write a template ``~/.pylidcrc``, kept out of the real
+    home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        yield

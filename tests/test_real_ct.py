@@ -22,12 +22,7 @@ SMALL = dict(pixel_mm=2.25, size=128, variants=2, insertions=3, min_diameter_mm=
 SEED = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _home(tmp_path_factory):
-    # pylidc may write a template ~/.pylidcrc: keep it out of the real home
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-        yield
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 @pytest.fixture(scope="module")

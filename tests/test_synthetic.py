@@ -12,12 +12,7 @@ from scripts.data.synthetic import SyntheticSource
 SMALL = dict(size=128, n_slices=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _home(tmp_path_factory):
-    # pylidc may write a template ~/.pylidcrc: keep it out of the real home
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-        yield
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 @pytest.fixture(scope="module")
