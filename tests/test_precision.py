@@ -130,6 +130,7 @@ def _run(bundle_root, folder, checkpoint, precision, scan, out):
             "precision": precision,
             "mode": "fine",
             "threshold": 0.0,  # every slice with lung goes through scope, ICM and R-NAM
+            "min_height_ratio": 0.0,  # the blobs of every slice are compared, flat or not
             "overview": False,
             "dicom_seg": False,
         }

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -258,3 +259,69 @@ def test_unannotated_tumour_of_c3n_is_kept_out(data_root):
         mp.setattr(real_ct, "UNANNOTATED_TUMOURS", {})
         with pytest.raises(ValueError, match="UNANNOTATED_TUMOURS"):
             real_ct._read_scan("CPTAC-C3N-00247", data_root)
+
+
+def test_the_default_data_root_is_shared_data_beside_the_repository():
+    """``prepare real`` without ``--data_root`` reads ``../shared/data`` beside the repository (a module moved one
+    folder deeper once pointed inside the repository)."""
+    assert real_ct.DEFAULT_DATA_ROOT == Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_twin_negatives_are_their_nodule_slices_without_the_nodule(prepared, tmp_path):
+    from scripts.data.twins import add_twin_negatives
+
+    out, source, _, _ = prepared
+    copy = tmp_path / "set"
+    shutil.copytree(out, copy)
+    splits = ("validation", "test")
+    count = add_twin_negatives(source, copy, splits)
+    datalist = json.loads((copy / "datalist.json").read_text())
+    items = [item for split in splits for item in datalist[split]]
+    twins = [item for item in items if "twin_of" in item]
+    inserted = [i for i in items if i["class"] == 1 and all(n["origin"] == "inserted" for n in i["nodule_info"])]
+    assert count == len(twins) == len(inserted) > 0
+    by_image = {item["image"]: item for item in items}
+    for twin in twins:
+        nodule_slice = by_image[twin["twin_of"]]
+        assert twin["class"] == 0 and twin["nodule_info"] == [] and not _read(copy, twin["label"]).any()
+        image, original = _read(copy, twin["image"]), _read(copy, nodule_slice["image"])
+        assert np.array_equal(image, _host_slice(source, twin))  # the host's own pixels
+        inside = _boxes(source, nodule_slice)
+        assert np.array_equal(image[~inside], original[~inside]) and not np.array_equal(image, original)
+    assert add_twin_negatives(source, copy, splits) == count  # a second call adds none
+    assert len(json.loads((copy / "datalist.json").read_text())["test"]) == len(datalist["test"])
+
+
+def test_the_real_ct_model_command_fine_tunes_the_synthetic_model(data_root, tmp_path):
+    """``python -m scripts.real_ct_model`` at a tiny size: a synthetic model, the real set with twins, a fine-tuning
+    that starts from every weight of the synthetic model, and the report on the held-out scan."""
+    import torch
+    from scripts.real_ct_model import real_ct_model
+
+    model = real_ct_model(
+        out=str(tmp_path),
+        test=HELD_OUT,
+        scans=[HELD_OUT, "Lung_Dx-A0002", "Lung_Dx-A0001"],
+        data_root=str(data_root),
+        synthetic_cases=4,
+        synthetic_size=128,
+        synthetic_epochs=1,
+        epochs=1,
+        learning_rate=0.0,  # Adam at rate 0 moves nothing: the weights must be the synthetic model's
+        variants=1,
+        workers=1,
+    )
+    synthetic = torch.load(tmp_path / "synthetic" / "models" / "model.pt", weights_only=True)
+    tuned = torch.load(model, weights_only=True)
+    weights = [k for k in synthetic["model"] if k.endswith("weight")]
+    assert all(torch.equal(synthetic["model"][k], tuned["model"][k]) for k in weights)
+    record = tuned["config"]
+    assert record["pixel_spacing_mm"] == pytest.approx([2.25, 2.25], abs=0.01) and record["image_size"] == 128
+    assert record["in_channels"] == 3 and record["threshold_rule"] == "validation specificity 0.98"
+    datalist = json.loads((tmp_path / "dataset" / "datalist.json").read_text())
+    assert {item["scan"] for item in datalist["test"]} == {HELD_OUT}
+    for split in ("training", "validation"):
+        assert any("twin_of" in item for item in datalist[split])
+    assert not any("twin_of" in item for item in datalist["test"])
+    report = json.loads((tmp_path / "classification" / "classifier_report.json").read_text())
+    assert report["slices"] == len(datalist["test"])

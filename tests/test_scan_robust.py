@@ -142,6 +142,7 @@ def test_scan_whose_mask_covers_the_lungs_runs_to_the_end(bundle_root, tmp_path)
         "input": str(path),
         "output_dir": str(tmp_path / "out"),
         "threshold": 0.0,
+        "min_height_ratio": 0.0,  # the mask over the lungs of 8 slices is flat: kept, as this test needs it
         "overview": False,
         **LUNGS,
     }
@@ -274,3 +275,23 @@ def test_folder_written_atomically(tmp_path):
         (folder / "b.txt").write_text("third")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
+
+
+def test_flat_nodules_are_dropped_on_any_grid_orientation():
+    """One slice 20 mm wide (a slice-wise false positive) goes; a 10 mm ball and a 4 mm dot on one slice stay."""
+    from scripts.pipeline.assemble import drop_flat_nodules
+
+    mask = np.zeros((60, 60, 20), bool)
+    mask[5:25, 5:25, 3] = True  # 20 x 20 mm on one 2.5 mm slice: height / width 0.09
+    x, y, z = np.mgrid[:60, :60, :20]
+    mask |= (x - 40) ** 2 + (y - 40) ** 2 + ((z - 10) * 2.5) ** 2 <= 25  # a ball of 10 mm
+    mask[10:14, 45:49, 15] = True  # 4 mm on one slice: 0.44
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    kept, dropped = drop_flat_nodules(mask, affine, 0.25)
+    assert dropped == 1 and not kept[5:25, 5:25, 3].any() and kept.sum() == mask.sum() - 400
+    assert drop_flat_nodules(mask, affine, 0.0)[1] == 0
+    # the slices along the first voxel axis (a sagittal-first grid): the same answer
+    permuted = np.moveaxis(mask, 2, 0)
+    affine_p = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]], float)
+    kept_p, dropped_p = drop_flat_nodules(permuted, affine_p, 0.25)
+    assert dropped_p == 1 and np.array_equal(kept_p, np.moveaxis(kept, 2, 0))

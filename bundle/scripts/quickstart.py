@@ -33,7 +33,16 @@ from .integration.config_runs import BUNDLE_ROOT, CLASSIFY, SLICE_INFERENCE, qui
 from .pipeline.settings import preset_changes, preset_overrides
 from .utils.io import write_json, write_text
 
-__all__ = ["quickstart", "quickstart_full", "train_classifier", "classify_split", "PAPER_TABLE1", "PAPER_ACCURACY"]
+__all__ = [
+    "quickstart",
+    "quickstart_full",
+    "prepare_quickstart_dataset",
+    "classifier_settings",
+    "train_classifier",
+    "classify_split",
+    "PAPER_TABLE1",
+    "PAPER_ACCURACY",
+]
 
 
 # The synthetic chest the quick start learns from. At 128 px a pixel is 2.25 mm, so a 5 mm nodule is a 2-3 pixel dot
@@ -89,7 +98,7 @@ def _describe_recipe(width: float, epochs: int, in_channels: int) -> str:
     return f"{inputs}, width {width}, batch norm, Adam, {epochs} epochs"
 
 
-def _classifier_settings(dataset_dir: Path, size: int, width: float, in_channels: int) -> dict:
+def classifier_settings(dataset_dir: Path, size: int, width: float, in_channels: int) -> dict:
     """The settings every config of a quick start's classifier shares: the recipe of docs/classifier.md."""
     return {
         "bundle_root": str(BUNDLE_ROOT),
@@ -208,7 +217,9 @@ def quickstart(
         )
 
 
-def _prepare(dataset_dir: Path, cases: int, size: int, seed: int, workers: int, in_channels: int) -> dict:
+def prepare_quickstart_dataset(
+    dataset_dir: Path, cases: int, size: int, seed: int, workers: int, in_channels: int
+) -> dict:
     source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
     # a finished dataset of these settings is reused as it is; one of other settings (an earlier quick start's,
     # other --cases, --size or --seed) is refused. Negatives are matched to the positives' slice heights: on the
@@ -243,11 +254,11 @@ def _quickstart_short(
 ) -> dict:
     out_dir = Path(out).resolve()
     dataset_dir = out_dir / "dataset"
-    common = _classifier_settings(dataset_dir, size, width, in_channels)
+    common = classifier_settings(dataset_dir, size, width, in_channels)
     timings = {}
 
     start = _stage(f"1/5 synthetic dataset: {cases} cases at {size} px -> {dataset_dir}")
-    _prepare(dataset_dir, cases, size, seed, workers, in_channels)
+    prepare_quickstart_dataset(dataset_dir, cases, size, seed, workers, in_channels)
     timings["prepare_s"] = time.perf_counter() - start
 
     start = _stage(f"2/5 train a 1-GAP classifier ({_describe_recipe(width, epochs, in_channels)})")
@@ -401,7 +412,7 @@ def quickstart_full(
             }
         )
     )
-    common = _classifier_settings(dataset_dir, size, width, in_channels)
+    common = classifier_settings(dataset_dir, size, width, in_channels)
     # the fully supervised baseline sees what the classifiers see (2.5-D slices when they do)
     unet = {
         "bundle_root": str(BUNDLE_ROOT),
@@ -417,7 +428,7 @@ def quickstart_full(
         steps[name] = _step(out_dir, name, settings, outputs, fn)
 
     print(f"Table 1 on synthetic data: {cases} cases at {size} px -> {out_dir}", flush=True)
-    step("dataset", [], lambda: _prepare(dataset_dir, cases, size, seed, workers, in_channels))
+    step("dataset", [], lambda: prepare_quickstart_dataset(dataset_dir, cases, size, seed, workers, in_channels))
     for k in (1, 2, 3):
         step(
             f"train_{k}gap",

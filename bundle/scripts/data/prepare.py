@@ -11,7 +11,7 @@ import fire
 from ..pipeline.context import DEFAULT_CONTEXT_MM
 from .dataset import prepare_dataset
 
-__all__ = ["synthetic", "lidc", "real", "scans"]
+__all__ = ["synthetic", "lidc", "real", "scans", "split_names"]
 
 
 def synthetic(
@@ -159,15 +159,15 @@ def real(
 
     source = RealCtSource(
         data_root,
-        _names(scans),
+        split_names(scans),
         variants=variants,
         insertions=insertions,
         seed=seed,
         size=size,
         pixel_mm=pixel_mm,
         margin=negative_margin,
-        test=_names(test) or (),
-        validation=_names(validation),
+        test=split_names(test) or (),
+        validation=split_names(validation),
         **source_options,
     )
     summary = prepare_dataset(
@@ -186,13 +186,13 @@ def real(
     return _report(summary)
 
 
-def _names(names: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
+def split_names(value: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
     """Names given comma-separated or as a list (fire passes either); None stays None."""
-    if names is None:
+    if value is None:
         return None
-    if isinstance(names, str):
-        return [n.strip() for n in names.split(",") if n.strip()]
-    return [str(n) for n in names]
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()]
+    return [str(n) for n in value]
 
 
 def scans(out: str, cases: int = 2, seed: int = 0, size: int = 128, **source_options: Any) -> list[str]:

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 REAL_SCANS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003", "Lung_Dx-A0001", "Lung_Dx-A0002", "CPTAC-C3N-00247")
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[3].parent / "shared" / "data"  # <repo>/bundle/scripts/data/
 # LIDC-IDRI-0001 and -0003 are the scans a model is scored on: their nodules are never inserted (issue #28)
 DEFAULT_EXCLUDED_SHAPES = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
 
@@ -331,6 +331,10 @@ class RealCtSource:
     def host_volume(self, scan: str) -> np.ndarray:
         """The host scan as every subject starts from it (resampled, int16): what a clean slice holds."""
         return self._host(scan).hu.copy()
+
+    def host_spacing(self, scan: str) -> tuple[float, float, float]:
+        """The host scan's ``(row, column, slice)`` spacing in mm, as resampled."""
+        return tuple(float(v) for v in self._host(scan).spacing)
 
     # ---- hosts ----
 

@@ -11,6 +11,7 @@ eager network. Every check is reported as PASS or FAIL with its reason; the exit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -547,6 +548,12 @@ def check_large_files(ctx: CheckContext) -> str:
         if entry.get("hash_val") and entry.get("hash_type", "md5") not in HASH_TYPES:
             raise BundleCheckError(f"{path}: entry {i} has hash_type {entry['hash_type']!r}, not one of {HASH_TYPES}")
         listed.add(os.path.normpath(entry["path"]))
+        local = ctx.root / entry["path"]
+        if entry.get("hash_val") and local.is_file():
+            digest = hashlib.new(entry.get("hash_type", "md5"), local.read_bytes()).hexdigest()
+            if digest != entry["hash_val"]:
+                kind = entry.get("hash_type", "md5")
+                raise BundleCheckError(f"{local}: its {kind} is {digest}, large_files.yml lists {entry['hash_val']}")
     limit = MAX_FILE_MB * 1024**2
     models = ctx.root / "models"
     big = [p for p in models.rglob("*") if p.is_file() and p.stat().st_size > limit] if models.is_dir() else []

@@ -29,6 +29,7 @@ __all__ = [
     "read_checkpoint",
     "resolve_settings",
     "load_checkpoint",
+    "warm_start",
     "optional_classifier",
     "bundle_version",
 ]
@@ -226,6 +227,12 @@ def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassif
         )
     model.load_state_dict(state)
     return model
+
+
+def warm_start(model: GAPClassifier, path: str | os.PathLike | None) -> GAPClassifier:
+    """``model`` with every weight of the checkpoint at ``path`` loaded (``load_checkpoint``), or as it is when ``path``
+    is None: a training that starts from an earlier model (the real-CT model starts from the quick start's)."""
+    return model if path is None else load_checkpoint(model, path)
 
 
 def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True) -> torch.nn.Module | None:
