@@ -30,9 +30,13 @@ from .data.twins import add_twin_negatives
 from .integration.config_runs import quiet_log
 from .networks.checkpoint import read_checkpoint
 from .quickstart import classifier_settings, classify_split, prepare_quickstart_dataset, train_classifier
-from .utils.io import write_json
+from .utils.io import read_json, write_json
 
 __all__ = ["real_ct_model"]
+
+# The splits that get twin negatives: training, and validation so that the best epoch and the decision threshold are
+# chosen on slices told apart by the nodule alone; the test split stays as the scans are.
+TWIN_SPLITS = ("training", "validation")
 
 
 def real_ct_model(
@@ -121,9 +125,10 @@ def real_ct_model(
             split=source.split(),
         )
         if twins:
-            summary["slices"]["training"]["twin_negatives"] = add_twin_negatives(
-                source, dataset_dir, ("training", "validation")
-            )
+            add_twin_negatives(source, dataset_dir, TWIN_SPLITS)
+            datalist = read_json(dataset_dir / "datalist.json")
+            for split in TWIN_SPLITS:
+                summary["slices"][split]["twin_negatives"] = sum("twin_of" in item for item in datalist[split])
         print(json.dumps(summary["slices"]), flush=True)
         timings["real_dataset_s"] = time.perf_counter() - start
 
