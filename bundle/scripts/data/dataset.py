@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from monai.data import load_decathlon_datalist
@@ -48,6 +48,7 @@ __all__ = [
     "plan_dataset",
     "prepare_dataset",
     "slice_affine",
+    "write_slice_image",
     "load_split",
     "folder_datalist",
     "inference_datalist",
@@ -75,6 +76,25 @@ def slice_affine(spacing: Iterable[float]) -> np.ndarray:
     """The affine of a prepared slice: its pixel spacing ``(row, col[, channel step])``, no position."""
     spacing = [float(s) for s in spacing]
     return np.diag([*spacing, *[1.0] * (4 - len(spacing))])
+
+
+def write_slice_image(
+    path: str | Path,
+    volume: np.ndarray,
+    slice_index: int,
+    corner: Sequence[int],
+    size: int,
+    spacing: Sequence[float],
+    in_channels: int,
+    context_mm: float | None,
+) -> None:
+    """Write one prepared slice image: slice ``slice_index`` of ``volume`` (HU, ``(rows, cols, slices)`` with
+    ``spacing`` ``(row, col, slice)`` mm), with its 2.5-D context channels, cropped to ``size`` at ``corner`` (air
+    outside the scan), int16 NIfTI; a 2.5-D image's third spacing is ``context_mm``."""
+    channels = stack_context(volume, [slice_index], in_channels, spacing[2], context_mm)[..., 0, :]
+    hu = np.clip(np.rint(channels if in_channels > 1 else channels[..., 0]), -32768, 32767).astype(np.int16)
+    image_spacing = [*spacing[:2], context_mm] if in_channels > 1 else spacing[:2]
+    write_nifti(path, crop(hu, tuple(corner), size, AIR_HU), slice_affine(image_spacing))
 
 
 def split_subjects(share: dict[str, float], seed: int = 0, ratios: tuple[int, ...] = (4, 1, 1)) -> dict[str, str]:
@@ -237,10 +257,16 @@ def _write_subject(
         members = classes.nodules[slice_index] if positive else []
         label = slice_label(a, classes, consensus, slice_index) if positive else np.zeros(a.shape[:2], dtype=bool)
         stem = _stem(a.subject, slice_index)
-        channels = stack_context(case.hu, [slice_index], in_channels, a.spacing[2], context_mm)[..., 0, :]
-        hu = np.clip(np.rint(channels if in_channels > 1 else channels[..., 0]), -32768, 32767).astype(np.int16)
-        image_spacing = [*a.spacing[:2], context_mm] if in_channels > 1 else a.spacing[:2]
-        write_nifti(out_dir / "images" / f"{stem}.nii.gz", crop(hu, corner, size, AIR_HU), slice_affine(image_spacing))
+        write_slice_image(
+            out_dir / "images" / f"{stem}.nii.gz",
+            case.hu,
+            slice_index,
+            corner,
+            size,
+            a.spacing,
+            in_channels,
+            context_mm,
+        )
         labels = out_dir / "labels" / f"{stem}.nii.gz"
         write_nifti(labels, crop(label.astype(np.uint8), corner, size, 0), slice_affine(a.spacing[:2]))
         lung = crop(lungs[..., slice_index].astype(np.uint8), corner, size, 0)

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pipeline.context import stack_context
-from ..pipeline.crop import crop
 from ..utils.io import read_json, write_json, write_nifti
-from .dataset import slice_affine
+from .dataset import slice_affine, write_slice_image
 from .real_ct import RealCtSource
 
 __all__ = ["add_twin_negatives"]
-
-AIR_HU = -1000
 
 
 def _inserted_only(item: dict) -> bool:
@@ -49,24 +45,27 @@ def add_twin_negatives(source: RealCtSource, dataset_dir: str | Path, splits: Se
     done = sum(1 for split in splits for item in datalist.get(split, []) if "twin_of" in item)
     if done:
         return done
+    size = int(read_json(dataset_dir / "dataset_summary.json")["size"])
+    hosts: dict[str, np.ndarray] = {}  # each host scan read once, not once a slice
     count = 0
     for split in splits:
         twins = []
         for item in datalist.get(split, []):
             if not _inserted_only(item):
                 continue
-            host = source.host_volume(item["scan"])
-            spacing_z = source.host_spacing(item["scan"])[2]
-            channels = int(item["in_channels"])
-            stacked = stack_context(host, [item["slice"]], channels, spacing_z, item.get("context_mm"))[..., 0, :]
-            hu = np.rint(stacked if channels > 1 else stacked[..., 0]).astype(np.int16)
-            size = int(read_json(dataset_dir / "dataset_summary.json")["size"])
+            scan = item["scan"]
+            if scan not in hosts:
+                hosts[scan] = source.host_volume(scan)
             stem = "twin-" + Path(item["image"]).name.removesuffix(".nii.gz")
-            spacing = [*item["spacing_mm"], item["context_mm"]] if channels > 1 else item["spacing_mm"]
-            write_nifti(
+            write_slice_image(
                 dataset_dir / "images" / f"{stem}.nii.gz",
-                crop(hu, tuple(item["crop_origin"]), size, AIR_HU),
-                slice_affine(spacing),
+                hosts[scan],
+                item["slice"],
+                item["crop_origin"],
+                size,
+                source.host_spacing(scan),
+                int(item["in_channels"]),
+                item.get("context_mm"),
             )
             empty = np.zeros((size, size), np.uint8)
             write_nifti(dataset_dir / "labels" / f"{stem}.nii.gz", empty, slice_affine(item["spacing_mm"]))
