@@ -220,6 +220,8 @@ def quickstart(
 def prepare_quickstart_dataset(
     dataset_dir: Path, cases: int, size: int, seed: int, workers: int, in_channels: int
 ) -> dict:
+    """The quick start's synthetic dataset (``QUICKSTART_SYNTHETIC`` cases, clean slices matched in height) in
+    ``dataset_dir``; returns the writer's summary."""
     source = SyntheticSource(n_cases=cases, seed=seed, size=size, **QUICKSTART_SYNTHETIC)
     # a finished dataset of these settings is reused as it is; one of other settings (an earlier quick start's,
     # other --cases, --size or --seed) is refused. Negatives are matched to the positives' slice heights: on the

