@@ -1,14 +1,16 @@
 """Single slices against 2.5-D slices: does the classifier learn the generator's default nodules?
 
     PYTHONPATH=bundle python experiments/context_slices.py [--cases 400] [--size 128] [--width 0.125] [--epochs 12]
-        [--channels 1 3] [--synthetic defaults|quickstart] [--out ../runs/context_slices]
+        [--channels 1 3] [--synthetic defaults|quickstart] [--gap_levels 1] [--initial_weights CKPT]
+        [--out ../runs/context_slices]
 
 For each input (``--channels``: 1 = the slice alone, the paper; 3 = the slice with its neighbours above and below,
-``scripts.pipeline.context``) it prepares the same synthetic cases, trains the quick start's 1-GAP classifier
-(``configs/train.json``: batch normalisation, Adam, the quick start's width and epochs) and classifies the test split
-(``configs/classify.json``, whose report gives the test AUC and where the NAM peaks). ``--synthetic defaults`` is the
-generator's defaults (3-30 mm nodules, 4.5-5.5 mm vessel trunks), the harder data; ``quickstart`` the quick start's
-easier settings. Targets on the defaults: test AUC >= 0.9 and the NAM peak within 8 px of the nodule on >= 60 % of
+``scripts.pipeline.context``) it prepares the same synthetic cases, trains a quick start classifier
+(``configs/train.json``: batch normalisation, Adam, the quick start's width and epochs; ``--gap_levels`` heads, 1 by
+default; from every weight of ``--initial_weights`` when given, e.g. a quick start model for a curriculum) and
+classifies the test split (``configs/classify.json``, whose report gives the test AUC and where the NAM peaks).
+``--synthetic defaults`` is the generator's defaults (3-30 mm nodules, 4.5-5.5 mm vessel trunks), the harder data;
+``quickstart`` the quick start's easier settings. Targets on the defaults: test AUC >= 0.9 and the NAM peak within 8 px of the nodule on >= 60 % of
 nodule slices. Prints a table and writes ``experiments/results/context_slices_<synthetic>_<size>.json``; a rerun reuses
 finished datasets.
 """
@@ -24,7 +26,7 @@ import torch
 from scripts.data.dataset import prepare_dataset
 from scripts.data.synthetic import SyntheticSource
 from scripts.integration.config_runs import BUNDLE_ROOT, quiet_log
-from scripts.quickstart import QUICKSTART_SYNTHETIC, classify_split, train_classifier
+from scripts.quickstart import QUICKSTART_SPECIFICITY, QUICKSTART_SYNTHETIC, classify_split, train_classifier
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,11 +61,22 @@ def run_arm(args: argparse.Namespace, channels: int) -> dict:
         "batch_norm": True,
         "in_channels": channels,
     }
+    start = {"initial_weights": str(Path(args.initial_weights).resolve())} if args.initial_weights else {}
     clock = time.perf_counter()
-    ckpt = train_classifier(out, "", 1, common, args.epochs, args.batch_size, args.learning_rate, args.seed)
+    ckpt = train_classifier(
+        out / args.arm,
+        "",
+        args.gap_levels,
+        {**common, **start},
+        args.epochs,
+        args.batch_size,
+        args.learning_rate,
+        args.seed,
+        QUICKSTART_SPECIFICITY,
+    )
     seconds["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    report = classify_split(out / "classification", ckpt, 1, common)
+    report = classify_split(out / args.arm / "classification", ckpt, args.gap_levels, common)
     seconds["classify"] = time.perf_counter() - clock
     return {
         "in_channels": channels,
@@ -89,6 +102,9 @@ def main() -> None:
     cli.add_argument("--workers", type=int, default=2)
     cli.add_argument("--channels", type=int, nargs="+", default=[1, 3])
     cli.add_argument("--synthetic", choices=sorted(SYNTHETIC), default="defaults")
+    cli.add_argument("--gap_levels", type=int, choices=(1, 2, 3), default=1)
+    cli.add_argument("--initial_weights", default=None, help="a checkpoint to start from (default: from scratch)")
+    cli.add_argument("--arm", default="", help="a sub-folder for this training, beside the shared dataset")
     cli.add_argument("--out", default=str(REPO / "runs" / "context_slices"))
     args = cli.parse_args()
     rows = []
@@ -110,7 +126,8 @@ def main() -> None:
         "rows": rows,
         "targets": {"test_auc": ">= 0.9", "nam_peak_within_8px": ">= 0.6"},
     }
-    write_json(REPO / "experiments" / "results" / f"context_slices_{args.synthetic}_{args.size}.json", report)
+    name = f"context_slices_{args.synthetic}_{args.size}" + (f"_{args.arm}" if args.arm else "")
+    write_json(REPO / "experiments" / "results" / f"{name}.json", report)
 
 
 if __name__ == "__main__":

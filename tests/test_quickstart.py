@@ -20,6 +20,7 @@ from scripts.pipeline.settings import CandidateSettings
 from scripts.quickstart import (
     PAPER_ACCURACY,
     PAPER_TABLE1,
+    QUICKSTART_SPECIFICITY,
     QUICKSTART_SYNTHETIC,
     quickstart,
 )
@@ -48,14 +49,15 @@ def test_quickstart_runs_every_step(short_run):
     test_items = json.loads((dataset / "datalist.json").read_text())["test"]
     assert test_items
     for mode in ("coarse", "fine"):
-        pred = out / "predictions" / f"1gap_{mode}"
+        pred = out / "predictions" / f"2gap_{mode}"
         for item in test_items:
             stem = item["image"].split("/")[-1].removesuffix(".nii.gz")
             assert (pred / "masks" / f"{stem}.nii.gz").is_file() and (pred / "records" / f"{stem}.json").is_file()
     evaluation = out / "evaluation"
     assert (evaluation / "table1.md").is_file() and (evaluation / "fig3.png").stat().st_size > 1000
     assert metrics == json.loads((evaluation / "metrics.json").read_text())
-    for name in ("1-GAP coarse", "1-GAP fine"):
+    assert list(metrics["methods"]) == ["2-GAP model coarse", "2-GAP model fine"]
+    for name in ("2-GAP model coarse", "2-GAP model fine"):
         row = metrics["methods"][name]
         for key in ("TPR", "FPR", "FPR_nodule", "dice", "tp_dice", "tp_doa_mm2", "classification"):
             assert key in row
@@ -66,9 +68,16 @@ def test_quickstart_runs_every_step(short_run):
     # each row's figures counted here from the masks and labels on disk; its records' probabilities are the trained
     # model's own on each slice
     network = trained_classifier(out / "models" / "model.pt")
-    threshold = torch.load(out / "models" / "model.pt", weights_only=True)["config"]["threshold"]
+    assert network.gap_levels == 2  # the quick start's classifier: conv4_3 and conv5_3 heads
+    record = torch.load(out / "models" / "model.pt", weights_only=True)["config"]
+    threshold = record["threshold"]
+    assert (
+        record["threshold_rule"]
+        == f"validation specificity {QUICKSTART_SPECIFICITY:g}"
+        == "validation specificity 0.95"
+    )
     for mode in ("coarse", "fine"):
-        row, pred = metrics["methods"][f"1-GAP {mode}"], out / "predictions" / f"1gap_{mode}"
+        row, pred = metrics["methods"][f"2-GAP model {mode}"], out / "predictions" / f"2gap_{mode}"
         outcomes, dice, called = [], [], []
         for item in test_items:
             stem = item["image"].split("/")[-1].removesuffix(".nii.gz")
@@ -93,7 +102,7 @@ def test_quickstart_runs_every_step(short_run):
         assert row["dice"]["mean"] == pytest.approx(np.mean(dice))
         assert row["classification"]["accuracy"] == pytest.approx(np.mean(called))
     for mode in ("coarse", "fine"):  # the quick start's own candidate rule reached the segmentations
-        used = json.loads((out / "predictions" / f"1gap_{mode}" / "settings.json").read_text())["segmenter"]
+        used = json.loads((out / "predictions" / f"2gap_{mode}" / "settings.json").read_text())["segmenter"]
         assert used["mode"] == mode and used["candidates"]["dense_rule"] == "fixed" != CandidateSettings().dense_rule
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) >= {"prepare_s", "train_s", "classify_s", "segment_coarse_s", "segment_fine_s", "evaluate_s"}
@@ -116,7 +125,7 @@ def test_quickstart_runs_every_step(short_run):
     again = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert again["methods"].keys() == metrics["methods"].keys()
     # one line per stage instead of a line per iteration; the warnings that do not concern the user are gone
-    assert "train 1-GAP: 7 iterations" in log and "segment coarse: " in log and "segment fine: " in log
+    assert "train 2-GAP: 7 iterations" in log and "segment coarse: " in log and "segment fine: " in log
     # the classifier's figures, printed as its report (rewritten by this run) says them
     report = json.loads((out / "classification" / "classifier_report.json").read_text())
     assert f"test AUC {report['auc']:.3f}" in log and f"on {100 * report['peak_near']:.1f} % of" in log
