@@ -1,0 +1,153 @@
+"""Reduced precision against float32 on a trained model's labelled test split: issue #30's "the same answer".
+
+    PYTHONPATH=bundle python bench/bench_precision.py --ckpt runs/quickstart/models/model.pt \
+        --dataset_dir runs/quickstart/dataset --preset quickstart [--precision bfloat16 int8] [--out DIR]
+
+Segments the test split in fine mode through ``configs/inference_slices.json`` (merged over
+``configs/inference.json``, as the quick start does) once in float32, the reference, and once in each
+``--precision`` (int8: ``scripts.networks.quantize`` first, calibrated on 32 training slices), then compares each
+with float32: slice probabilities (largest change), test AUC and the NAM's localisation (the share of nodule slices
+whose NAM peaks within 8 px of the nodule, the NAM's percentile on the nodule), the masks' Dice over the split, and
+R-NAM's pick on the slices with one nodule that float32 segments: the same candidate when the two masks overlap with
+Dice >= 0.5 (identical masks reported beside). Targets (issue #30): probabilities within 0.02, AUC and localisation
+within 0.01, Dice >= 0.95, the same pick on >= 98 % of positive slices. Prints a table and writes
+``bench/results/precision_<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scripts.evaluation.localisation import localisation_summary, localise
+from scripts.integration.config_runs import BUNDLE_ROOT, SLICE_INFERENCE, quiet_log, run_config
+from scripts.networks.quantize import main as quantize
+from scripts.pipeline.settings import preset_overrides
+from scripts.utils.io import read_json, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+SAME_PICK_DICE = 0.5
+
+
+def segment(ckpt: Path, dataset: Path, precision: str, out: Path, preset: str | None) -> float:
+    """Fine segmentation of the test split in ``precision`` into ``out``; returns the seconds it took."""
+    start = time.perf_counter()
+    run_config(
+        "run",
+        SLICE_INFERENCE,
+        desc=f"segment {precision}",
+        mode="fine",
+        precision=precision,
+        ckpt_path=str(ckpt),
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        max_panels=0,
+        **(preset_overrides(preset) if preset else {}),
+    )
+    return time.perf_counter() - start
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def split_outputs(dataset: Path, out: Path) -> dict:
+    """Per test slice: class, probability, mask and NAM of one segmentation, with the figures of the split."""
+    items = read_json(dataset / "datalist.json")["test"]
+    stems = [Path(item["image"]).name.removesuffix(".nii.gz") for item in items]
+    probabilities = [read_json(out / "records" / f"{stem}.json")["probability"] for stem in stems]
+    classes = [int(item["class"]) for item in items]
+    masks = {stem: _read(out / "masks" / f"{stem}.nii.gz") > 0 for stem in stems}
+    found = [
+        localise(_read(out / "nams" / f"{stem}.nii.gz"), _read(dataset / item["label"]), _read(dataset / item["lung"]))
+        for stem, item in zip(stems, items)
+        if item["class"] == 1
+    ]
+    threshold = read_json(out / "settings.json")["segmenter"]["threshold"]  # the checkpoint's, whatever the precision
+    summary = localisation_summary(found, probabilities, classes, threshold)
+    return {"items": items, "stems": stems, "probabilities": np.asarray(probabilities), "masks": masks, **summary}
+
+
+def compare(reference: dict, other: dict) -> dict:
+    """``other`` against ``reference`` (float32) on the same split."""
+    overlap = total = 0
+    same, identical, positives = 0, 0, 0
+    for item, stem in zip(reference["items"], reference["stems"]):
+        a, b = reference["masks"][stem], other["masks"][stem]
+        overlap, total = overlap + (a & b).sum(), total + a.sum() + b.sum()
+        if item["nodules"] == 1 and a.any():  # R-NAM chose a candidate in float32 on a nodule slice
+            positives += 1
+            dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+            same += dice >= SAME_PICK_DICE
+            identical += bool(np.array_equal(a, b))
+    return {
+        "probability_max_change": float(np.abs(reference["probabilities"] - other["probabilities"]).max()),
+        "auc": other["auc"],
+        "auc_change": other["auc"] - reference["auc"],
+        "peak_near": other["peak_near"],
+        "peak_near_change": other["peak_near"] - reference["peak_near"],
+        "percentile_change": other["percentile"] - reference["percentile"],
+        "mask_dice": float(2 * overlap / total) if total else 1.0,
+        "positive_slices_segmented_in_float32": positives,
+        "same_pick_share": same / positives if positives else None,
+        "identical_mask_share": identical / positives if positives else None,
+    }
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--ckpt", required=True, help="a trained classifier checkpoint")
+    cli.add_argument("--dataset_dir", required=True, help="the prepared dataset it was trained on")
+    cli.add_argument("--precision", nargs="+", default=["bfloat16", "int8"], choices=["bfloat16", "int8"])
+    cli.add_argument("--preset", default=None, help="the segmenter's preset (the quick start's model: quickstart)")
+    cli.add_argument("--name", default="quickstart", help="names the results file")
+    cli.add_argument("--out", default=str(REPO / "runs" / "bench_precision"))
+    args = cli.parse_args()
+    ckpt, dataset, out = Path(args.ckpt).resolve(), Path(args.dataset_dir).resolve(), Path(args.out).resolve()
+    seconds = {}
+    with quiet_log():
+        if "int8" in args.precision:
+            start = time.perf_counter()
+            quantize(["--ckpt", str(ckpt), "--dataset_dir", str(dataset)])
+            seconds["quantize"] = time.perf_counter() - start
+        for precision in ["float32", *args.precision]:
+            seconds[precision] = segment(ckpt, dataset, precision, out / precision, args.preset)
+    reference = split_outputs(dataset, out / "float32")
+    rows = {p: compare(reference, split_outputs(dataset, out / p)) for p in args.precision}
+    print(
+        f"float32: AUC {reference['auc']:.4f}, NAM near the nodule {100 * reference['peak_near']:.1f} %, "
+        f"percentile {reference['percentile']:.1f}"
+    )
+    for precision, row in rows.items():
+        print(
+            f"{precision}: probabilities within {row['probability_max_change']:.4f}; AUC {row['auc']:.4f} "
+            f"({row['auc_change']:+.4f}); NAM near {100 * row['peak_near']:.1f} % ({100 * row['peak_near_change']:+.1f}"
+            f" points), percentile {row['percentile_change']:+.2f}; mask Dice {row['mask_dice']:.3f}; R-NAM's pick the "
+            f"same on {100 * row['same_pick_share']:.1f} % of {row['positive_slices_segmented_in_float32']} positive "
+            f"slices (identical masks {100 * row['identical_mask_share']:.1f} %)"
+        )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    write_json(
+        REPO / "bench" / "results" / f"precision_{args.name}.json",
+        {
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads"
+            f", torch {torch.__version__}",
+            "commit": commit.stdout.strip(),
+            "checkpoint": str(ckpt),
+            "dataset": str(dataset),
+            "float32": {k: reference[k] for k in ("auc", "accuracy", "peak_near", "percentile", "slices")},
+            "precisions": rows,
+            "seconds": seconds,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
