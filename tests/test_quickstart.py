@@ -256,3 +256,13 @@ def test_step_markers_skip_finished_steps_and_clear_unfinished_ones(tmp_path, ca
     (tmp_path / "steps" / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json: not valid JSON"):
         _step(tmp_path, "broken", {"epochs": 1}, [], work)
+
+
+def test_quickstart_with_a_1gap_classifier_gives_the_papers_rows(short_run, tmp_path):
+    # --gap_levels 1: the 0.6.0 quick start's classifier, whose rows are the paper's 1-GAP rows
+    out = tmp_path / "qs1"
+    shutil.copytree(short_run[0] / "dataset", out / "dataset")  # the same settings: reused as it is
+    metrics = quickstart(out=str(out), gap_levels=1, **TINY)
+    assert list(metrics["methods"]) == ["1-GAP coarse", "1-GAP fine"]
+    assert trained_classifier(out / "models" / "model.pt").gap_levels == 1
+    assert all((out / "predictions" / f"1gap_{mode}" / "masks").is_dir() for mode in ("coarse", "fine"))

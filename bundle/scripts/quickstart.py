@@ -41,7 +41,6 @@ __all__ = [
     "classifier_settings",
     "train_classifier",
     "classify_split",
-    "short_row",
     "PAPER_TABLE1",
     "PAPER_ACCURACY",
 ]
@@ -306,7 +305,8 @@ def _quickstart_short(
     predictions = {}
     for mode in ("coarse", "fine"):
         start = _stage(f"4/5 segment the test split: {mode}")
-        predictions[short_row(gap_levels, mode)] = str(out_dir / "predictions" / f"{gap_levels}gap_{mode}")
+        row = _short_row(gap_levels, mode)
+        predictions[row] = str(out_dir / "predictions" / f"{gap_levels}gap_{mode}")
         run_config(
             "run",
             SLICE_INFERENCE,
@@ -314,7 +314,7 @@ def _quickstart_short(
             mode=mode,
             ckpt_path=str(ckpt),
             max_panels=max_panels,
-            output_dir=predictions[short_row(gap_levels, mode)],
+            output_dir=predictions[row],
             **QUICKSTART_SEGMENTER,
             **common,
         )
@@ -334,7 +334,7 @@ def _quickstart_short(
     return metrics
 
 
-def short_row(gap_levels: int, mode: str) -> str:
+def _short_row(gap_levels: int, mode: str) -> str:
     """The short quick start's row name: the paper's for a 1-GAP model; for a 2- or 3-GAP model segmenting in the
     plain modes, a name of its own (the paper's 2-/3-GAP rows are its multi-GAP modes)."""
     return f"1-GAP {mode}" if gap_levels == 1 else f"{gap_levels}-GAP model {mode}"
