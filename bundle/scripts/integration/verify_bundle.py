@@ -11,7 +11,6 @@ eager network. Every check is reported as PASS or FAIL with its reason; the exit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from monai.utils import OptionalImportError, optional_import
 from torch import nn
 
 from ..data.dataset import slice_affine
-from ..utils.io import sha256, write_atomically, write_json, write_nifti
+from ..utils.io import file_hash, sha256, write_atomically, write_json, write_nifti
 
 __all__ = [
     "CheckContext",
@@ -551,8 +550,7 @@ def check_large_files(ctx: CheckContext) -> str:
         local = ctx.root / entry["path"]
         if entry.get("hash_val") and local.is_file():
             kind = entry.get("hash_type", "md5")
-            with open(local, "rb") as f:
-                digest = hashlib.file_digest(f, kind).hexdigest()  # streamed: weights may be hundreds of MB
+            digest = file_hash(local, kind)
             if digest != entry["hash_val"]:
                 raise BundleCheckError(f"{local}: its {kind} is {digest}, large_files.yml lists {entry['hash_val']}")
     limit = MAX_FILE_MB * 1024**2

@@ -25,6 +25,7 @@ __all__ = [
     "write_json",
     "read_json",
     "write_nifti",
+    "file_hash",
     "sha256",
 ]
 
@@ -117,10 +118,12 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     write_atomically(path, lambda tmp: nib.save(image, tmp))
 
 
-def sha256(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file's content, read a MiB at a time."""
-    digest = hashlib.sha256()
+def file_hash(path: str | os.PathLike, kind: str = "sha256") -> str:
+    """The hex digest of a file's content by hashlib's algorithm ``kind``, streamed (weights may be hundreds of MB)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, kind).hexdigest()
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's content."""
+    return file_hash(path)
