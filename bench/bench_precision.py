@@ -35,8 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 SAME_PICK_DICE = 0.5
 
 
-def segment(ckpt: Path, dataset: Path, precision: str, out: Path, preset: str | None) -> float:
-    """Fine segmentation of the test split in ``precision`` into ``out``; returns the seconds it took."""
+def segment(
+    ckpt: Path, dataset: Path, precision: str, out: Path, preset: str | None, reduced_screening: bool = False
+) -> float:
+    """Fine segmentation of the test split in ``precision`` into ``out`` (R-NAM in ``precision`` too with
+    ``reduced_screening``, else float32); returns the seconds it took."""
     start = time.perf_counter()
     run_config(
         "run",
@@ -49,6 +52,7 @@ def segment(ckpt: Path, dataset: Path, precision: str, out: Path, preset: str | 
         dataset_dir=str(dataset),
         output_dir=str(out),
         max_panels=0,
+        **{"segmenter#screening#reduced_precision": reduced_screening},
         **(preset_overrides(preset) if preset else {}),
     )
     return time.perf_counter() - start
@@ -107,6 +111,7 @@ def main() -> None:
     cli.add_argument("--dataset_dir", required=True, help="the prepared dataset it was trained on")
     cli.add_argument("--precision", nargs="+", default=["bfloat16", "int8"], choices=["bfloat16", "int8"])
     cli.add_argument("--preset", default=None, help="the segmenter's preset (the quick start's model: quickstart)")
+    cli.add_argument("--reduced_screening", action="store_true", help="R-NAM in each precision too (else float32)")
     cli.add_argument("--name", default="quickstart", help="names the results file")
     cli.add_argument("--out", default=str(REPO / "runs" / "bench_precision"))
     args = cli.parse_args()
@@ -118,7 +123,8 @@ def main() -> None:
             quantize(["--ckpt", str(ckpt), "--dataset_dir", str(dataset)])
             seconds["quantize"] = time.perf_counter() - start
         for precision in ["float32", *args.precision]:
-            seconds[precision] = segment(ckpt, dataset, precision, out / precision, args.preset)
+            reduced = args.reduced_screening and precision != "float32"
+            seconds[precision] = segment(ckpt, dataset, precision, out / precision, args.preset, reduced)
     reference = split_outputs(dataset, out / "float32")
     rows = {p: compare(reference, split_outputs(dataset, out / p)) for p in args.precision}
     print(
@@ -142,6 +148,7 @@ def main() -> None:
             "commit": commit.stdout.strip(),
             "checkpoint": str(ckpt),
             "dataset": str(dataset),
+            "reduced_screening": args.reduced_screening,
             "float32": {k: reference[k] for k in ("auc", "accuracy", "peak_near", "percentile", "slices")},
             "precisions": rows,
             "seconds": seconds,

@@ -97,8 +97,8 @@ class FrozenPrefix(torch.nn.Module):
         self.network, self.start = network, start
 
     def forward_with_nam(self, x: torch.Tensor, size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        activations = self.network._head_activations(x.float(), self.start)
-        return self.network._logits(activations), self.network._nam(activations, size)
+        activations = self.network.head_activations(x.float(), self.start)
+        return self.network.logits_of(activations), self.network.nam_of(activations, size)
 
 
 def cache_prefix(network: GAPClassifier, start: int, images: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_nam_identity_holds_for_what_was_learned(gap_levels, in_channels, weight
     torch.testing.assert_close(model.nam_weights(), model.fc.weight[1], rtol=1e-12, atol=1e-12)
     x = torch.rand(3, in_channels, 64, 64, dtype=torch.float64)
     with torch.no_grad():
-        activations = model._head_activations(x)
+        activations = model.head_activations(x)
         heads = model.head_nams(x)
         logits = model(x)
     for head, a, w in zip(heads, activations, torch.split(model.fc.weight[1], model.head_sizes)):

@@ -77,6 +77,26 @@ def test_reduced_paths_give_float32_logits_and_nams(synthetic, precision):
     assert correlation >= 0.98 and peaks >= 0.95, (correlation, peaks)
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16: the bfloat16 path runs float32")
+def test_bfloat16_path_keeps_conv1_1_and_the_nam_sum_in_float32():
+    """The two float32 ends of the bfloat16 path (docs/precision.md): an input change below bfloat16's resolution
+    still changes the output (conv1_1 reads the input in float32), and the NAM is not bfloat16-valued (its weighted
+    sum and upsampling run in float32). Autocasting the whole forward fails both."""
+    torch.manual_seed(0)
+    model = GAPClassifier(width=0.125, head_channels=128, gap_levels=2, batch_norm=True).eval()
+    network = runtime.inference_network(model, "bfloat16")
+    x = torch.randint(64, 128, (2, 1, 64, 64)) / 128.0  # exact in bfloat16; a step of 2**-8 above 0.5
+    nudged = x + 2e-4  # rounds back to x in bfloat16, not in float32
+    assert torch.equal(nudged.bfloat16().float(), x)
+    with torch.no_grad():
+        logits, nam = network.forward_with_nam(x)
+        nudged_logits, nudged_nam = network.forward_with_nam(nudged)
+    assert logits.dtype == nam.dtype == torch.float32
+    assert not torch.equal(nam, nudged_nam) and not torch.equal(logits, nudged_logits)
+    representable = (nam == nam.bfloat16().float()).float().mean()
+    assert representable < 0.5, representable
+
+
 def _rnam_choices(network, slices, nams, precision_nams):
     """R-NAM's choice among three discs (on the float32 NAM's peak and beside it, in a scope around it) per slice,
     ``network`` screening against its own NAMs ``precision_nams``."""

@@ -194,7 +194,7 @@ def test_a_head_on_imagenet_features_learns_where_the_nodule_is(onnx_file, tmp_p
         network = _train_head(backbone, tmp_path)
         with torch.no_grad():
             logits, nam = network.forward_with_nam(x)
-            activations = network._head_activations(x)
+            activations = network.head_activations(x)
         untrained = (network.fc.weight[0] + network.fc.weight[1]) / 2
         assert untrained.abs().max() < 1e-6 * network.fc.weight.abs().max()  # rows started opposite, stayed so
         auc = float(compute_roc_auc(torch.softmax(logits, 1)[:, 1], y))

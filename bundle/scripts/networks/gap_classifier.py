@@ -339,8 +339,9 @@ class GAPClassifier(nn.Module):
             raise ValueError(f"unknown layer {through!r}: one of {', '.join(CONV_NAMES)}")
         return self.relu_after_conv[CONV_NAMES.index(through)] + 1
 
-    def _head_activations(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
-        """The heads' activations of an input ``x`` (``start`` 0), or of ``features[:start]``'s output ``x``."""
+    def head_activations(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+        """The heads' activations ``(B, K_j, h_j, w_j)``, in head order, of an input ``x`` (``start`` 0), or of
+        ``features[:start]``'s output ``x``; ``logits_of`` and ``nam_of`` finish the forward from them."""
         if start == 0:
             x = self.normalize_input(x)
         taps: list[torch.Tensor] = []
@@ -357,7 +358,8 @@ class GAPClassifier(nn.Module):
             activations.append(head(taps[len(taps) - 1 - j]))
         return activations
 
-    def _logits(self, activations: list[torch.Tensor]) -> torch.Tensor:
+    def logits_of(self, activations: list[torch.Tensor]) -> torch.Tensor:
+        """Logits ``(B, 2)`` of the heads' activations: each pooled globally, concatenated, through ``fc``."""
         pooled = [a.mean(dim=(2, 3)) for a in activations]
         return self.fc(torch.cat(pooled, dim=1))
 
@@ -376,18 +378,19 @@ class GAPClassifier(nn.Module):
         weights = torch.split(self.nam_weights(), self.head_sizes)
         return [torch.einsum("bkhw,k->bhw", a, w).unsqueeze(1) for a, w in zip(activations, weights)]
 
-    def _nam(self, activations: list[torch.Tensor], size: list[int]) -> torch.Tensor:
+    def nam_of(self, activations: list[torch.Tensor], size: list[int]) -> torch.Tensor:
+        """The raw NAM ``(B, 1, *size)`` of the heads' activations: each head's weighted sum, upsampled, summed."""
         maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in self._head_nams(activations)]
         return torch.stack(maps).sum(dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, 2)`` of ``x`` ``(B, in_channels, H, W)``; index 1 is the nodule class."""
-        return self._logits(self._head_activations(x))
+        return self.logits_of(self.head_activations(x))
 
     @torch.jit.export
     def nam(self, x: torch.Tensor) -> torch.Tensor:
         """The raw nodule activation map ``(B, 1, H, W)`` at input resolution (no ReLU, normalisation or bias)."""
-        return self._nam(self._head_activations(x), [x.shape[2], x.shape[3]])
+        return self.nam_of(self.head_activations(x), [x.shape[2], x.shape[3]])
 
     @torch.jit.export
     def head_nams(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -396,13 +399,13 @@ class GAPClassifier(nn.Module):
         The spatial mean of head ``j``'s NAM is that head's contribution to half the logit difference (nodule minus
         other), so the means summed over the heads equal half the logit difference less half the biases' difference.
         """
-        return self._head_nams(self._head_activations(x))
+        return self._head_nams(self.head_activations(x))
 
     @torch.jit.export
     def forward_with_nam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, 2)`` and raw NAM ``(B, 1, H, W)`` from one backbone pass."""
-        activations = self._head_activations(x)
-        return self._logits(activations), self._nam(activations, [x.shape[2], x.shape[3]])
+        activations = self.head_activations(x)
+        return self.logits_of(activations), self.nam_of(activations, [x.shape[2], x.shape[3]])
 
 
 class BackboneTail(nn.Module):
@@ -433,7 +436,7 @@ class BackboneTail(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, 2)`` of the frozen prefix's activations ``x``."""
-        return self.network._logits(self.network._head_activations(x.float(), self.start))
+        return self.network.logits_of(self.network.head_activations(x.float(), self.start))
 
 
 def unwrap(network: nn.Module) -> nn.Module:
