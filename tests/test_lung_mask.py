@@ -46,3 +46,27 @@ def test_coarse_hull_on_the_bounding_box_equals_the_whole_slice():
         hull = np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: mask.shape[0], : mask.shape[1]]
         expected = ndimage.binary_erosion(hull, iterations=step) | mask
         np.testing.assert_array_equal(lungs._coarse_convex_hull(mask, step), expected)
+
+
+def _chest(slices=9, size=96):
+    """A body of soft tissue in air with two lungs whose size changes from slice to slice ``(rows, cols, slices)``."""
+    rows, cols = np.mgrid[:size, :size]
+    volume = np.full((size, size, slices), -1000.0)
+    for s in range(slices):
+        body = ((rows - 48) / 40) ** 2 + ((cols - 48) / 44) ** 2 <= 1
+        volume[body, s] = 40.0
+        for centre in (28, 68):
+            radius = 10 + s
+            volume[(rows - 48) ** 2 + (cols - centre) ** 2 <= radius**2, s] = -850.0
+    return volume
+
+
+def test_threads_segment_each_slice_as_one_thread_does():
+    """The slices run in a thread pool: the volume's mask is each slice's own mask, in order, whatever the workers."""
+    volume = _chest()
+    alone = [lungs.segment_lungs(volume[..., s], (1.0, 1.0)) for s in range(volume.shape[2])]
+    assert len({int(m.sum()) for m in alone}) == volume.shape[2]  # every slice differs: an order mix-up shows
+    for workers in (1, 3, None):
+        np.testing.assert_array_equal(
+            lungs.segment_lungs(volume, (1.0, 1.0, 2.0), workers=workers), np.stack(alone, -1)
+        )
