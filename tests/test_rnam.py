@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from scripts.networks.gap_classifier import GAPClassifier
+from scripts.networks.precision import cpu_has_bf16
+from scripts.networks.runtime import BFloat16Classifier
 from scripts.pipeline.classify import logits_and_nam
 from scripts.pipeline.screen import crop_window, fill_candidates, rnam_scores, supports_incremental
 from torch import nn
@@ -178,6 +180,28 @@ def test_incremental_keeps_masked_copies_out_of_the_full_network():
     assert batches == [1]  # only the unmasked image ran through conv1_2 as a whole
     rnam_scores(net, image, nam, scope, masks, 0.1, incremental=False)
     assert batches == [1, len(masks)]
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16: the bfloat16 path runs float32")
+@pytest.mark.parametrize("gap_levels", [1, 2])
+def test_bfloat16_classifier_screens_incrementally(gap_levels):
+    """The bfloat16 classifier's R-NAM takes the incremental path (only the unmasked image runs through conv1_2 as a
+    whole), conv1_1 in float32 and conv1_2 on in bfloat16, and gives its own full forwards' scores. (Against
+    float32 an untrained network's small score differences drown in bfloat16's rounding: a trained model's figures
+    are bench_precision's.)"""
+    net = small_classifier(gap_levels, seed=gap_levels, batch_norm=True).float()
+    reduced = BFloat16Classifier(net)
+    seen = []
+    for index in (0, reduced.float32_prefix):  # conv1_1, conv1_2
+        net.features[index].register_forward_hook(lambda module, args, out: seen.append((args[0].shape[0], out.dtype)))
+    image, masks = random_slice(64, seed=gap_levels), np.zeros((3, 64, 64), bool)
+    masks[0, 20:30, 20:30], masks[1, 40:46, 36:42], masks[2, 10:13, 45:48] = True, True, True
+    image[0, torch.as_tensor(masks.any(0))] += 0.6
+    scope = np.ones((64, 64), bool)
+    scores = rnam_scores(reduced, image, None, scope, masks, 0.1)
+    assert seen == [(1, torch.float32), (1, torch.bfloat16)]
+    np.testing.assert_allclose(scores, rnam_scores(reduced, image, None, scope, masks, 0.1, incremental=False), rtol=1e-3)
+    assert (scores > 0).all()
 
 
 def test_unsupported_layers_take_the_general_path():

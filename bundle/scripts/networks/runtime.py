@@ -3,8 +3,9 @@
 ``inference_network(network, precision, checkpoint)`` is the one place that chooses; the segmenter calls it with the
 ``precision`` setting of ``configs/inference.json`` (so MONAI Label, which reads that config, inherits it). Both
 reduced paths offer what the pipeline calls on the classifier (``forward``, ``forward_with_nam``, ``nam``,
-``config()``, ``in_channels`` and the NAM geometry R-NAM's exact crop needs) and return float32 tensors. They are not a
-``GAPClassifier``, so R-NAM screens through cropped forwards of the masked copies, not the float32 incremental path.
+``config()``, ``in_channels`` and the NAM geometry R-NAM's exact crop needs) and return float32 tensors. When R-NAM
+screens in reduced precision, the bfloat16 classifier takes R-NAM's incremental path with its own float32/bfloat16
+split (``autocast_dtype``, ``float32_prefix``); the int8 model screens through cropped forwards of the masked copies.
 A CPU without the instructions, or a network on CUDA (where ``amp`` is the reduced path), runs float32 with a message.
 """
 
@@ -62,9 +63,11 @@ class BFloat16Classifier(_ReducedClassifier):
     nodule slices, against 2 % summed in float32). Both cost under 1 % of a width-1 forward.
     """
 
+    autocast_dtype = torch.bfloat16
+
     def __init__(self, network: GAPClassifier) -> None:
         super().__init__(network)
-        self.float32_prefix = network.prefix_length("conv1_1")
+        self.float32_prefix = network.prefix_length("conv1_1")  # features[:float32_prefix] run in float32
 
     def forward_with_nam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         network = self.network

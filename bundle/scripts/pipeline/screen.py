@@ -16,10 +16,15 @@ Two exact shortcuts, both on by default:
   the copies then recompute, layer by layer, only that window (one window for a batch: the union), reading
   its surroundings from the cache. The NAM is linear in the head activations, so the NAM change is the
   upsampled change of the head NAMs, each non-zero only in its head's window.
+
+The bfloat16 classifier (``scripts.networks.runtime.BFloat16Classifier``) takes the incremental path too, with its
+own split: the layers before its ``float32_prefix`` in float32, the rest and the heads' convolutions in bfloat16
+autocast, the NAM change summed in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -123,8 +128,22 @@ def _reach(start: int, stop: int, size: int, kernel: int, stride: int, padding: 
     return o0, o1, stride * o0, stride * (o1 - 1) + kernel
 
 
+class _Autocast(NamedTuple):
+    """Layers from index ``start`` on run in CPU autocast to ``dtype``; the ones before in float32."""
+
+    dtype: torch.dtype
+    start: int = 0
+
+
+def _precision(index: int, autocast: _Autocast | None) -> contextlib.AbstractContextManager:
+    """The context layer ``index`` runs in: autocast from ``autocast.start`` on, else float32."""
+    if autocast is None or index < autocast.start:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=autocast.dtype)
+
+
 def _cache_inputs(
-    layers: Sequence[nn.Module], x: torch.Tensor, keep: Sequence[int] = ()
+    layers: Sequence[nn.Module], x: torch.Tensor, keep: Sequence[int] = (), autocast: _Autocast | None = None
 ) -> tuple[list[torch.Tensor | None], torch.Tensor, dict[int, torch.Tensor]]:
     """Run the unmasked ``x`` through ``layers``: each windowed layer's input zero-padded by its padding (so
     slicing it reproduces the layer's border), the output, and the outputs of the layers indexed in ``keep``."""
@@ -133,7 +152,8 @@ def _cache_inputs(
     for index, layer in enumerate(layers):
         geometry = _geometry(layer)
         inputs.append(None if geometry is None else F.pad(x, (geometry[2][1],) * 2 + (geometry[2][0],) * 2))
-        x = layer(x)
+        with _precision(index, autocast):
+            x = layer(x)
         if index in keep:
             kept[index] = x
     return inputs, x, kept
@@ -167,12 +187,17 @@ def _advance(layer: nn.Module, cached: torch.Tensor | None, changed: _Changed) -
 
 
 def _advance_all(
-    layers: Sequence[nn.Module], inputs: Sequence[torch.Tensor | None], changed: _Changed, keep: Sequence[int] = ()
+    layers: Sequence[nn.Module],
+    inputs: Sequence[torch.Tensor | None],
+    changed: _Changed,
+    keep: Sequence[int] = (),
+    autocast: _Autocast | None = None,
 ) -> tuple[_Changed | None, dict[int, _Changed]]:
     """``_advance`` through ``layers``; also the windows after the layers indexed in ``keep`` that were reached."""
     kept = {}
     for index, (layer, cached) in enumerate(zip(layers, inputs)):
-        changed = _advance(layer, cached, changed)
+        with _precision(index, autocast):
+            changed = _advance(layer, cached, changed)
         if changed is None:
             break
         if index in keep:
@@ -186,35 +211,53 @@ class _IncrementalNAM:
     Args:
         network: a GAPClassifier for which ``supports_incremental`` holds.
         image: ``(C, H, W)`` unmasked input; it runs through the network once, every layer's input cached.
+        autocast: None (float32), or the backbone layers from ``autocast.start`` on and the heads' convolutions in
+            ``autocast.dtype``; the NAM change is summed in float32 either way.
     """
 
-    def __init__(self, network: GAPClassifier, image: torch.Tensor) -> None:
+    def __init__(self, network: GAPClassifier, image: torch.Tensor, autocast: _Autocast | None = None) -> None:
         self.size = tuple(image.shape[1:])
         self.normalize = network.normalize_input  # elementwise: what forward does before ``features``
         self.taps = network.tap_indices
         self.layers = list(network.features[: max(self.taps) + 1])
-        self.inputs, _, taps = _cache_inputs(self.layers, self.normalize(image[None]), keep=self.taps)
+        self.autocast = autocast
+        self.head_autocast = None if autocast is None else autocast._replace(start=0)
+        self.inputs, _, taps = _cache_inputs(self.layers, self.normalize(image[None]), self.taps, autocast)
         self.heads = []  # per head: (layers, cached inputs, unmasked activations, NAM weights), in head order
         for head, tap, weight in zip(network.heads, self.taps, torch.split(network.nam_weights(), network.head_sizes)):
-            inputs, activations, _ = _cache_inputs(list(head), taps[tap])
-            self.heads.append((list(head), inputs, activations, weight))
+            inputs, activations, _ = _cache_inputs(list(head), taps[tap], autocast=self.head_autocast)
+            # bfloat16 activations are compared and summed in float32
+            self.heads.append((list(head), inputs, activations.to(weight.dtype), weight))
 
     def __call__(self, changed: _Changed) -> torch.Tensor:
         """``(N, H, W)`` float64 change of the NAM, ``NAM_{I \\ R_j} - NAM_I``, given the changed input window."""
         delta = torch.zeros((len(changed.values), *self.size), dtype=torch.float64, device=changed.values.device)
         changed = changed._replace(values=self.normalize(changed.values))
-        _, at_taps = _advance_all(self.layers, self.inputs, changed, keep=self.taps)
+        _, at_taps = _advance_all(self.layers, self.inputs, changed, self.taps, self.autocast)
         for tap, (layers, inputs, base, weight) in zip(self.taps, self.heads):
-            head = _advance_all(layers, inputs, at_taps[tap])[0] if tap in at_taps else None
+            head = _advance_all(layers, inputs, at_taps[tap], autocast=self.head_autocast)[0] if tap in at_taps else None
             if head is None:
                 continue
             rows = slice(head.top, head.top + head.values.shape[2])
             cols = slice(head.left, head.left + head.values.shape[3])
+            change = head.values.to(base.dtype) - base[:, :, rows, cols]
             # the NAM is linear in the head activations: upsample the change of the head NAM, zero off the window
             head_delta = base.new_zeros((len(head.values), 1, *base.shape[2:]))
-            head_delta[:, 0, rows, cols] = torch.einsum("nkhw,k->nhw", head.values - base[:, :, rows, cols], weight)
+            head_delta[:, 0, rows, cols] = torch.einsum("nkhw,k->nhw", change, weight)
             delta += F.interpolate(head_delta, size=self.size, mode="bilinear", align_corners=False)[:, 0]
         return delta
+
+
+def _incremental(network: Callable) -> tuple[GAPClassifier, _Autocast | None] | None:
+    """The float32 classifier the incremental path recomputes and the autocast it runs in, for a ``GAPClassifier``
+    (float32) or a reduced classifier that names its autocast (``autocast_dtype`` and ``float32_prefix``); None
+    for anything else (the int8 model: cropped forwards)."""
+    if supports_incremental(network):
+        return network, None
+    inner, dtype = getattr(network, "network", None), getattr(network, "autocast_dtype", None)
+    if dtype is not None and supports_incremental(inner):
+        return inner, _Autocast(dtype, network.float32_prefix)
+    return None
 
 
 @torch.no_grad()
@@ -270,8 +313,9 @@ def rnam_scores(
     sub_scope = torch.as_tensor(scope[rows, cols], device=image.device)
     step = batch_size or masks.shape[0]
     scores = []
-    if crop and incremental and supports_incremental(network):
-        nam_change = _IncrementalNAM(network, sub_image)
+    path = _incremental(network) if crop and incremental else None
+    if path is not None:
+        nam_change = _IncrementalNAM(path[0], sub_image, path[1])
         for i in range(0, masks.shape[0], step):
             chunk = sub_masks[i : i + step]
             # one window for the batch: the candidates' union box (no candidate there: nothing changes)
