@@ -163,7 +163,11 @@ def main() -> None:
     cli.add_argument("--positive_share", type=float, default=0.1)
     cli.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     cli.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"])
-    cli.add_argument("--reduced_screening", action="store_true", help="R-NAM in the precision too")
+    cli.add_argument(
+        "--reduced_screening",
+        action="store_true",
+        help="screening.reduced_precision on (R-NAM in bfloat16 after bfloat16)",
+    )
     cli.add_argument("--calibration", type=int, default=16, help="int8's calibration slices")
     cli.add_argument("--scans", nargs="*", help="scan folder names under --lidc_root (default: all)")
     cli.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_scan.json"))

@@ -115,8 +115,8 @@ def _rnam_choices(network, slices, nams, precision_nams):
 @needs_instructions
 def test_rnam_in_reduced_precision_against_float32(synthetic):
     """What ``screening.reduced_precision`` would give on an untrained small model, where the candidates' scores are
-    close: bfloat16 picks float32's candidate on >= 90 % of slices; int8 is noisier (measured 65 %), which is why R-NAM
-    screens in float32 by default. The float32 path without a reference NAM (the segmenter's case when the slice was
+    close: bfloat16 picks float32's candidate on >= 90 % of slices; int8 is noisier (measured 65 %), which is why int8
+    screens in float32. The float32 path without a reference NAM (the segmenter's case when the slice was
     classified in int8) gives the float32 scores."""
     folder, checkpoint, model = synthetic
     slices = torch.as_tensor(quantize.scan_slices([folder / "SYN-0000.nii.gz"], checkpoint, count=64))
@@ -134,6 +134,23 @@ def test_rnam_in_reduced_precision_against_float32(synthetic):
     computed = rnam_scores(model, slices[0], None, scope, masks, 0.2, incremental=False)
     np.testing.assert_allclose(computed, given, rtol=1e-3)  # float32 sums in another order
     assert given.max() > 0
+
+
+@needs_instructions
+def test_rnam_screens_in_bfloat16_only_after_bfloat16_classification(synthetic):
+    """``screening.reduced_precision``: bfloat16 screens in bfloat16; int8 (its pick held best in float32) and
+    float32 screen in float32, as does everything with the setting off."""
+    _, checkpoint, model = synthetic
+    for precision, reduced, screener in [
+        ("bfloat16", True, runtime.BFloat16Classifier),
+        ("bfloat16", False, GAPClassifier),
+        ("int8", True, GAPClassifier),
+        ("float32", True, GAPClassifier),
+    ]:
+        segmenter = WeaklySupervisedSegmenter(
+            precision=precision, checkpoint=checkpoint, screening={"reduced_precision": reduced}
+        )
+        assert type(segmenter.screening_network(model)) is screener, (precision, reduced)
 
 
 def _run(bundle_root, folder, checkpoint, precision, scan, out):

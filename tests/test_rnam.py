@@ -200,7 +200,9 @@ def test_bfloat16_classifier_screens_incrementally(gap_levels):
     scope = np.ones((64, 64), bool)
     scores = rnam_scores(reduced, image, None, scope, masks, 0.1)
     assert seen == [(1, torch.float32), (1, torch.bfloat16)]
-    np.testing.assert_allclose(scores, rnam_scores(reduced, image, None, scope, masks, 0.1, incremental=False), rtol=1e-3)
+    np.testing.assert_allclose(
+        scores, rnam_scores(reduced, image, None, scope, masks, 0.1, incremental=False), rtol=1e-3
+    )
     assert (scores > 0).all()
 
 

@@ -235,7 +235,9 @@ class _IncrementalNAM:
         changed = changed._replace(values=self.normalize(changed.values))
         _, at_taps = _advance_all(self.layers, self.inputs, changed, self.taps, self.autocast)
         for tap, (layers, inputs, base, weight) in zip(self.taps, self.heads):
-            head = _advance_all(layers, inputs, at_taps[tap], autocast=self.head_autocast)[0] if tap in at_taps else None
+            head = (
+                _advance_all(layers, inputs, at_taps[tap], autocast=self.head_autocast)[0] if tap in at_taps else None
+            )
             if head is None:
                 continue
             rows = slice(head.top, head.top + head.values.shape[2])
