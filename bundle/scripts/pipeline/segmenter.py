@@ -215,9 +215,8 @@ class WeaklySupervisedSegmenter(Inferer):
 
     def screening_network(self, network: Callable) -> Callable:
         """The network R-NAM screens with: the bfloat16 classifier (incremental) when the precision is bfloat16 and
-        ``screening.reduced_precision`` is on, else float32 (exact, incremental). On the quick start's positive
-        slices R-NAM's pick stayed float32's on 98.9 % screening in bfloat16; after int8's classification on 98.5 %
-        screening in float32, 97.5 % in bfloat16 and 96.7 % in int8 (docs/precision.md)."""
+        ``screening.reduced_precision`` is on, else float32 (exact, incremental; ``ScreeningSettings`` gives the
+        figures behind the choice)."""
         if self.screening.reduced_precision and self.precision == "bfloat16":
             return self.in_precision(network)
         return network

@@ -129,14 +129,15 @@ class ScreeningSettings:
             only the window each candidate changes (the same scores; False: the full image, the reference).
         batch_size: masked copies per forward (None: all at once); it changes the speed, not the scores.
         reduced_precision: with the segmenter's ``precision`` bfloat16, R-NAM screens in bfloat16 too (on the
-            incremental path); off, or in int8 or float32: float32. On the quick start's trained model R-NAM's pick
-            stayed float32's on 98.9 % of positive slices screening in bfloat16; after int8's classification on 98.5 %
-            screening in float32, but 97.5 % in bfloat16 and 96.7 % in int8 (docs/precision.md).
+            incremental path; R-NAM 2x faster); off, or in int8 or float32: float32. R-NAM's pick stayed float32's on
+            98.9 % / 97.6 % of the positive slices of the quick start's model / a width-1 model screening in
+            bfloat16, on 99.6 % / 98.8 % screening in float32 (target 98 %), so it is off by default; after int8's
+            classification float32 screening kept 98.5 %, bfloat16's 97.5 %, int8's 96.7 % (docs/precision.md).
     """
 
     crop: bool = True
     batch_size: int | None = None
-    reduced_precision: bool = True
+    reduced_precision: bool = False
 
 
 # The groups by their names in the segmenter's arguments and in the configs' ``segmenter`` section.
