@@ -153,6 +153,21 @@ def test_rnam_screens_in_bfloat16_only_after_bfloat16_classification(synthetic):
         assert type(segmenter.screening_network(model)) is screener, (precision, reduced)
 
 
+def test_inference_builds_the_classifier_channels_last(bundle_root, tmp_path):
+    """``configs/inference.json``'s classifier is channels-last (the CPU's convolutions run it 1.5x faster at width 1,
+    docs/precision.md) and holds the checkpoint's weights."""
+    checkpoint, model = _checkpoint(tmp_path, bundle_root)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(checkpoint), "device": "$torch.device('cpu')"})
+    network = parser.get_parsed_content("network")
+    convolutions = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    assert not convolutions[1].weight.is_contiguous()  # several input channels: the two layouts differ
+    for name, value in model.state_dict().items():
+        assert torch.equal(network.state_dict()[name], value), name
+
+
 def _run(bundle_root, folder, checkpoint, precision, scan, out):
     """``configs/inference.json`` on ``scan`` with ``precision``, fine mode, every lung slice segmented; returns the
     scan's nodule table and its mask (array and affine)."""
