@@ -71,8 +71,7 @@ def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
     parser.update(
         {
             "bundle_root": str(REPO / "bundle"),
-            "model_settings": settings,
-            "network": network,
+            "model_settings": settings,  # the config builds the network from these and loads the checkpoint
             "ckpt_path": str(checkpoint),
             "output_dir": output_dir,
             "batch_size": args.batch_size,
