@@ -17,9 +17,9 @@ batched classification at least 1.3x faster per slice than one at a time; on a G
 Each ``--precision`` runs the whole scan again with ``configs/inference.json``'s ``precision`` set to it (R-NAM in
 float32, the config's default, unless ``--reduced_screening``: then in bfloat16 after bfloat16), its threshold the
 same quantile of its own sample (a random network's probabilities lie within a few thousandths of each other, so a
-threshold kept from another precision would
-segment other slices, and more or fewer of them); each later one is compared with the first (mask Dice, largest
-probability change), which with a random network says little about a trained one's agreement (docs/precision.md).
+threshold kept from another precision would segment other slices, and more or fewer of them); each later one is
+compared with the first (mask Dice, largest probability change), which with a random network says little about a
+trained one's agreement (docs/precision.md).
 int8 quantises the random network first, calibrated on ``--calibration`` lung slices of the first scan (timed apart).
 Targets (issue #30, 2-core CPU): the whole scan at least 3x faster than float32; LIDC-IDRI-0001 under 30 s.
 """
