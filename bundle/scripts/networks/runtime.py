@@ -3,9 +3,10 @@
 ``inference_network(network, precision, checkpoint)`` is the one place that chooses; the segmenter calls it with the
 ``precision`` setting of ``configs/inference.json`` (so MONAI Label, which reads that config, inherits it). Both
 reduced paths offer what the pipeline calls on the classifier (``forward``, ``forward_with_nam``, ``nam``,
-``config()``, ``in_channels`` and the NAM geometry R-NAM's exact crop needs) and return float32 tensors. When R-NAM
-screens in reduced precision, the bfloat16 classifier takes R-NAM's incremental path with its own float32/bfloat16
-split (``autocast_dtype``, ``float32_prefix``); the int8 model screens through cropped forwards of the masked copies.
+``config()``, ``in_channels`` and the NAM geometry R-NAM's exact crop needs) and return float32 tensors. The segmenter
+screens R-NAM in float32 unless ``screening.reduced_precision`` asks the bfloat16 classifier to, which then takes
+R-NAM's incremental path with its own float32/bfloat16 split (``autocast_dtype``, ``float32_prefix``); the int8 model
+is never a screener there (``rnam_scores`` would run it through cropped forwards of the masked copies).
 A CPU without the instructions, or a network on CUDA (where ``amp`` is the reduced path), runs float32 with a message.
 """
 
