@@ -2,7 +2,7 @@
 
     PYTHONPATH=bundle python experiments/classifier_levers.py DATASET_DIR --name NAME [--width 0.125] [--epochs 12]
         [--affine] [--bf16] [--independent_rows --nam_from_nodule_row] [--init imagenet --freeze 23 --head 256]
-        [--upsample 2] [--twins]
+        [--upsample 2] [--twins] [--gap_levels 3]
 
 Trains one variant on a prepared dataset held in memory (a study harness: faster to iterate than
 ``configs/train.json``, with the same network, data, optimiser and augmentation ranges: Adam, decayed 5 % an epoch,
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.125)
     parser.add_argument("--freeze", type=int, default=0, help="layers of features frozen and cached")
     parser.add_argument("--head", type=int, default=1024)
+    parser.add_argument("--gap_levels", type=int, choices=(1, 2, 3), default=1)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--backbone_lr", type=float, default=None)
@@ -182,6 +183,7 @@ def main() -> None:
         in_channels=channels,
         batch_norm=not imagenet,
         head_channels=args.head,
+        gap_levels=args.gap_levels,
         pretrained="imagenet" if imagenet else None,
     )
     if args.independent_rows:

@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from scripts.networks.checkpoint import TrainingRecord, load_checkpoint, read_checkpoint, resolve_settings
+from scripts.networks.checkpoint import (
+    TrainingRecord,
+    load_checkpoint,
+    read_checkpoint,
+    resolve_settings,
+    warm_start,
+)
 from scripts.networks.gap_classifier import GAPClassifier
 
 
@@ -90,3 +96,38 @@ def test_last_checkpoint_and_bad_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: not a GAPClassifier checkpoint"):
         read_checkpoint(tmp_path / "other.pt")
+
+
+def _logit_difference(model, x):
+    logits = model.eval()(x)
+    return logits[:, 1] - logits[:, 0]
+
+
+def test_warm_start_from_fewer_gap_levels_keeps_what_was_learned(tmp_path):
+    # the full quick start's 3-GAP classifier starts from its 2-GAP one: backbone, conv5_3 and conv4_3 heads shared
+    torch.manual_seed(0)
+    settings = {"width": 0.0625, "head_channels": 64, "batch_norm": True, "in_channels": 3}
+    trained = GAPClassifier(gap_levels=2, **settings)
+    with torch.no_grad():
+        trained.fc.weight[0] = torch.randn_like(trained.fc.weight[0])  # rows not opposite (a checkpoint before 0.6.0)
+        trained.fc.bias.copy_(torch.tensor([0.3, -0.2]))
+    path = _save(tmp_path, trained)
+    torch.manual_seed(1)
+    fresh = GAPClassifier(gap_levels=3, **settings)
+    torch.manual_seed(1)
+    grown = warm_start(GAPClassifier(gap_levels=3, **settings), path)
+    for key, value in trained.state_dict().items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(grown.state_dict()[key], value)
+    torch.testing.assert_close(grown.heads[2].state_dict(), fresh.heads[2].state_dict())  # the conv3_3 head is new
+    torch.testing.assert_close(grown.fc.weight[0], -grown.fc.weight[1])
+    torch.testing.assert_close(grown.fc.bias[0], -grown.fc.bias[1])
+    # with the new head's fc columns silenced the grown network gives the checkpoint's logit difference
+    with torch.no_grad():
+        grown.fc.weight[:, 2 * 4 :] = 0  # 4 channels per head at width 0.0625
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(_logit_difference(grown, x), _logit_difference(trained, x))
+    # a checkpoint of the same levels loads whole; another backbone is refused as before
+    torch.testing.assert_close(warm_start(GAPClassifier(gap_levels=2, **settings), path).fc.weight, trained.fc.weight)
+    with pytest.raises(ValueError, match="holds a network with 2 GAP head"):
+        warm_start(GAPClassifier(gap_levels=3, **{**settings, "width": 0.125}), path)

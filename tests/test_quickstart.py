@@ -182,8 +182,11 @@ def test_full_quickstart_gives_seven_rows_and_resumes(short_run, tmp_path, capsy
         assert accuracy[f"{k}-GAP"] == json.loads(
             (out / "classification" / f"gap{k}" / "classifier_report.json").read_text()
         )
-        threshold = torch.load(out / "models" / f"gap{k}" / "model.pt", weights_only=True)["config"]["threshold"]
+        record = torch.load(out / "models" / f"gap{k}" / "model.pt", weights_only=True)["config"]
+        threshold = record["threshold"]
         assert accuracy[f"{k}-GAP"]["threshold"] == threshold
+        # the 3-GAP classifier starts from the trained 2-GAP one (from scratch it did not train), the others fresh
+        assert record["initial_weights"] == (str(out / "models" / "gap2" / "model.pt") if k == 3 else None), k
         assert accuracy[f"{k}-GAP"]["accuracy"] == pytest.approx(np.mean((p >= threshold) == (classes == 1))), k
         assert accuracy[f"{k}-GAP"]["auc"] == pytest.approx(np.mean((pairs > 0) + 0.5 * (pairs == 0))), k
     # the 2-/3-GAP rows ran the multi-GAP modes (their records keep the 1-GAP scope C1 beside the refined C), the

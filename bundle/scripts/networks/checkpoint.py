@@ -96,6 +96,8 @@ class TrainingRecord:
         bundle_root: where ``configs/metadata.json`` gives the bundle version.
         freeze_through: the last conv kept frozen in training (None: every layer trained); with the backbone's
             origin (``pretrained``), recorded so that a checkpoint says how it was made.
+        initial_weights: the checkpoint the training started from (``warm_start``; None: from ``pretrained`` or
+            from scratch), recorded as given.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class TrainingRecord:
         hu_window: Sequence[float],
         bundle_root: str | os.PathLike = ".",
         freeze_through: str | None = None,
+        initial_weights: str | os.PathLike | None = None,
     ) -> None:
         items = list(datalist)
         spacings = np.array([_pixel_spacing(item) for item in items], dtype=float).reshape(-1, 2)
@@ -121,6 +124,7 @@ class TrainingRecord:
             "threshold": DEFAULTS["threshold"],  # until a validation run chooses one (DecisionThreshold)
             "pretrained": getattr(model, "pretrained_origin", None),
             "freeze_through": freeze_through,
+            "initial_weights": None if initial_weights is None else str(initial_weights),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,10 +233,55 @@ def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassif
     return model
 
 
+def _head_count(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(1 for k in state if k.startswith("heads.") and k.endswith(".0.weight"))
+
+
+def _with_fewer_levels(model: GAPClassifier, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``model``'s state dict with ``state``, a network of the same backbone and fewer GAP levels, laid into it; None
+    when ``state`` is not such a network.
+
+    The heads come in the order conv5_3, conv4_3, conv3_3, so the checkpoint's heads are the model's first ones, and
+    its ``fc`` columns the first columns. ``fc``'s rows are written opposite, each half the checkpoint's row
+    difference: the logit difference (what the softmax sees) and the NAM are the checkpoint's, and the rows stay
+    opposite in training (``GAPClassifier._init_weights``). The new heads and their ``fc`` columns keep the model's
+    initialisation.
+    """
+    own = model.state_dict()
+    levels = _head_count(state)
+    if not 0 < levels < model.gap_levels or own["heads.0.0.weight"].shape != state.get("heads.0.0.weight", ()).shape:
+        return None
+    shared = [k for k in state if not k.startswith("fc.")]
+    if any(k not in own or own[k].shape != state[k].shape for k in shared):
+        return None
+    columns = state["fc.weight"].shape[1]
+    if columns != own["heads.0.0.weight"].shape[0] * levels or state["fc.bias"].shape != own["fc.bias"].shape:
+        return None
+    merged = {**own, **{k: state[k] for k in shared}}
+    weight, bias = own["fc.weight"].clone(), own["fc.bias"].clone()
+    half = (state["fc.weight"][1] - state["fc.weight"][0]) / 2
+    weight[1, :columns], weight[0, :columns] = half, -half
+    half_bias = (state["fc.bias"][1] - state["fc.bias"][0]) / 2
+    bias[1], bias[0] = half_bias, -half_bias
+    return {**merged, "fc.weight": weight, "fc.bias": bias}
+
+
 def warm_start(model: GAPClassifier, path: str | os.PathLike | None) -> GAPClassifier:
-    """``model`` with every weight of the checkpoint at ``path`` loaded (``load_checkpoint``), or as it is when ``path``
-    is None: a training that starts from an earlier model (the real-CT model starts from the quick start's)."""
-    return model if path is None else load_checkpoint(model, path)
+    """``model`` started from the checkpoint at ``path``, or as it is when ``path`` is None: a training that starts
+    from an earlier model (the real-CT model starts from the quick start's).
+
+    A checkpoint of the same network loads whole (``load_checkpoint``). One with fewer GAP levels and the same
+    backbone starts the shared layers, and the new heads keep their initialisation (``_with_fewer_levels``): the
+    full quick start's 3-GAP classifier starts from its trained 2-GAP one.
+    """
+    if path is None:
+        return model
+    state, _ = read_checkpoint(path)
+    grown = _with_fewer_levels(model, state)
+    if grown is None:
+        return load_checkpoint(model, path)
+    model.load_state_dict(grown)
+    return model
 
 
 def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True) -> torch.nn.Module | None:
