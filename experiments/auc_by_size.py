@@ -1,13 +1,13 @@
 """Which nodule slices does a classifier tell from clean ones? Its test AUC by the nodule's size on the slice.
 
-    PYTHONPATH=bundle python experiments/auc_by_size.py DATASET_DIR CLASSIFICATION_DIR --name NAME
+    PYTHONPATH=bundle python experiments/auc_by_size.py DATASET_DIR CLASSIFICATION_DIR --name NAME [--out FILE]
 
 Reads the test split of a prepared dataset (``datalist.json``: each slice's class, ground-truth pixels, pixel
 spacing and the mean diameters of its nodules) and the probabilities ``configs/classify.json`` wrote
 (``nodule_probability.csv``), and gives the AUC of each group of nodule slices against *all* the clean test slices:
 by the nodule's area on the slice (a nodule's pole is a few pixels however large the nodule) and by the largest
 nodule's diameter. A group's share of the nodule slices times its AUC says how much of the overall AUC it can move.
-Prints a table and writes ``experiments/results/auc_by_size_<name>.json``.
+Prints a table and writes ``experiments/results/auc_by_size_<name>.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ def auc_by_group(values: np.ndarray, edges: tuple, positives: np.ndarray, negati
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("dataset")
     cli.add_argument("classification")
     cli.add_argument("--name", required=True)
-    args = cli.parse_args()
+    cli.add_argument("--out", default=None, help="the JSON to write (default: experiments/results/auc_by_size_<name>)")
+    args = cli.parse_args(argv)
     probabilities = read_probabilities(Path(args.classification))
     items = load_split(args.dataset, "test", ("image", "class"))
     missing = [item["image"] for item in items if Path(item["image"]).name not in probabilities]
@@ -75,7 +76,8 @@ def main() -> None:
     for key, unit in (("by_area_mm2", "mm^2 on the slice"), ("by_diameter_mm", "mm diameter")):
         for row in result[key]:
             print(f"  {row['from']:>6} - {row['to'] or 'inf':>6} {unit}: {row['slices']:>4} slices, AUC {row['auc']}")
-    write_json(RESULTS / f"auc_by_size_{args.name}.json", result)
+    write_json(Path(args.out) if args.out else RESULTS / f"auc_by_size_{args.name}.json", result)
+    return result
 
 
 if __name__ == "__main__":
