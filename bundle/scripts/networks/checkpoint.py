@@ -233,10 +233,6 @@ def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassif
     return model
 
 
-def _head_count(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(1 for k in state if k.startswith("heads.") and k.endswith(".0.weight"))
-
-
 def _with_fewer_levels(model: GAPClassifier, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """``model``'s state dict with ``state``, a network of the same backbone and fewer GAP levels, laid into it; None
     when ``state`` is not such a network.
@@ -248,22 +244,19 @@ def _with_fewer_levels(model: GAPClassifier, state: Mapping[str, torch.Tensor]) 
     initialisation.
     """
     own = model.state_dict()
-    levels = _head_count(state)
-    if not 0 < levels < model.gap_levels or own["heads.0.0.weight"].shape != state.get("heads.0.0.weight", ()).shape:
-        return None
+    levels = sum(1 for k in state if k.startswith("heads.") and k.endswith(".0.weight"))
     shared = [k for k in state if not k.startswith("fc.")]
-    if any(k not in own or own[k].shape != state[k].shape for k in shared):
+    if not 0 < levels < model.gap_levels or any(k not in own or own[k].shape != state[k].shape for k in shared):
         return None
-    columns = state["fc.weight"].shape[1]
-    if columns != own["heads.0.0.weight"].shape[0] * levels or state["fc.bias"].shape != own["fc.bias"].shape:
+    columns = own["heads.0.0.weight"].shape[0] * levels
+    if state["fc.weight"].shape != (2, columns) or state["fc.bias"].shape != own["fc.bias"].shape:
         return None
-    merged = {**own, **{k: state[k] for k in shared}}
     weight, bias = own["fc.weight"].clone(), own["fc.bias"].clone()
     half = (state["fc.weight"][1] - state["fc.weight"][0]) / 2
     weight[1, :columns], weight[0, :columns] = half, -half
     half_bias = (state["fc.bias"][1] - state["fc.bias"][0]) / 2
     bias[1], bias[0] = half_bias, -half_bias
-    return {**merged, "fc.weight": weight, "fc.bias": bias}
+    return {**own, **{k: state[k] for k in shared}, "fc.weight": weight, "fc.bias": bias}
 
 
 def warm_start(model: GAPClassifier, path: str | os.PathLike | None) -> GAPClassifier:
