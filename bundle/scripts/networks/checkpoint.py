@@ -198,11 +198,16 @@ def resolve_settings(path: str | os.PathLike, **given: Any) -> dict[str, Any]:
     return settings
 
 
+def _head_channels(state: Mapping[str, torch.Tensor]) -> list[int]:
+    """The output channels of each GAP head of a state dict, in head order."""
+    return [v.shape[0] for k, v in state.items() if k.startswith("heads.") and k.endswith(".0.weight")]
+
+
 def _describe(state: Mapping[str, torch.Tensor]) -> str:
     convs = [
         v.shape[0] for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4
     ]
-    heads = [v.shape[0] for k, v in state.items() if k.startswith("heads.") and k.endswith(".0.weight")]
+    heads = _head_channels(state)
     batch_norm = any(k.endswith("running_mean") for k in state)
     in_channels = state["features.0.weight"].shape[1]
     return (
@@ -218,7 +223,11 @@ def load_checkpoint(model: GAPClassifier, path: str | os.PathLike) -> GAPClassif
     0.1 gives 6-channel first convs, which no reconstructed width would match), and a mismatch is a ValueError
     describing both networks.
     """
-    state, _ = read_checkpoint(path)
+    return _load_state(model, read_checkpoint(path)[0], path)
+
+
+def _load_state(model: GAPClassifier, state: dict[str, torch.Tensor], path: str | os.PathLike) -> GAPClassifier:
+    """``load_checkpoint`` on a state dict already read from ``path`` (named in the error)."""
     own = model.state_dict()
     if model.config().get("input_norm") is None:
         # checkpoints saved before the input normalisation buffers existed had none: the identity, as the model's
@@ -244,11 +253,11 @@ def _with_fewer_levels(model: GAPClassifier, state: Mapping[str, torch.Tensor]) 
     initialisation.
     """
     own = model.state_dict()
-    levels = sum(1 for k in state if k.startswith("heads.") and k.endswith(".0.weight"))
+    levels = len(_head_channels(state))
     shared = [k for k in state if not k.startswith("fc.")]
     if not 0 < levels < model.gap_levels or any(k not in own or own[k].shape != state[k].shape for k in shared):
         return None
-    columns = own["heads.0.0.weight"].shape[0] * levels
+    columns = sum(model.head_sizes[:levels])
     if state["fc.weight"].shape != (2, columns) or state["fc.bias"].shape != own["fc.bias"].shape:
         return None
     weight, bias = own["fc.weight"].clone(), own["fc.bias"].clone()
@@ -269,10 +278,10 @@ def warm_start(model: GAPClassifier, path: str | os.PathLike | None) -> GAPClass
     """
     if path is None:
         return model
-    state, _ = read_checkpoint(path)
+    state, _ = read_checkpoint(path)  # read once: tried as a network of fewer levels, else loaded whole
     grown = _with_fewer_levels(model, state)
     if grown is None:
-        return load_checkpoint(model, path)
+        return _load_state(model, state, path)
     model.load_state_dict(grown)
     return model
 
