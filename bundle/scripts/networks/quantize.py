@@ -10,9 +10,15 @@ inference calls: it returns the model only when its record matches the checkpoin
 checkpoint is never paired with the quantised copy of the one before.
 
 The recipe (ONNX Runtime's static quantisation): QDQ format, weights int8 per output channel, activations uint8 per
-tensor with ranges from the calibration slices (min/max). Only the convolutions and the poolings between them are
-quantised: the NAM is a weighted sum of the head's activations, and R-NAM compares small differences of it, so it and
-the pooled logits stay in float32.
+tensor with ranges from the calibration slices (min/max). The convolutions, their ReLUs and the poolings between them
+are quantised: the NAM is a weighted sum of the head's activations, and R-NAM compares small differences of it, so it
+and the pooled logits stay in float32. Two choices measured in docs/precision.md:
+
+- the ReLUs are among the quantised operators, so each convolution's output is quantised once, on the ReLU's range
+  [0, max]; without them ONNX Runtime quantises the convolution's output on its own range, negatives included (half
+  the levels spent on what the ReLU then drops) and quantises it again after the ReLU;
+- conv1_1 stays float32, so the input keeps its float resolution instead of 256 levels over the HU window (rounding
+  the input alone moved the quick start's probabilities by 0.025; conv1_1 is under 1 % of a width-1 forward).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .checkpoint import load_checkpoint, resolve_settings
 from .gap_classifier import GAPClassifier
 
 __all__ = [
+    "RECIPE",
     "StaleModelError",
     "int8_paths",
     "int8_model",
@@ -45,6 +52,10 @@ __all__ = [
 ]
 
 DEFAULT_COUNT = 32
+RECIPE = (
+    "static QDQ; Conv with its Relu, and MaxPool, but conv1_1 (float32); weights int8 per channel, activations uint8 "
+    "per tensor (min/max)"
+)
 COMMAND = "python -m scripts.networks.quantize --ckpt {ckpt} --dataset_dir <prepared dataset> (or --scans <scans>)"
 _ARCHITECTURE_KEYS = ("gap_levels", "width", "in_channels", "head_channels", "batch_norm")
 
@@ -63,8 +74,9 @@ def int8_model(checkpoint: str | os.PathLike) -> Path:
     """The int8 model of ``checkpoint``, after checking that its record names this checkpoint's content.
 
     Raises:
-        StaleModelError: the model or its record is missing, the checkpoint changed since it was quantised, or the
-            model is not the one recorded; the message names the files and the command that makes the model again.
+        StaleModelError: the model or its record is missing, the checkpoint changed since it was quantised, the
+            model is not the one recorded, or it was made with another recipe than ``RECIPE``; the message names the
+            files and the command that makes the model again.
     """
     model, record_path = int8_paths(checkpoint)
     again = "make it with: " + COMMAND.format(ckpt=checkpoint)
@@ -82,6 +94,11 @@ def int8_model(checkpoint: str | os.PathLike) -> Path:
         )
     if record.get("model_sha256") != sha256(model):
         raise StaleModelError(f"{model} is not the model its record {record_path} describes (replaced?); {again}")
+    if record.get("recipe") != RECIPE:
+        raise StaleModelError(
+            f"{model} was quantised with an older recipe ({record.get('recipe')!r}, in {record_path}); this version "
+            f"quantises with {RECIPE!r}, which gives answers closer to float32's: {again}"
+        )
     return model
 
 
@@ -127,6 +144,13 @@ def _calibration_reader(slices: np.ndarray) -> Any:
     return Reader()
 
 
+def _first_conv(path: Path) -> str:
+    """The name of the model's first convolution (conv1_1): ONNX graphs list their nodes in topological order."""
+    import onnx
+
+    return next(node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv")
+
+
 def load_classifier(checkpoint: str | os.PathLike) -> GAPClassifier:
     """The classifier of a checkpoint, built from its record, in evaluation mode on the CPU."""
     settings = resolve_settings(checkpoint)
@@ -158,7 +182,8 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, slices: np.ndarray, sourc
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            op_types_to_quantize=["Conv", "MaxPool"],
+            op_types_to_quantize=["Conv", "Relu", "MaxPool"],
+            nodes_to_exclude=[_first_conv(prepared)],
         )
         write_atomically(model, lambda tmp: shutil.copyfile(quantised, tmp))
     write_json(
@@ -168,7 +193,7 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, slices: np.ndarray, sourc
             "checkpoint_sha256": sha256(checkpoint),
             "model_sha256": sha256(model),
             "calibration": {"source": source, "slices": int(len(slices)), "shape": list(slices.shape[1:])},
-            "recipe": "static QDQ; Conv and MaxPool; weights int8 per channel, activations uint8 per tensor (min/max)",
+            "recipe": RECIPE,
             "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
