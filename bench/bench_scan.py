@@ -2,7 +2,8 @@
 classifier's precisions (float32, bfloat16, int8) compared in one run.
 
     PYTHONPATH=bundle python bench/bench_scan.py [--lidc_root ../shared/data/lidc] [--width 1.0] [--image_size 384]
-        [--batch_size 8] [--precision float32 bfloat16 int8] [--scans LIDC-IDRI-0001]
+        [--batch_size 8] [--precision float32 bfloat16 int8 int8_confirmed] [--scans LIDC-IDRI-0001]
+        [--ckpt CHECKPOINT]
 
 Runs ``configs/inference.json``'s preprocessing, inferer, postprocessing and writer on the real LIDC-IDRI scans (as
 DICOM) with a randomly initialised classifier at the paper's size. A random network's probabilities say nothing, so
@@ -21,6 +22,9 @@ threshold kept from another precision would segment other slices, and more or fe
 compared with the first (mask Dice, largest probability change), which with a random network says little about a
 trained one's agreement (docs/precision.md).
 int8 quantises the random network first, calibrated on ``--calibration`` lung slices of the first scan (timed apart).
+``int8_confirmed`` and ``bfloat16_confirmed`` classify the slices at ``confirm_from`` or above again in float32 (the
+config's ``confirm_margin``; the plain names without it). A random network puts every slice there, so they
+need ``--ckpt``: a trained classifier, at ``--image_size``, deciding with its own threshold.
 Targets (issue #30, 2-core CPU): the whole scan at least 3x faster than float32; LIDC-IDRI-0001 under 30 s.
 """
 
@@ -46,7 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 STEPS = ("read", "lungs", "crop", "classify", "segment", "screen", "assemble", "write")
-FORWARDS = ("classify", "screen")  # the classifier's forwards: the slices', and R-NAM's on the masked copies
+FORWARDS = ("classify", "screen")
+CONFIRM_MARGIN = (
+    1.0  # configs/inference.json's  # the classifier's forwards: the slices', and R-NAM's on the masked copies
+)
 
 
 def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
@@ -64,22 +71,23 @@ def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
         "context_mm": None,
         "threshold": 0.5,  # replaced by the --positive_share quantile
     }
+    common = {
+        "bundle_root": str(REPO / "bundle"),
+        "output_dir": output_dir,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "segmenter#screening#reduced_precision": args.reduced_screening,
+    }
+    if args.ckpt:  # a trained classifier: its record's settings at --image_size, its own threshold
+        parser.update({**common, "ckpt_path": str(Path(args.ckpt).resolve()), "image_size": args.image_size})
+        return parser
     torch.manual_seed(0)
     network = GAPClassifier(width=args.width).to(args.device).eval()
     checkpoint = Path(output_dir) / "model.pt"  # where int8 finds its model (and its record)
     record = TrainingRecord(network, [], args.image_size, settings["hu_window"], REPO / "bundle")
     torch.save({"model": network.state_dict(), "config": record.state_dict()}, checkpoint)
-    parser.update(
-        {
-            "bundle_root": str(REPO / "bundle"),
-            "model_settings": settings,  # the config builds the network from these and loads the checkpoint
-            "ckpt_path": str(checkpoint),
-            "output_dir": output_dir,
-            "batch_size": args.batch_size,
-            "device": args.device,
-            "segmenter#screening#reduced_precision": args.reduced_screening,
-        }
-    )
+    # the config builds the network from these settings and loads the checkpoint
+    parser.update({**common, "model_settings": settings, "ckpt_path": str(checkpoint)})
     return parser
 
 
@@ -88,10 +96,11 @@ def bench_scan(
 ) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
     """One scan in one precision: the report's row, and the mask and slice probabilities (for comparing precisions)."""
     seconds = dict.fromkeys(STEPS, 0.0)
-    parser.update({"precision": precision})
+    name, _, confirmed = precision.partition("_")
+    parser.update({"precision": name, "confirm_margin": CONFIRM_MARGIN if confirmed else None})
     inferer = parser.get_parsed_content("inferer", lazy=False)  # a segmenter in this precision (everything parsed anew)
     preprocessing = parser.get_parsed_content("preprocessing")  # the instance the postprocessing's Invertd inverts
-    network = parser.get_parsed_content("network")
+    network = parser.get_parsed_content("network").eval()  # as the runner does (batch norm: running statistics)
     clock = time.perf_counter()
     data = preprocessing({"image": str(scan), "source": str(scan), "name": scan.name})
     volume = data["image"].to(args.device)
@@ -99,7 +108,7 @@ def bench_scan(
 
     # one by one, on a sample of the lung slices: per-slice time, and the probabilities that set the threshold
     segmenter = inferer.segmenter
-    segmenter.threshold = 2.0  # nothing positive: classification only
+    threshold, segmenter.threshold = segmenter.threshold, 2.0  # nothing positive: classification only
     one_by_one = type(inferer)(
         segmenter, inferer.image_size, 1, inferer.lung_mask_fn, inferer.in_channels, inferer.context_mm
     )
@@ -108,7 +117,7 @@ def bench_scan(
     timed = one_by_one.segment_scan(volume[..., sample], network)
     per_slice_single = timed.seconds["classify"] / len(sample)
     probabilities = timed.probability[0, 0]
-    segmenter.threshold = float(np.quantile(probabilities, 1.0 - args.positive_share))
+    segmenter.threshold = threshold if args.ckpt else float(np.quantile(probabilities, 1.0 - args.positive_share))
 
     result = inferer.segment_scan(volume, network)
     for step, value in result.seconds.items():
@@ -132,6 +141,7 @@ def bench_scan(
         "slices": int(volume.shape[-1]),
         "classified": n_classified,
         "segmented": len(result.slices),
+        "classified_again_in_float32": result.confirmed,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "total_s": round(sum(seconds.values()), 2),
         "non_forward_share": round(others / forwards, 4),
@@ -157,12 +167,19 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--lidc_root", default=str(REPO.parent / "shared" / "data" / "lidc"))
     cli.add_argument("--width", type=float, default=1.0)
-    cli.add_argument("--image_size", type=int, default=384)
+    cli.add_argument("--image_size", type=int, help="default: 384, or a --ckpt's own")
     cli.add_argument("--batch_size", type=int, default=8)
     cli.add_argument("--sample", type=int, default=16, help="slices timed one by one")
     cli.add_argument("--positive_share", type=float, default=0.1)
     cli.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    cli.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"])
+    cli.add_argument(
+        "--precision",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16", "int8", "bfloat16_confirmed", "int8_confirmed"],
+        help="_confirmed: the slices at confirm_from or above classified again in float32 (the config's default)",
+    )
+    cli.add_argument("--ckpt", help="a trained classifier instead of the random one (its own threshold)")
     cli.add_argument(
         "--reduced_screening",
         action="store_true",
@@ -172,11 +189,13 @@ def main() -> None:
     cli.add_argument("--scans", nargs="*", help="scan folder names under --lidc_root (default: all)")
     cli.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_scan.json"))
     args = cli.parse_args()
+    if args.image_size is None and not args.ckpt:
+        args.image_size = 384
     scans = sorted(p for p in Path(args.lidc_root).iterdir() if p.is_dir() and (not args.scans or p.name in args.scans))
     rows, calibration = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         parser = parse_config(args, tmp)
-        if "int8" in args.precision:
+        if any(arm.startswith("int8") for arm in args.precision):
             clock = time.perf_counter()
             slices = scan_slices(scans[:1], parser["ckpt_path"], args.calibration)
             quantize_checkpoint(parser["ckpt_path"], slices, f"lung slices of {scans[0].name}")

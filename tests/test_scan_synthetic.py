@@ -223,3 +223,43 @@ def test_every_mode_runs_on_a_scan(segment_in_mode, mode):
         assert any(v < e for v, e in zip(voxels, every)), (voxels, every)
         if mode != "two_nodule":  # one scope: the chosen candidate is one of those the other mode keeps
             assert all(v <= e for v, e in zip(voxels, every)), (voxels, every)
+
+
+def test_outputs_go_back_to_an_oblique_resampled_scans_grid_in_one_resampling(bundle_root, synthetic_case, tmp_path):
+    """``configs/inference.json``'s postprocessing takes the inferer's three outputs back to the input grid in one
+    resampling (``InvertTogetherd``): the same arrays as ``Invertd`` key by key, on the input's shape and affine, for a
+    scan stored with flipped axes whose pixels the model's spacing resamples (in-plane 0.7 mm to 1.0-1.2 mm)."""
+    from monai.transforms import Invertd
+
+    image = synthetic_case[0]
+    volume = np.asarray(image.dataobj)[::2, ::2, ::4].astype(np.int16)  # small: 64 x 64 x n
+    affine = np.diag([-0.7, 0.7, -2.5, 1.0])  # rows to the right, slices downwards: Orientationd flips both
+    affine[:3, 3] = (12.0, -30.0, 80.0)
+    scan = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), scan)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    settings = {"pixel_spacing_mm": [1.0, 1.2], "hu_window": [-1000.0, 400.0], "image_size": 64, "in_channels": 1}
+    parser.update({"bundle_root": str(bundle_root), "model_settings": settings, "threshold": 0.5})
+    preprocessing = parser.get_parsed_content("preprocessing")
+    data = preprocessing({"image": str(scan)})
+    model_grid = data["image"].shape[1:]
+    assert model_grid[0] < volume.shape[0]  # resampled to coarser pixels
+    generator = torch.Generator().manual_seed(0)
+    outputs = {
+        "mask": (torch.rand(1, *model_grid, generator=generator) > 0.7).float(),
+        "slice_probability": torch.rand(1, 1, 1, model_grid[2], generator=generator).expand(1, *model_grid),
+        "lungs": (torch.rand(1, *model_grid, generator=generator) > 0.3).float(),
+    }
+    for key, array in outputs.items():
+        data[key] = MetaTensor(array.clone(), meta=data["image"].meta)
+    together = parser.get_parsed_content("postprocessing").transforms[2]
+    assert type(together).__name__ == "InvertTogetherd"
+    each = Invertd(list(outputs), preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True)
+    got, expected = together(dict(data)), each(dict(data))
+    for key in outputs:
+        assert tuple(got[key].shape) == (1, *volume.shape), key
+        np.testing.assert_allclose(got[key].affine.numpy(), affine, atol=1e-4)
+        torch.testing.assert_close(got[key].as_tensor(), expected[key].as_tensor(), rtol=0, atol=0)
+    # each key came back as itself: the split follows the stacking order
+    assert 0.1 < got["mask"].float().mean() < 0.5 < got["lungs"].float().mean()

@@ -258,6 +258,7 @@ def test_settings_name_every_rule_and_rebuild_the_segmenter():
         "threshold": 0.3,
         "intensity_range": [-1100.0, 300.0],
         "precision": "bfloat16",
+        "confirm_margin": 0.5,
         "scope": {"sigma": 2.0, "threshold": 0.25, "min_distance": 5, "multi_gap_min_peak": 0.4, "n_nodules": 3},
         "icm": {"phases": 3, "beta": 0.5, "max_sweeps": 7},
         "candidates": {

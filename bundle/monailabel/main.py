@@ -11,7 +11,7 @@ otherwise uses the bundle it lives in (``bundle/monailabel/`` inside the bundle)
 
 serves the bundle as it is. Nothing else is changed: on volumes, MONAI Label's writer keeps the result's affine
 (``monailabel/transform/writer.py``: ``write_itk(..., affine if len(image_np.shape) > 2 else None, ...)``), and the
-bundle's post-processing (``Invertd``) has already put the mask on the study's grid.
+bundle's post-processing (``InvertTogetherd``) has already put the mask on the study's grid.
 """
 
 import os

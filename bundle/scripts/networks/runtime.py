@@ -6,8 +6,10 @@ reduced paths offer what the pipeline calls on the classifier (``forward``, ``fo
 ``config()``, ``in_channels`` and the NAM geometry R-NAM's exact crop needs) and return float32 tensors. The segmenter
 screens R-NAM in float32 unless ``screening.reduced_precision`` asks the bfloat16 classifier to, which then takes
 R-NAM's incremental path with its own float32/bfloat16 split (``autocast_dtype``, ``float32_prefix``); the int8 model
-is never a screener there (``rnam_scores`` would run it through cropped forwards of the masked copies).
-A CPU without the instructions, or a network on CUDA (where ``amp`` is the reduced path), runs float32 with a message.
+is never a screener there (``rnam_scores`` would run it through cropped forwards of the masked copies). The segmenter
+classifies the slices a reduced precision puts near or above the threshold again with the float32 network
+(``WeaklySupervisedSegmenter.confirm_margin``), so that float32 decides them. A CPU without the instructions, or a
+network on CUDA (where ``amp`` is the reduced path), runs float32 with a message.
 """
 
 from __future__ import annotations

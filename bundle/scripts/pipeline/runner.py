@@ -61,7 +61,7 @@ class ScanRunner:
         network: the classifier (weights loaded).
         inferer: the scan inferer (``scripts.pipeline.scan_inferer.ScanSegmenter``).
         postprocessing: from the inferer's named outputs (under ``pred``, as MONAI Label gives them) back to the input
-            grid and the tables (``FlattenSubKeysd``, ``Invertd``, ``scripts.pipeline.assemble.ScanResultd``).
+            grid and the tables (``FlattenSubKeysd``, ``scripts.pipeline.assemble.InvertTogetherd``, ``ScanResultd``).
         writer: writes one scan's outputs, all or nothing (``scripts.pipeline.write.ScanWriter``).
         device: where the network and the volumes go.
         summary_path: optional JSON file listing what was done and what failed (one per process when sharded).

@@ -51,6 +51,8 @@ class ScanResult:
         slices: the ``SliceResult`` of each slice called "nodule", by slice index.
         seconds: time spent in each step of the module docstring; ``screen`` is R-NAM's share of the segmentation
             (its classifier forwards on the masked copies), ``segment`` the rest (scope, ICM, candidates).
+        confirmed: how many slices were classified again in float32 after a reduced precision
+            (``WeaklySupervisedSegmenter.confirm_margin``; their forwards count in ``classify``).
     """
 
     mask: np.ndarray
@@ -58,6 +60,7 @@ class ScanResult:
     lungs: np.ndarray
     slices: dict[int, SliceResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    confirmed: int = 0
 
 
 class ScanSegmenter(Inferer):
@@ -135,14 +138,16 @@ class ScanSegmenter(Inferer):
         mask = np.zeros(window.shape, np.uint8)
         probability = np.zeros(n_slices, np.float32)
         slices: dict[int, SliceResult] = {}
+        n_confirmed = 0
         device = volume.device
         for start in range(0, len(with_lung), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             clock = time.perf_counter()
             inputs = stack_context(images, with_lung[chunk], self.in_channels, spacing[2], self.context_mm)
             batch = torch.as_tensor(np.ascontiguousarray(inputs.transpose(2, 3, 0, 1)), device=device)
-            probs, nams, multi_nams = self.segmenter.classify(batch, network)
+            probs, nams, multi_nams, confirmed = self.segmenter.classify(batch, network)
             seconds["classify"] += time.perf_counter() - clock
+            n_confirmed += int(confirmed.sum())
             clock, screened = time.perf_counter(), 0.0  # R-NAM's forwards count as "screen", not "segment"
             for b, index in enumerate(with_lung[chunk]):
                 probability[index] = probs[b]
@@ -156,6 +161,7 @@ class ScanSegmenter(Inferer):
                     spacing[:2],
                     lung_mask=lung_windows[..., start + b],
                     multi_nam=None if multi_nams is None else multi_nams[b],
+                    precision=self.segmenter.classified_in(bool(confirmed[b])),
                 )
                 slices[int(index)] = result
                 screened += result.screen_seconds
@@ -166,7 +172,7 @@ class ScanSegmenter(Inferer):
         clock = time.perf_counter()
         probability_volume = np.broadcast_to(probability, window.shape).astype(np.float32)
         seconds["assemble"] = time.perf_counter() - clock
-        return ScanResult(mask, probability_volume, lungs, slices, seconds)
+        return ScanResult(mask, probability_volume, lungs, slices, seconds, n_confirmed)
 
 
 def _spacing(volume: torch.Tensor) -> tuple[float, float, float]:

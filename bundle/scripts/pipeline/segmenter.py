@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,11 +46,28 @@ from .settings import (
     settings_group,
 )
 
-__all__ = ["MODES", "SliceResult", "WeaklySupervisedSegmenter"]
+__all__ = ["MODES", "Classification", "SliceResult", "WeaklySupervisedSegmenter"]
 
 MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
 MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
 COARSE_MODES = ("coarse", "multi_gap_coarse")
+
+
+class Classification(NamedTuple):
+    """What ``WeaklySupervisedSegmenter.classify`` gives for a batch of ``B`` slices ``(H, W)``.
+
+    Attributes:
+        probability: ``(B,)`` nodule probabilities.
+        nam: ``(B, H, W)`` raw NAMs.
+        multi_nam: ``(B, H, W)`` multi-GAP NAMs in the multi-GAP modes when a slice is called "nodule", else None.
+        confirmed: ``(B,)`` bool, the slices classified again in float32 after a reduced precision (their
+            probability and NAM are float32's).
+    """
+
+    probability: np.ndarray
+    nam: np.ndarray
+    multi_nam: np.ndarray | None
+    confirmed: np.ndarray
 
 
 @dataclass
@@ -70,6 +87,7 @@ class SliceResult:
         candidates: all candidates, over all scopes.
         chosen: indices into ``candidates`` of the segmented ones.
         screen_seconds: time spent in R-NAM's classifier forwards (the rest of ``segment`` is scope, ICM, candidates).
+        precision: the precision that gave ``probability`` and ``nam``.
     """
 
     probability: float
@@ -84,6 +102,7 @@ class SliceResult:
     candidates: list[Candidate] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)
     screen_seconds: float = 0.0
+    precision: str = "float32"
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready summary (boxes are ``[row_start, col_start, row_stop, col_stop]``, stops exclusive)."""
@@ -95,6 +114,7 @@ class SliceResult:
         return {
             "probability": float(self.probability),
             "positive": bool(self.positive),
+            "precision": self.precision,
             "status": self.status,
             "spacing_mm": [float(s) for s in self.spacing],
             "scope_boxes": [box(s) for s in self.scopes],
@@ -124,6 +144,11 @@ class WeaklySupervisedSegmenter(Inferer):
             ``"bfloat16"`` or ``"int8"`` (``scripts.networks.runtime``; float32 with a message where the CPU lacks the
             instructions). The multi-GAP classifier stays float32.
         checkpoint: the classifier's weights file, beside which int8 finds its quantised model.
+        confirm_margin: after a reduced ``precision``, the slices whose nodule logit (log odds) lies at most this
+            below the threshold's, or above it (``confirm_from``), are classified again in float32 and keep float32's
+            probability and NAM: wherever the reduced precision moves a logit by less than the margin, every slice
+            called "nodule" is decided, segmented and screened as in float32 (docs/precision.md gives the figures
+            behind 1.0); None: the reduced precision's answer throughout.
     """
 
     def __init__(
@@ -141,6 +166,7 @@ class WeaklySupervisedSegmenter(Inferer):
         amp: bool = False,
         precision: str = "float32",
         checkpoint: str | None = None,
+        confirm_margin: float | None = 1.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -150,6 +176,8 @@ class WeaklySupervisedSegmenter(Inferer):
             raise ValueError(f"intensity_range must be (a_min, a_max) with a_min < a_max, got {intensity_range}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if confirm_margin is not None and not confirm_margin >= 0.0:
+            raise ValueError(f"confirm_margin must be >= 0 (logits) or None, got {confirm_margin}")
         self.mode = mode
         self.threshold = float(threshold)
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
@@ -163,6 +191,7 @@ class WeaklySupervisedSegmenter(Inferer):
         self.amp = bool(amp)
         self.precision = precision
         self.checkpoint = checkpoint
+        self.confirm_margin = None if confirm_margin is None else float(confirm_margin)
         self._runtime: tuple[Callable, Callable] | None = None  # (network, the network in ``precision``)
 
     def settings(self) -> dict[str, Any]:
@@ -174,6 +203,7 @@ class WeaklySupervisedSegmenter(Inferer):
             "threshold": self.threshold,
             "intensity_range": list(self.intensity_range),
             "precision": self.precision,
+            "confirm_margin": self.confirm_margin,
             **{name: asdict(getattr(self, name)) for name in GROUPS},
         }
 
@@ -213,6 +243,15 @@ class WeaklySupervisedSegmenter(Inferer):
             self._runtime = (network, inference_network(network, self.precision, self.checkpoint))
         return self._runtime[1]
 
+    @property
+    def confirm_from(self) -> float | None:
+        """The reduced precision's probability from which a slice is classified again in float32: the threshold's
+        logit less ``confirm_margin``, as a probability (None: never)."""
+        if self.confirm_margin is None:
+            return None
+        threshold = min(max(self.threshold, 1e-12), 1.0 - 1e-12)  # 0: every slice; 1 or more: the most certain
+        return float(1.0 / (1.0 + np.exp(self.confirm_margin - np.log(threshold / (1.0 - threshold)))))
+
     def screening_network(self, network: Callable) -> Callable:
         """The network R-NAM screens with: the bfloat16 classifier (incremental) when the precision is bfloat16 and
         ``screening.reduced_precision`` is on, else float32 (exact, incremental; ``ScreeningSettings`` gives the
@@ -221,15 +260,17 @@ class WeaklySupervisedSegmenter(Inferer):
             return self.in_precision(network)
         return network
 
-    def classify(self, inputs: torch.Tensor, network: Callable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Nodule probabilities ``(B,)``, raw NAMs ``(B, H, W)`` and, in the multi-GAP modes when a slice is called
-        "nodule", the multi-GAP NAMs ``(B, H, W)`` of a batch ``(B, C, H, W)`` of windowed slices, in one forward.
+    def classify(self, inputs: torch.Tensor, network: Callable) -> Classification:
+        """Nodule probabilities, raw NAMs and, in the multi-GAP modes, the multi-GAP NAMs of a batch ``(B, C, H, W)``
+        of windowed slices (``Classification``), in one forward of each network.
 
         With ``amp`` on CUDA the batch is classified in mixed precision; the NAMs of the slices called "nodule"
-        are then recomputed in float32, so that R-NAM compares maps of one precision.
+        are then recomputed in float32, so that R-NAM compares maps of one precision. After a reduced CPU
+        ``precision`` the slices at ``confirm_from`` or above are classified again in float32.
         """
         self._check_inputs(inputs)
-        network = self.in_precision(unwrap(network))
+        reference = unwrap(network)
+        network = self.in_precision(reference)
         for name, model in (("classifier", network), ("multi-GAP classifier", self.multi_gap_network)):
             channels = getattr(model, "in_channels", inputs.shape[1])
             if channels != inputs.shape[1]:
@@ -238,19 +279,27 @@ class WeaklySupervisedSegmenter(Inferer):
                     "and the multi-GAP models must be trained on the same slices (single or 2.5-D)"
                 )
         amp = self.amp and inputs.is_cuda
+        confirmed = np.zeros(inputs.shape[0], bool)
         with torch.no_grad():
             with torch.autocast("cuda", enabled=amp):
                 logits, nams = logits_and_nam(network, inputs)
+            nams = nams.float()
             probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            if network is not reference and self.confirm_from is not None:
+                confirmed = probs >= self.confirm_from
+                if confirmed.any():
+                    chosen = torch.as_tensor(confirmed, device=inputs.device)
+                    float32_logits, float32_nams = logits_and_nam(reference, inputs[chosen])
+                    probs[confirmed] = torch.softmax(float32_logits, dim=1)[:, 1].cpu().numpy()
+                    nams[chosen] = float32_nams
             positive = probs >= self.threshold
             if amp and positive.any():
                 chosen = torch.as_tensor(positive, device=inputs.device)
-                nams = nams.float()
                 nams[chosen] = logits_and_nam(network, inputs[chosen])[1].float()
             multi_nams = None
             if self.mode in MULTI_GAP_MODES and positive.any():
                 multi_nams = logits_and_nam(self.multi_gap_network, inputs)[1][:, 0].float().cpu().numpy()
-        return probs, nams[:, 0].float().cpu().numpy(), multi_nams
+        return Classification(probs, nams[:, 0].cpu().numpy(), multi_nams, confirmed)
 
     def segment_batch(
         self,
@@ -260,7 +309,7 @@ class WeaklySupervisedSegmenter(Inferer):
         spacing: Sequence[float] | None = None,
     ) -> list[SliceResult]:
         """Classify a batch ``(B, C, H, W)`` of windowed slices (``classify``) and segment those called "nodule"."""
-        probs, nams, multi_nams = self.classify(inputs, unwrap(network))
+        probs, nams, multi_nams, confirmed = self.classify(inputs, unwrap(network))
         results = []
         for b in range(inputs.shape[0]):
             lungs = None if lung_mask is None else np.asarray(torch.as_tensor(lung_mask[b]).cpu()).astype(bool)
@@ -274,6 +323,7 @@ class WeaklySupervisedSegmenter(Inferer):
                     self._spacing(inputs, b, spacing),
                     lung_mask=lungs,
                     multi_nam=None if multi_nams is None else multi_nams[b],
+                    precision=self.classified_in(bool(confirmed[b])),
                 )
             )
         return results
@@ -287,14 +337,17 @@ class WeaklySupervisedSegmenter(Inferer):
         spacing: Sequence[float],
         lung_mask: np.ndarray | None = None,
         multi_nam: np.ndarray | None = None,
+        precision: str | None = None,
     ) -> SliceResult:
-        """Segment one slice ``image`` ``(C, H, W)`` given the classifier's probability and raw NAM."""
+        """Segment one slice ``image`` ``(C, H, W)`` given the classifier's probability and raw NAM, which came from
+        the classifier in ``precision`` (None: the segmenter's, as ``classify`` ran it without confirmation)."""
         spacing = (float(spacing[0]), float(spacing[1]))
         shape = tuple(image.shape[1:])
         empty = np.zeros(shape, np.uint8)
         result = SliceResult(
             probability, probability >= self.threshold, "negative", empty, nam.astype(np.float32), spacing
         )
+        result.precision = self.classified_in(False) if precision is None else precision
         if not result.positive:
             return result
         watershed = {
@@ -335,10 +388,11 @@ class WeaklySupervisedSegmenter(Inferer):
             fill = (parenchyma_value(labels, means, lung_mask, self.candidates.dense_hu) - lo) / (hi - lo)
             clock = time.perf_counter()
             screener = self.screening_network(network)
+            same_precision = (screener is network) == (result.precision == "float32")
             scores = rnam_scores(
                 screener,
                 image,
-                nam if screener is self.in_precision(network) else None,  # a NAM of another precision is no reference
+                nam if same_precision else None,  # a NAM of another precision is no reference
                 region,
                 np.stack([c.mask for c in found]),
                 float(np.clip(fill, 0.0, 1.0)),
@@ -355,6 +409,13 @@ class WeaklySupervisedSegmenter(Inferer):
         result.status = "segmented"
         result.mask = np.any([result.candidates[i].mask for i in result.chosen], axis=0).astype(np.uint8)
         return result
+
+    def classified_in(self, confirmed: bool) -> str:
+        """The precision that gave a slice's probability and NAM (float32 where a CPU without the instructions ran
+        it)."""
+        if confirmed or self._runtime is None or self._runtime[1] is self._runtime[0]:
+            return "float32"
+        return self.precision
 
     def _check_inputs(self, inputs: torch.Tensor) -> None:
         name = ""
