@@ -7,9 +7,10 @@ Segments the test split in fine mode through ``configs/inference_slices.json`` (
 ``configs/inference.json``, as the quick start does) once in float32, the reference, and once in each
 ``--precision`` (int8: ``scripts.networks.quantize`` first, calibrated on 32 training slices; ``int8_confirmed``,
 ``bfloat16_confirmed``: the config's float32 confirmation of the slices at ``confirm_from`` or above, the plain
-names without it), then compares each with float32: slice probabilities and logits (largest change; the share of
-slices classified in float32), test AUC and the NAM's localisation (the share of nodule slices
-whose NAM peaks within 8 px of the nodule, the NAM's percentile on the nodule), the masks' Dice over the split, and
+names without it), then compares each with float32: slice probabilities (largest change), logits near the threshold
+(largest change) and the decisions they changed, the share of slices classified in float32, test AUC and the NAM's
+localisation (the share of nodule slices whose NAM peaks within 8 px of the nodule, the NAM's percentile on the
+nodule), the masks' Dice over the split, and
 R-NAM's pick on the slices with one nodule that float32 segments: the same candidate when the two masks overlap with
 Dice >= 0.5 (identical masks reported beside). Targets (issue #30): probabilities within 0.02, AUC and localisation
 within 0.01, Dice >= 0.95, the same pick on >= 98 % of positive slices. Prints a table and writes

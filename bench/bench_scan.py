@@ -50,10 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 STEPS = ("read", "lungs", "crop", "classify", "segment", "screen", "assemble", "write")
-FORWARDS = ("classify", "screen")
-CONFIRM_MARGIN = (
-    1.0  # configs/inference.json's  # the classifier's forwards: the slices', and R-NAM's on the masked copies
-)
+FORWARDS = ("classify", "screen")  # the classifier's forwards: the slices', and R-NAM's on the masked copies
+CONFIRM_MARGIN = 1.0  # configs/inference.json's
 
 
 def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
