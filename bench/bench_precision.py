@@ -36,7 +36,6 @@ from scripts.utils.io import read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SAME_PICK_DICE = 0.5
-CONFIRM_MARGIN = 1.0  # configs/inference.json's
 ARMS = ("bfloat16", "int8", "bfloat16_confirmed", "int8_confirmed")
 NEAR_THRESHOLD = 3.0  # logits: the slices whose float32 logit lies this near the threshold's
 
@@ -47,6 +46,7 @@ def segment(
     """Fine segmentation of the test split by ``arm`` (a precision, alone or ``_confirmed`` by float32) into ``out``
     (R-NAM in the precision too with ``reduced_screening``, else float32); returns the seconds it took."""
     precision, _, confirmed = arm.partition("_")
+    alone = {} if confirmed else {"confirm_margin": "$None"}  # confirmed: the config's margin; a plain None is dropped
     start = time.perf_counter()
     run_config(
         "run",
@@ -54,7 +54,7 @@ def segment(
         desc=f"segment {arm}",
         mode="fine",
         precision=precision,
-        confirm_margin=CONFIRM_MARGIN if confirmed else "$None",  # a plain None is dropped as "not given"
+        **alone,
         ckpt_path=str(ckpt),
         bundle_root=str(BUNDLE_ROOT),
         dataset_dir=str(dataset),

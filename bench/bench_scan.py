@@ -51,12 +51,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 STEPS = ("read", "lungs", "crop", "classify", "segment", "screen", "assemble", "write")
 FORWARDS = ("classify", "screen")  # the classifier's forwards: the slices', and R-NAM's on the masked copies
-CONFIRM_MARGIN = 1.0  # configs/inference.json's
+INFERENCE = REPO / "bundle" / "configs" / "inference.json"
+CONFIRM_MARGIN = ConfigParser.load_config_file(str(INFERENCE))["confirm_margin"]  # the _confirmed arms' margin
 
 
 def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    parser.read_config(str(INFERENCE))
     settings = {
         "gap_levels": 1,
         "width": args.width,
