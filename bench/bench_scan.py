@@ -24,7 +24,9 @@ trained one's agreement (docs/precision.md).
 int8 quantises the random network first, calibrated on ``--calibration`` lung slices of the first scan (timed apart).
 ``int8_confirmed`` and ``bfloat16_confirmed`` classify the slices at ``confirm_from`` or above again in float32 (the
 config's ``confirm_margin``; the plain names without it). A random network puts every slice there, so they
-need ``--ckpt``: a trained classifier, at ``--image_size``, deciding with its own threshold.
+need ``--ckpt``: a trained classifier, at ``--image_size``, deciding with its own threshold. With ``--ckpt``, float32
+first and int8 or bfloat16 alone, each scan's row also gives the ``confirm_margin`` curve: for each margin of
+``MARGINS``, the share of the slices it would classify again and the largest probability change left on the others.
 Targets (issue #30, 2-core CPU): the whole scan at least 3x faster than float32; LIDC-IDRI-0001 under 30 s.
 """
 
@@ -53,6 +55,7 @@ STEPS = ("read", "lungs", "crop", "classify", "segment", "screen", "assemble", "
 FORWARDS = ("classify", "screen")  # the classifier's forwards: the slices', and R-NAM's on the masked copies
 INFERENCE = REPO / "bundle" / "configs" / "inference.json"
 CONFIRM_MARGIN = ConfigParser.load_config_file(str(INFERENCE))["confirm_margin"]  # the _confirmed arms' margin
+MARGINS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # the confirm_margin curve of a reduced precision alone against float32
 
 
 def parse_config(args: argparse.Namespace, output_dir: str) -> ConfigParser:
@@ -99,7 +102,7 @@ def bench_scan(
     parser.update({"precision": name, "confirm_margin": CONFIRM_MARGIN if confirmed else None})
     inferer = parser.get_parsed_content("inferer", lazy=False)  # a segmenter in this precision (everything parsed anew)
     preprocessing = parser.get_parsed_content("preprocessing")  # the instance the postprocessing's Invertd inverts
-    network = parser.get_parsed_content("network").eval()  # as the runner does (batch norm: running statistics)
+    network = parser.get_parsed_content("network")
     clock = time.perf_counter()
     data = preprocessing({"image": str(scan), "source": str(scan), "name": scan.name})
     volume = data["image"].to(args.device)
@@ -150,6 +153,27 @@ def bench_scan(
         "slices_per_s": round(1.0 / per_slice_batched, 2),
     }
     return row, (result.mask > 0, result.probability[0, 0])
+
+
+def margin_curve(reference: np.ndarray, reduced: np.ndarray, threshold: float, classified: int) -> list[dict]:
+    """What each ``confirm_margin`` of ``MARGINS`` would give, from one scan's slice probabilities in float32
+    (``reference``) and in a reduced precision alone: the slices it would classify again (share of the
+    ``classified``), and the largest probability change left on the others (those keep the reduced precision's)."""
+    logit = np.log(threshold / (1.0 - threshold))
+    curve = []
+    for margin in MARGINS:
+        confirm_from = 1.0 / (1.0 + np.exp(margin - logit))
+        kept = reduced < confirm_from
+        change = np.abs(reference - reduced)[kept]
+        curve.append(
+            {
+                "confirm_margin": margin,
+                "confirm_from": round(float(confirm_from), 4),
+                "classified_again_share": round(float((~kept).sum() / max(classified, 1)), 4),
+                "max_probability_change": round(float(change.max()) if change.size else 0.0, 5),
+            }
+        )
+    return curve
 
 
 def segmenter_lungs(volume: torch.Tensor, inferer) -> np.ndarray:
@@ -207,12 +231,20 @@ def main() -> None:
                 if first is None:
                     first = (mask, probability, row["total_s"])
                 else:
-                    row["dice_vs_first"] = round(
-                        float(2 * (mask & first[0]).sum() / max(mask.sum() + first[0].sum(), 1)), 4
-                    )
+                    both = mask.sum() + first[0].sum()  # none: both masks empty, the same answer
+                    row["dice_vs_first"] = round(float(2 * (mask & first[0]).sum() / both), 4) if both else 1.0
                     row["max_probability_change"] = round(float(np.abs(probability - first[1]).max()), 5)
                     row["speedup_vs_first"] = round(first[2] / row["total_s"], 2)
+                    if args.ckpt and args.precision[0] == "float32" and precision in ("bfloat16", "int8"):
+                        row["confirm_margin_curve"] = margin_curve(
+                            first[1], probability, row["threshold"], row["classified"]
+                        )
                 rows.append(row)
+                for point in row.get("confirm_margin_curve", []):
+                    print(
+                        f"  confirm_margin {point['confirm_margin']}: {100 * point['classified_again_share']:.1f} % "
+                        f"classified again, the others within {point['max_probability_change']}"
+                    )
                 print(
                     f"{row['scan']} {precision}: {row['total_s']:.1f} s in all ("
                     + ", ".join(f"{k} {v:.2f}" for k, v in row["seconds"].items())

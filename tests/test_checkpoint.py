@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from scripts.networks.checkpoint import (
     TrainingRecord,
     load_checkpoint,
@@ -131,3 +132,27 @@ def test_warm_start_from_fewer_gap_levels_keeps_what_was_learned(tmp_path):
     torch.testing.assert_close(warm_start(GAPClassifier(gap_levels=2, **settings), path).fc.weight, trained.fc.weight)
     with pytest.raises(ValueError, match="holds a network with 2 GAP head"):
         warm_start(GAPClassifier(gap_levels=3, **{**settings, "width": 0.125}), path)
+
+
+def test_inference_configs_classifier_uses_its_running_statistics(tmp_path, bundle_root):
+    """``configs/inference.json``'s ``network`` is in evaluation mode for whoever takes it: a batch-norm model's
+    slice gives the trained model's answer alone and beside other slices (batch statistics would change both)."""
+    torch.manual_seed(0)
+    trained = GAPClassifier(width=0.0625, head_channels=64, batch_norm=True)
+    with torch.no_grad():  # running statistics far from any batch's, as a trained model's are
+        for module in trained.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    trained.eval()
+    path = _save(tmp_path, trained, _record(trained, size=32))
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(path), "device": "$torch.device('cpu')"})
+    network = parser.get_parsed_content("network")
+    assert not any(module.training for module in network.modules())
+    slices = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        expected = trained(slices)
+        torch.testing.assert_close(network(slices), expected)
+        torch.testing.assert_close(network(slices[:1]), expected[:1])

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser
 from scipy import ndimage
 from scripts.data.prepare import scans
 from scripts.networks import quantize, runtime
-from scripts.networks.checkpoint import TrainingRecord
+from scripts.networks.checkpoint import TrainingRecord, resolve_settings
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.networks.precision import cpu_has_bf16, cpu_has_int8_dot
 from scripts.pipeline.screen import rnam_scores
@@ -192,6 +192,26 @@ def test_inference_config_confirmed_int8_gives_float32_nodules_on_a_real_scan(bu
     assert confirmed[0]["segmenter"]["confirm_margin"] == 1.0
     dice, found, probability = agreement(reference, confirmed)
     assert reference[1].any() and dice == 1.0 and found == 1.0 and probability <= 1e-6, (dice, found, probability)
+
+
+@needs_instructions
+def test_shipped_model_in_int8_confirmed_gives_float32s_probabilities_on_a_real_scan(bundle_root, lidc_root, tmp_path):
+    """The shipped model quantised on lung slices of LIDC-IDRI-0001, run on LIDC-IDRI-0003 through
+    ``configs/inference.json`` in int8 with the config's ``confirm_margin`` at the model's threshold: issue #30's
+    "same answer" against float32 (every nodule found by the other, mask Dice >= 0.95, probabilities within 0.02).
+    With a margin of 1.0 the clean slices just below the line kept int8's error here (0.058, docs/precision.md)."""
+    checkpoint = tmp_path / "model.pt"
+    shutil.copyfile(bundle_root / "models" / "model.pt", checkpoint)  # its int8 model is written beside it
+    calibration = quantize.scan_slices([lidc_root / "LIDC-IDRI-0001" / "ct"], checkpoint, count=16)
+    quantize.quantize_checkpoint(checkpoint, calibration, "LIDC-IDRI-0001")
+    margin = ConfigParser.load_config_file(str(bundle_root / "configs" / "inference.json"))["confirm_margin"]
+    threshold = resolve_settings(checkpoint)["threshold"]
+    scan = lidc_root / "LIDC-IDRI-0003" / "ct"
+    reference = _run(bundle_root, tmp_path, checkpoint, "float32", scan, tmp_path / "float32", threshold=threshold)
+    confirmed = _run(bundle_root, tmp_path, checkpoint, "int8", scan, tmp_path / "int8", margin, threshold)
+    assert confirmed[0]["segmenter"]["precision"] == "int8"
+    dice, found, probability = agreement(reference, confirmed)
+    assert reference[1].any() and dice >= 0.95 and found == 1.0 and probability <= 0.02, (dice, found, probability)
 
 
 def test_rnam_screens_in_bfloat16_only_after_bfloat16_classification(synthetic):

@@ -29,6 +29,7 @@ __all__ = [
     "read_checkpoint",
     "resolve_settings",
     "load_checkpoint",
+    "inference_classifier",
     "warm_start",
     "optional_classifier",
     "bundle_version",
@@ -286,8 +287,14 @@ def warm_start(model: GAPClassifier, path: str | os.PathLike | None) -> GAPClass
     return model
 
 
+def inference_classifier(model: GAPClassifier, path: str | os.PathLike) -> GAPClassifier:
+    """``load_checkpoint`` in evaluation mode: what the inference configs give every consumer (batch normalisation
+    with its running statistics, not the batch's, which move a trained model's probabilities)."""
+    return load_checkpoint(model, path).eval()
+
+
 def optional_classifier(model: torch.nn.Module, path: str, enabled: bool = True) -> torch.nn.Module | None:
-    """``model`` with the checkpoint at ``path`` loaded when ``enabled``, else None (a config switch)."""
+    """``inference_classifier`` when ``enabled``, else None (a config switch)."""
     if not enabled:
         return None
-    return load_checkpoint(model, path).eval()
+    return inference_classifier(model, path)

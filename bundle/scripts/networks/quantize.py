@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..utils.io import read_json, sha256, write_atomically, write_json
-from .checkpoint import load_checkpoint, resolve_settings
+from .checkpoint import inference_classifier, resolve_settings
 from .gap_classifier import GAPClassifier
 
 __all__ = [
@@ -154,7 +154,7 @@ def _first_conv(path: Path) -> str:
 def load_classifier(checkpoint: str | os.PathLike) -> GAPClassifier:
     """The classifier of a checkpoint, built from its record, in evaluation mode on the CPU."""
     settings = resolve_settings(checkpoint)
-    return load_checkpoint(GAPClassifier(**{k: settings[k] for k in _ARCHITECTURE_KEYS}), checkpoint).eval()
+    return inference_classifier(GAPClassifier(**{k: settings[k] for k in _ARCHITECTURE_KEYS}), checkpoint)
 
 
 def quantize_checkpoint(checkpoint: str | os.PathLike, slices: np.ndarray, source: str) -> Path:

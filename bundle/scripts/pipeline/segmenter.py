@@ -148,7 +148,7 @@ class WeaklySupervisedSegmenter(Inferer):
             below the threshold's, or above it (``confirm_from``), are classified again in float32 and keep float32's
             probability and NAM: wherever the reduced precision moves a logit by less than the margin, every slice
             called "nodule" is decided, segmented and screened as in float32 (docs/precision.md gives the figures
-            behind 1.0); None: the reduced precision's answer throughout.
+            behind 2.0); None: the reduced precision's answer throughout.
     """
 
     def __init__(
@@ -166,7 +166,7 @@ class WeaklySupervisedSegmenter(Inferer):
         amp: bool = False,
         precision: str = "float32",
         checkpoint: str | None = None,
-        confirm_margin: float | None = 1.0,
+        confirm_margin: float | None = 2.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
