@@ -11,6 +11,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.measure import regionprops
 
+from ..utils.morphology import fill_holes
 from .icm import icm_segmentation
 
 __all__ = [
@@ -123,7 +124,7 @@ def trim_partial_volume(component: np.ndarray, hu: np.ndarray, parenchyma: float
         level = float(np.median(hu[kept]))
         if not level > parenchyma:
             break
-        trimmed = ndimage.binary_fill_holes(kept & (hu > parenchyma + 0.5 * (level - parenchyma))) & component
+        trimmed = fill_holes(kept & (hu > parenchyma + 0.5 * (level - parenchyma))) & component
         if not trimmed.any() or np.array_equal(trimmed, kept):
             kept = trimmed if trimmed.any() else kept
             break

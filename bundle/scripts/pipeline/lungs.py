@@ -15,16 +15,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
+from ..utils.morphology import bounding_box, fill_holes
+
 __all__ = ["segment_lungs"]
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """The slices of ``mask``'s bounding box grown by ``margin`` pixels, clipped to the array."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def _closing(mask: np.ndarray, radius_px: np.ndarray) -> np.ndarray:
@@ -36,20 +29,11 @@ def _closing(mask: np.ndarray, radius_px: np.ndarray) -> np.ndarray:
     sampling = 1.0 / np.maximum(radius_px, 1e-6)
     pad = int(np.ceil(radius_px.max())) + 1
     padded = np.pad(mask, pad)
-    box = _bounding_box(padded, pad)
+    box = bounding_box(padded, pad)
     dilated = ndimage.distance_transform_edt(~padded[box], sampling=sampling) <= 1.0
     closed = np.zeros_like(padded)
     closed[box] = ndimage.distance_transform_edt(dilated, sampling=sampling) > 1.0
     return closed[pad:-pad, pad:-pad]
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``binary_fill_holes`` on the mask's bounding box grown by one pixel (the background that touches the box's
-    rim is connected to the slice's border, so the holes are the same)."""
-    box = _bounding_box(mask, 1)
-    filled = mask.copy()
-    filled[box] = ndimage.binary_fill_holes(mask[box])
-    return filled
 
 
 def _coarse_convex_hull(mask: np.ndarray, step: int = 4) -> np.ndarray:
@@ -58,7 +42,7 @@ def _coarse_convex_hull(mask: np.ndarray, step: int = 4) -> np.ndarray:
     Filling the polygon at full resolution is most of the cost of skimage's hull."""
     small = convex_hull_image(mask[::step, ::step])
     hull = np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: mask.shape[0], : mask.shape[1]]
-    box = _bounding_box(hull, step)  # the erosion is zero beyond, as on the whole slice
+    box = bounding_box(hull, step)  # the erosion is zero beyond, as on the whole slice
     shrunk = np.zeros_like(hull)
     shrunk[box] = ndimage.binary_erosion(hull[box], iterations=step)
     return shrunk | mask
@@ -84,7 +68,7 @@ def _segment_slice(
     if not lungs.any():
         return lungs
     lungs = _closing(lungs, closing_mm / spacing[:2])
-    return _fill_holes(lungs)
+    return fill_holes(lungs)
 
 
 def segment_lungs(
