@@ -18,7 +18,7 @@ from scripts.networks.checkpoint import TrainingRecord, resolve_settings
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.networks.precision import cpu_has_bf16, cpu_has_int8_dot
 from scripts.pipeline.screen import rnam_scores
-from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
+from scripts.pipeline.segmenter import CONFIRM_MARGINS, WeaklySupervisedSegmenter
 
 SIZE = 64
 REDUCED = ("bfloat16", "int8")
@@ -170,9 +170,38 @@ def test_confirmation_gives_float32_on_the_slices_at_or_above_confirm_from(synth
     assert [r["precision"] for r in records] == ["float32" if c else precision for c in confirmed]
     # the margin is in logits below the threshold's: 0.5 (logit 0) less ln 3 is a probability of 1/4
     assert WeaklySupervisedSegmenter(threshold=0.5, confirm_margin=np.log(3)).confirm_from == pytest.approx(0.25)
-    assert WeaklySupervisedSegmenter(threshold=0.0).confirm_from == pytest.approx(0.0)
+    assert WeaklySupervisedSegmenter(threshold=0.0, precision="int8").confirm_from == pytest.approx(0.0)
     with pytest.raises(ValueError, match="confirm_margin"):
         WeaklySupervisedSegmenter(confirm_margin=-1.0)
+
+
+def test_confirm_margin_per_precision():
+    """One margin for every precision, or one each (the default: int8 2, bfloat16 1, docs/precision.md); a precision
+    the mapping leaves out, or None, is not confirmed; unknown precisions and negative margins are refused."""
+    logit = {"bfloat16": 1.0, "int8": 2.0}
+    for precision, margin in logit.items():
+        assert WeaklySupervisedSegmenter(threshold=0.5, precision=precision).confirm_from == pytest.approx(
+            1.0 / (1.0 + np.exp(margin))
+        )
+        assert WeaklySupervisedSegmenter(threshold=0.5, precision=precision, confirm_margin=0.0).confirm_from == 0.5
+    only = WeaklySupervisedSegmenter(threshold=0.5, precision="bfloat16", confirm_margin={"int8": 2.0})
+    assert only.margin is None and only.confirm_from is None
+    assert WeaklySupervisedSegmenter(precision="int8", confirm_margin=None).confirm_from is None
+    with pytest.raises(ValueError, match="confirm_margin"):
+        WeaklySupervisedSegmenter(confirm_margin={"int4": 1.0})
+    with pytest.raises(ValueError, match="confirm_margin"):
+        WeaklySupervisedSegmenter(confirm_margin={"int8": -0.5})
+
+
+def test_inference_config_gives_each_precision_its_margin(bundle_root):
+    """``configs/inference.json``'s ``confirm_margin`` is ``CONFIRM_MARGINS``, and one number on the command line sets
+    every precision's."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), "precision": "int8"})
+    assert parser.get_parsed_content("segmenter").confirm_margin == CONFIRM_MARGINS
+    parser.update({"confirm_margin": 1.5, "precision": "bfloat16"})
+    assert parser.get_parsed_content("segmenter", lazy=False).margin == 1.5
 
 
 @needs_instructions

@@ -46,11 +46,15 @@ from .settings import (
     settings_group,
 )
 
-__all__ = ["MODES", "Classification", "SliceResult", "WeaklySupervisedSegmenter"]
+__all__ = ["MODES", "CONFIRM_MARGINS", "Classification", "SliceResult", "WeaklySupervisedSegmenter"]
 
 MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
 MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
 COARSE_MODES = ("coarse", "multi_gap_coarse")
+# Each reduced precision's confirm_margin (logits; *inferred*, docs/precision.md): int8 needs 2 for its probabilities
+# below the line to stay within 0.02 of float32's on the real scans, bfloat16 is within 0.01 there and needs 1 only
+# for its decisions.
+CONFIRM_MARGINS = {"bfloat16": 1.0, "int8": 2.0}
 
 
 class Classification(NamedTuple):
@@ -147,8 +151,9 @@ class WeaklySupervisedSegmenter(Inferer):
         confirm_margin: after a reduced ``precision``, the slices whose nodule logit (log odds) lies at most this
             below the threshold's, or above it (``confirm_from``), are classified again in float32 and keep float32's
             probability and NAM: wherever the reduced precision moves a logit by less than the margin, every slice
-            called "nodule" is decided, segmented and screened as in float32 (docs/precision.md gives the figures
-            behind 2.0); None: the reduced precision's answer throughout.
+            called "nodule" is decided, segmented and screened as in float32. One margin for every precision, or a
+            mapping from precision to margin (``CONFIRM_MARGINS``, the default; docs/precision.md gives the figures
+            behind it); None, for all or for one precision: the reduced precision's answer throughout.
     """
 
     def __init__(
@@ -166,7 +171,7 @@ class WeaklySupervisedSegmenter(Inferer):
         amp: bool = False,
         precision: str = "float32",
         checkpoint: str | None = None,
-        confirm_margin: float | None = 2.0,
+        confirm_margin: float | Mapping[str, float | None] | None = CONFIRM_MARGINS,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -176,8 +181,13 @@ class WeaklySupervisedSegmenter(Inferer):
             raise ValueError(f"intensity_range must be (a_min, a_max) with a_min < a_max, got {intensity_range}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if confirm_margin is not None and not confirm_margin >= 0.0:
-            raise ValueError(f"confirm_margin must be >= 0 (logits) or None, got {confirm_margin}")
+        margins = confirm_margin if isinstance(confirm_margin, Mapping) else {p: confirm_margin for p in PRECISIONS}
+        unknown = sorted(set(margins) - set(PRECISIONS))
+        if unknown or any(m is not None and not m >= 0.0 for m in margins.values()):
+            raise ValueError(
+                f"confirm_margin must be >= 0 (logits) or None, or a mapping of precisions {PRECISIONS} to such, got "
+                f"{confirm_margin}"
+            )
         self.mode = mode
         self.threshold = float(threshold)
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
@@ -191,7 +201,11 @@ class WeaklySupervisedSegmenter(Inferer):
         self.amp = bool(amp)
         self.precision = precision
         self.checkpoint = checkpoint
-        self.confirm_margin = None if confirm_margin is None else float(confirm_margin)
+        self.confirm_margin = (
+            {p: None if m is None else float(m) for p, m in confirm_margin.items()}
+            if isinstance(confirm_margin, Mapping)
+            else None if confirm_margin is None else float(confirm_margin)
+        )
         self._runtime: tuple[Callable, Callable] | None = None  # (network, the network in ``precision``)
 
     def settings(self) -> dict[str, Any]:
@@ -244,13 +258,20 @@ class WeaklySupervisedSegmenter(Inferer):
         return self._runtime[1]
 
     @property
+    def margin(self) -> float | None:
+        """``confirm_margin`` for this segmenter's ``precision`` (None: no confirmation)."""
+        if isinstance(self.confirm_margin, Mapping):
+            return self.confirm_margin.get(self.precision)
+        return self.confirm_margin
+
+    @property
     def confirm_from(self) -> float | None:
         """The reduced precision's probability from which a slice is classified again in float32: the threshold's
-        logit less ``confirm_margin``, as a probability (None: never)."""
-        if self.confirm_margin is None:
+        logit less the precision's ``margin``, as a probability (None: never)."""
+        if self.margin is None:
             return None
         threshold = min(max(self.threshold, 1e-12), 1.0 - 1e-12)  # 0: every slice; 1 or more: the most certain
-        return float(1.0 / (1.0 + np.exp(self.confirm_margin - np.log(threshold / (1.0 - threshold)))))
+        return float(1.0 / (1.0 + np.exp(self.margin - np.log(threshold / (1.0 - threshold)))))
 
     def screening_network(self, network: Callable) -> Callable:
         """The network R-NAM screens with: the bfloat16 classifier (incremental) when the precision is bfloat16 and
