@@ -11,7 +11,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.measure import regionprops
 
-from ..utils.morphology import fill_holes
+from ..utils.morphology import bounding_box, fill_holes
 from .icm import icm_segmentation
 
 __all__ = [
@@ -166,9 +166,7 @@ def split_attached(component: np.ndarray, radius_px: np.ndarray, drop_thin: bool
     than the disk everywhere: a vessel seen along its length, a rim along the pleura) it returns ``[]`` with
     ``drop_thin``, else ``[component]``."""
     disk = _disk(radius_px)
-    box = ndimage.find_objects(component.astype(np.uint8))[0]
-    pad = int(np.ceil(radius_px.max())) + 1
-    box = tuple(slice(max(b.start - pad, 0), b.stop + pad) for b in box)
+    box = bounding_box(component, int(np.ceil(radius_px.max())) + 1)
     local = component[box]
     opened = ndimage.binary_opening(local, disk)
     pieces, n = ndimage.label(opened, np.ones((3, 3), bool))
