@@ -75,3 +75,10 @@ def test_threads_segment_each_slice_as_one_thread_does():
         np.testing.assert_array_equal(
             lungs.segment_lungs(volume, (1.0, 1.0, 2.0), workers=workers), np.stack(alone, -1)
         )
+
+
+def test_coarse_hull_of_a_body_too_small_for_its_grid_is_the_body():
+    """A body that no pixel of the coarse grid falls on (a fleck at the border of a slice) is its own hull."""
+    mask = np.zeros((40, 40), bool)
+    mask[1:3, 1:3] = True  # every 4th pixel from 0 misses it
+    np.testing.assert_array_equal(lungs._coarse_convex_hull(mask, 4), mask)

@@ -43,6 +43,8 @@ def _coarse_convex_hull(mask: np.ndarray, step: int = 4) -> np.ndarray:
     small = convex_hull_image(mask[::step, ::step])
     hull = np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: mask.shape[0], : mask.shape[1]]
     box = bounding_box(hull, step)  # the erosion is zero beyond, as on the whole slice
+    if box is None:  # a body too small to show on the coarse grid
+        return mask
     shrunk = np.zeros_like(hull)
     shrunk[box] = ndimage.binary_erosion(hull[box], iterations=step)
     return shrunk | mask
