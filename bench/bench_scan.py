@@ -46,6 +46,7 @@ from monai.data import decollate_batch
 from scripts.networks.checkpoint import TrainingRecord
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.networks.quantize import quantize_checkpoint, scan_slices
+from scripts.pipeline.segmenter import confirmation_line
 from scripts.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,16 +160,15 @@ def margin_curve(reference: np.ndarray, reduced: np.ndarray, threshold: float, c
     """What each ``confirm_margin`` of ``MARGINS`` would give, from one scan's slice probabilities in float32
     (``reference``) and in a reduced precision alone: the slices it would classify again (share of the
     ``classified``), and the largest probability change left on the others (those keep the reduced precision's)."""
-    logit = np.log(threshold / (1.0 - threshold))
     curve = []
     for margin in MARGINS:
-        confirm_from = 1.0 / (1.0 + np.exp(margin - logit))
+        confirm_from = confirmation_line(threshold, margin)
         kept = reduced < confirm_from
         change = np.abs(reference - reduced)[kept]
         curve.append(
             {
                 "confirm_margin": margin,
-                "confirm_from": round(float(confirm_from), 4),
+                "confirm_from": round(confirm_from, 4),
                 "classified_again_share": round(float((~kept).sum() / max(classified, 1)), 4),
                 "max_probability_change": round(float(change.max()) if change.size else 0.0, 5),
             }

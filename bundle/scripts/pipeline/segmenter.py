@@ -46,7 +46,14 @@ from .settings import (
     settings_group,
 )
 
-__all__ = ["MODES", "CONFIRM_MARGINS", "Classification", "SliceResult", "WeaklySupervisedSegmenter"]
+__all__ = [
+    "MODES",
+    "CONFIRM_MARGINS",
+    "confirmation_line",
+    "Classification",
+    "SliceResult",
+    "WeaklySupervisedSegmenter",
+]
 
 MODES = ("coarse", "fine", "multi_gap", "multi_gap_coarse", "two_nodule")
 MULTI_GAP_MODES = ("multi_gap", "multi_gap_coarse")
@@ -55,6 +62,13 @@ COARSE_MODES = ("coarse", "multi_gap_coarse")
 # below the line to stay within 0.02 of float32's on the real scans, bfloat16 is within 0.01 there and needs 1 only
 # for its decisions.
 CONFIRM_MARGINS = {"bfloat16": 1.0, "int8": 2.0}
+
+
+def confirmation_line(threshold: float, margin: float) -> float:
+    """The probability whose logit lies ``margin`` below ``threshold``'s: from it a reduced precision's slices are
+    classified again in float32. A threshold of 0 gives 0 (every slice), 1 or more the most certain slices only."""
+    threshold = min(max(float(threshold), 1e-12), 1.0 - 1e-12)
+    return float(1.0 / (1.0 + np.exp(margin - np.log(threshold / (1.0 - threshold)))))
 
 
 class Classification(NamedTuple):
@@ -267,11 +281,8 @@ class WeaklySupervisedSegmenter(Inferer):
     @property
     def confirm_from(self) -> float | None:
         """The reduced precision's probability from which a slice is classified again in float32: the threshold's
-        logit less the precision's ``margin``, as a probability (None: never)."""
-        if self.margin is None:
-            return None
-        threshold = min(max(self.threshold, 1e-12), 1.0 - 1e-12)  # 0: every slice; 1 or more: the most certain
-        return float(1.0 / (1.0 + np.exp(self.margin - np.log(threshold / (1.0 - threshold)))))
+        logit less the precision's ``margin``, as a probability (``confirmation_line``; None: never)."""
+        return None if self.margin is None else confirmation_line(self.threshold, self.margin)
 
     def screening_network(self, network: Callable) -> Callable:
         """The network R-NAM screens with: the bfloat16 classifier (incremental) when the precision is bfloat16 and
