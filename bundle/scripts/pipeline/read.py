@@ -1,18 +1,19 @@
 """Reading CT scans: a DICOM series folder, or a NIfTI, NRRD or MHA volume, checked before anything is computed.
 
-``LoadScand`` is MONAI's ``LoadImaged`` with the ITK reader (``ITKReader``: GDCM decodes the compressed DICOM
-transfer syntaxes, and the affine comes out in RAS, as MONAI's spatial transforms expect). Before the pixels are
-read, a DICOM folder is checked to hold one CT series with evenly spaced, parallel slices, since the ITK reader would
-otherwise read the first of two series, or space the slices of a series with a gap evenly, without a word.
-``CheckScand`` then refuses what is not a 3-D CT volume in HU. ``scan_datalist`` turns a scan, a folder of scans or
-a datalist file into the items the inference config runs on.
+``LoadScand`` is MONAI's ``LoadImaged`` with two readers. A DICOM series in an uncompressed transfer syntax is read
+by ``DicomSeriesReader`` (pydicom), compressed series and volume files by MONAI's ITK reader (``ITKReader``: GDCM
+decodes every compressed DICOM transfer syntax). Both give the same voxels on the same grid, with the affine in RAS as
+MONAI's spatial transforms expect. Before the pixels are read, a DICOM folder is checked to hold one CT series with
+evenly spaced, parallel slices, since the ITK reader would otherwise read the first of two series, or space the
+slices of a series with a gap evenly, without a word. ``CheckScand`` then refuses what is not a 3-D CT volume in HU.
+``scan_datalist`` turns a scan, a folder of scans or a datalist file into the items the inference config runs on.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,18 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import torch
-from monai.data import ITKReader
+from monai.data import ImageReader, ITKReader
 from monai.transforms import LoadImaged, MapTransform
+from monai.utils import ensure_tuple
 from pydicom.misc import is_dicom
+from pydicom.pixels import apply_rescale
 
 __all__ = [
     "VOLUME_SUFFIXES",
     "ScanError",
     "scan_name",
     "dicom_series",
+    "DicomSeriesReader",
     "LoadScand",
     "CheckScand",
     "scan_datalist",
@@ -62,11 +66,12 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))))
 
 
-def dicom_series(folder: str | os.PathLike) -> tuple[Path, list[pydicom.Dataset]]:
+def dicom_series(folder: str | os.PathLike, pixels: bool = False) -> tuple[Path, list[pydicom.Dataset]]:
     """Check that ``folder`` holds one CT series of evenly spaced parallel slices; return its folder and headers.
 
-    The headers (no pixel data) are sorted along the slice normal. The series' files must lie in one folder
-    (the ITK reader reads a folder); they may be below ``folder``.
+    The headers are sorted along the slice normal; with ``pixels`` they keep their pixel data (one pass over the
+    files for ``DicomSeriesReader``). The series' files must lie in one folder (the ITK reader reads a folder); they
+    may be below ``folder``.
 
     Raises:
         ScanError: no DICOM files, two series, not CT, one slice, slices of different size or orientation,
@@ -79,7 +84,7 @@ def dicom_series(folder: str | os.PathLike) -> tuple[Path, list[pydicom.Dataset]
     headers = []
     for path in files:
         try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+            headers.append(pydicom.dcmread(path, stop_before_pixels=not pixels))
         except Exception as err:  # pydicom raises many types for damaged files
             raise ScanError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from None
     series: dict[str, list[int]] = {}
@@ -145,47 +150,114 @@ def _check_nifti_values(path: Path) -> None:
         raise ScanError(f"{path}: could not be read ({type(err).__name__}: {err})") from None
 
 
+def _is_uncompressed_series(folder: Path) -> bool:
+    """Whether the first DICOM file under ``folder`` is in an uncompressed transfer syntax."""
+    first = next(iter(_dicom_files(folder)), None)
+    if first is None:
+        return False
+    try:
+        syntax = pydicom.dcmread(first, stop_before_pixels=True).file_meta.get("TransferSyntaxUID")
+    except Exception:  # a damaged file is reported by dicom_series, on the ITK path
+        return False
+    return syntax is not None and not syntax.is_compressed
+
+
+class DicomSeriesReader(ImageReader):
+    """MONAI image reader of one DICOM CT series with pydicom; gives what ``ITKReader(affine_lps_to_ras=True)`` gives.
+
+    The array is (column, row, slice) in HU (each file's rescale applied), float32, the slices sorted along their
+    normal; the affine is RAS: the first slice's ImagePositionPatient, the ImageOrientationPatient's row and column
+    directions times the PixelSpacing, and the normal times the slice step. The series is checked as
+    ``dicom_series`` checks it, in the same pass over the files that reads the pixels.
+    """
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        """True for one folder."""
+        names = ensure_tuple(filename)
+        return len(names) == 1 and Path(names[0]).is_dir()
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> list[pydicom.Dataset]:
+        """The series' datasets, pixel data included, sorted along the slice normal."""
+        (folder,) = ensure_tuple(data)
+        return dicom_series(folder, pixels=True)[1]
+
+    def get_data(self, img: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, dict]:
+        """(array of shape (columns, rows, slices), meta with ``affine``, ``original_affine``, ``spacing``, ...)."""
+        first, last = img[0], img[-1]
+        # (column, row, slice) and C-contiguous, as ITKReader's array is: each slice written transposed in place
+        volume = np.empty((int(first.Columns), int(first.Rows), len(img)), np.float32)
+        for k, ds in enumerate(img):
+            try:
+                pixels = ds.pixel_array
+            except Exception as err:  # pydicom raises many types for undecodable pixel data
+                raise ScanError(f"{ds.filename}: its pixel data could not be decoded ({type(err).__name__}: {err})")
+            if pixels.shape != (volume.shape[1], volume.shape[0]):
+                raise ScanError(f"{ds.filename}: {pixels.shape} pixels, the series' slices have {volume.shape[1::-1]}")
+            volume[:, :, k] = apply_rescale(pixels, ds).T
+        orientation = np.array([float(v) for v in first.ImageOrientationPatient])
+        normal = np.cross(orientation[:3], orientation[3:])
+        origin = np.array([float(v) for v in first.ImagePositionPatient])
+        step = float((np.array([float(v) for v in last.ImagePositionPatient]) - origin) @ normal) / (len(img) - 1)
+        spacing = np.array([float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), step])
+        lps = np.eye(4)
+        lps[:3, :3] = np.stack([orientation[:3], orientation[3:], normal], axis=1) * spacing
+        lps[:3, 3] = origin
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+        meta = {
+            "spacing": spacing,
+            "original_affine": affine,
+            "affine": affine.copy(),
+            "space": "RAS",
+            "spatial_shape": np.array(volume.shape),
+            "original_channel_dim": float("nan"),
+        }
+        return volume, meta
+
+
 class LoadScand(LoadImaged):
-    """``LoadImaged`` with MONAI's ITK reader for CT scans, checking a DICOM folder before its pixels are read.
+    """``LoadImaged`` for CT scans: a DICOM series in an uncompressed transfer syntax with ``DicomSeriesReader``,
+    anything else with MONAI's ITK reader, a DICOM folder checked before its pixels are read.
 
     ``data[key]`` is a volume file or a DICOM series folder. A series is read from the folder that holds its files
     (a patient folder with the series below it will do) and must come out with one slice per file. Any failure is a
-    ``ScanError`` naming the file.
+    ``ScanError`` naming the file. The image comes out channel first, without a separate meta dict.
     """
 
-    def __init__(self, keys: str = "image", **kwargs: Any) -> None:
-        kwargs.setdefault("ensure_channel_first", True)
-        kwargs.setdefault("image_only", True)
-        super().__init__(keys, reader=ITKReader(affine_lps_to_ras=True), **kwargs)
+    def __init__(self, keys: str | Sequence[str] = "image", **kwargs: Any) -> None:
+        super().__init__(
+            keys, reader=ITKReader(affine_lps_to_ras=True), ensure_channel_first=True, image_only=True, **kwargs
+        )
+        self.series_reader = DicomSeriesReader()
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         d = dict(data)
-        expected = {}
         for key in self.key_iterator(d):
-            source = d[key]
-            if not isinstance(source, (str, os.PathLike)):
-                continue  # already loaded (MONAI Label may hand over a tensor)
-            path = Path(source)
-            if path.is_dir():
-                series_folder, headers = dicom_series(path)
-                d[key], expected[key] = str(series_folder), len(headers)
-            elif not path.is_file():
-                raise ScanError(f"{path}: no such file or folder")
-            elif not path.name.lower().endswith(VOLUME_SUFFIXES):
-                raise ScanError(f"{path}: not a scan (expected a DICOM folder or one of {', '.join(VOLUME_SUFFIXES)})")
-            elif path.name.lower().endswith((".nii", ".nii.gz")):
-                _check_nifti_values(path)
+            if isinstance(d[key], (str, os.PathLike)):  # else already loaded (MONAI Label may hand over a tensor)
+                d[key] = self._load(Path(d[key]), reader)
+        return d
+
+    def _load(self, path: Path, reader: Any) -> torch.Tensor:
+        slices = None
+        if path.is_dir() and reader is None and _is_uncompressed_series(path):
+            reader = self.series_reader  # checks the series as dicom_series does, in the pass that reads the pixels
+        elif path.is_dir():
+            series_folder, headers = dicom_series(path)
+            path, slices = series_folder, len(headers)
+        elif not path.is_file():
+            raise ScanError(f"{path}: no such file or folder")
+        elif not path.name.lower().endswith(VOLUME_SUFFIXES):
+            raise ScanError(f"{path}: not a scan (expected a DICOM folder or one of {', '.join(VOLUME_SUFFIXES)})")
+        elif path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_values(path)
         try:
-            d = super().__call__(d, reader)
+            image = self._loader(str(path), reader)
         except ScanError:
             raise
-        except Exception as err:  # ITK and nibabel raise many types for truncated or damaged files
-            names = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
-            raise ScanError(f"{names}: could not be read ({type(err).__name__}: {err})") from None
-        for key, slices in expected.items():
-            if d[key].shape[-1] != slices:
-                raise ScanError(f"{data[key]}: the ITK reader read {d[key].shape[-1]} of the series' {slices} slices")
-        return d
+        except Exception as err:  # ITK, nibabel and pydicom raise many types for truncated or damaged files
+            raise ScanError(f"{path}: could not be read ({type(err).__name__}: {err})") from None
+        if slices is not None and image.shape[-1] != slices:
+            raise ScanError(f"{path}: the ITK reader read {image.shape[-1]} of the series' {slices} slices")
+        return image
 
 
 class CheckScand(MapTransform):

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from matplotlib.figure import Figure
 
 from ..utils.io import write_atomically, write_folder_atomically, write_json, write_nifti, write_text
@@ -60,8 +59,7 @@ def write_dicom_seg(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    folder, headers = dicom_series(series_folder)
-    sources = [pydicom.dcmread(folder / Path(h.filename).name) for h in headers]
+    sources = dicom_series(series_folder)[1]  # headers: highdicom copies their attributes, not their pixels
     lps_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, float)
     to_voxel = np.linalg.inv(lps_affine)
     frames = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), np.uint8)

@@ -1,0 +1,125 @@
+"""The pydicom series reader (``DicomSeriesReader``) gives what MONAI's ITK reader gives: the same voxels in HU on the
+same RAS grid, on series written here with a known geometry (oblique, flipped, anisotropic, not square, files in no
+order, a rescale per slice), and ``LoadScand`` reads compressed series with ITK to the same volume."""
+
+import numpy as np
+import pydicom
+import pytest
+from monai.data import ITKReader
+from monai.transforms import LoadImage
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from scripts.pipeline.read import DicomSeriesReader, LoadScand, ScanError
+
+ROWS, COLUMNS, SLICES = 20, 24, 5
+PIXEL_SPACING = (0.6, 0.8)  # DICOM's order: between rows, between columns
+STEP = 2.5
+
+
+def _orientation(degrees: float, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column directions (LPS), turned ``degrees`` about the patient's z; ``flip`` mirrors the columns'."""
+    angle = np.radians(degrees)
+    row = np.array([np.cos(angle), np.sin(angle), 0.0])
+    column = np.array([-np.sin(angle), np.cos(angle), 0.0]) * (-1.0 if flip else 1.0)
+    return row, column
+
+
+def write_series(folder, stored, row, column, slopes, intercepts, origin=(-40.0, 25.0, -310.0), seed=0):
+    """One CT series of ``stored`` (slices, rows, columns) int16 values, slice k at ``origin + k STEP normal``, written
+    under file names and instance numbers in a shuffled order; returns the expected HU, (columns, rows, slices)."""
+    folder.mkdir(parents=True)
+    normal = np.cross(row, column)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    order = np.random.default_rng(seed).permutation(len(stored))
+    for name, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{name:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "reader-test", int(name) + 1
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *column)]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(origin) + k * STEP * normal]
+        ds.PixelSpacing = [str(v) for v in PIXEL_SPACING]
+        ds.SliceThickness = str(STEP)
+        ds.Rows, ds.Columns = stored.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = str(slopes[k]), str(intercepts[k])
+        ds.PixelData = stored[k].astype("<i2").tobytes()
+        ds.save_as(folder / f"{name:03d}.dcm", enforce_file_format=True)
+    hu = stored * np.asarray(slopes, float)[:, None, None] + np.asarray(intercepts, float)[:, None, None]
+    return hu.transpose(2, 1, 0).astype(np.float32)
+
+
+def _stored(seed=0):
+    return np.random.default_rng(seed).integers(0, 2000, (SLICES, ROWS, COLUMNS)).astype(np.int16)
+
+
+def _read(folder, reader):
+    return LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(str(folder))
+
+
+@pytest.mark.parametrize("degrees, flip", [(0.0, False), (0.0, True), (10.0, False), (-15.0, True)])
+def test_series_reader_gives_itks_voxels_and_grid(tmp_path, degrees, flip):
+    row, column = _orientation(degrees, flip)
+    slopes = [0.5, 1.0, 2.0, 1.0, 0.5]
+    intercepts = [-1024.0, -1000.0, -1024.0, -990.0, -1024.0]
+    expected = write_series(tmp_path / "ct", _stored(), row, column, slopes, intercepts)
+
+    ours = _read(tmp_path / "ct", DicomSeriesReader())
+    itk = _read(tmp_path / "ct", ITKReader(affine_lps_to_ras=True))
+
+    assert ours.shape == itk.shape == (1, COLUMNS, ROWS, SLICES)
+    np.testing.assert_array_equal(ours[0].numpy(), expected)  # each slice's own rescale, in the normal's order
+    np.testing.assert_array_equal(ours.numpy(), itk.numpy())
+    np.testing.assert_allclose(ours.affine, itk.affine, atol=1e-4)
+    np.testing.assert_allclose(ours.meta["spacing"], itk.meta["spacing"], atol=1e-6)
+    np.testing.assert_allclose(ours.meta["spacing"], [PIXEL_SPACING[1], PIXEL_SPACING[0], STEP], atol=1e-6)
+    # voxel (0, 0, 0) is the first slice's ImagePositionPatient, in RAS
+    lowest = min(
+        (pydicom.dcmread(p) for p in (tmp_path / "ct").iterdir()),
+        key=lambda ds: np.array(ds.ImagePositionPatient, float) @ np.cross(row, column),
+    )
+    np.testing.assert_allclose(
+        np.asarray(ours.affine)[:3, 3], np.array(lowest.ImagePositionPatient, float) * [-1, -1, 1], atol=1e-4
+    )
+    assert ours.meta["space"] == itk.meta["space"] == "RAS"
+
+
+def test_load_scand_reads_a_compressed_series_with_itk_to_the_same_volume(tmp_path, monkeypatch):
+    row, column = _orientation(5.0, False)
+    expected = write_series(tmp_path / "plain", _stored(1), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
+    write_series(tmp_path / "rle", _stored(1), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
+    for path in (tmp_path / "rle").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
+
+    plain, rle = (LoadScand("image")({"image": str(tmp_path / name)})["image"] for name in ("plain", "rle"))
+
+    np.testing.assert_array_equal(plain[0].numpy(), expected)
+    np.testing.assert_array_equal(plain.numpy(), rle.numpy())
+    np.testing.assert_allclose(plain.affine, rle.affine, atol=1e-4)
+
+    def refuse(self, data, **kwargs):
+        raise RuntimeError("the pydicom reader was asked")
+
+    monkeypatch.setattr(DicomSeriesReader, "read", refuse)
+    np.testing.assert_array_equal(LoadScand("image")({"image": str(tmp_path / "rle")})["image"].numpy(), rle.numpy())
+    with pytest.raises(ScanError, match="the pydicom reader was asked"):
+        LoadScand("image")({"image": str(tmp_path / "plain")})
+
+
+def test_undecodable_pixel_data_is_refused_naming_the_file(tmp_path):
+    row, column = _orientation(0.0, False)
+    write_series(tmp_path / "ct", _stored(), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
+    damaged = sorted((tmp_path / "ct").iterdir())[2]
+    ds = pydicom.dcmread(damaged)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(damaged)
+
+    with pytest.raises(ScanError, match="pixel data") as error:
+        LoadScand("image")({"image": str(tmp_path / "ct")})
+    assert damaged.name in str(error.value)
