@@ -2,6 +2,7 @@
 same RAS grid, on series written here with a known geometry (oblique, flipped, anisotropic, not square, files in no
 order, a rescale per slice), and ``LoadScand`` reads compressed series with ITK to the same volume."""
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -123,3 +124,17 @@ def test_undecodable_pixel_data_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ScanError, match="pixel data") as error:
         LoadScand("image")({"image": str(tmp_path / "ct")})
     assert damaged.name in str(error.value)
+
+
+def test_load_scand_gives_the_meta_dict_when_image_only_is_turned_off(tmp_path):
+    """MONAI Label's bundle task sets ``image_only`` off on every ``LoadImaged`` and reads ``<key>_meta_dict``."""
+    row, column = _orientation(0.0, False)
+    write_series(tmp_path / "ct", _stored(), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
+    volume = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(_stored().transpose(2, 1, 0), np.diag([0.8, 0.6, STEP, 1.0])), volume)
+    load = LoadScand("image")
+    load._loader.image_only = False
+    for source in (tmp_path / "ct", volume):  # pydicom's path and ITK's
+        data = load({"image": str(source)})
+        assert data["image"].shape == (1, COLUMNS, ROWS, SLICES)
+        np.testing.assert_allclose(data["image_meta_dict"]["affine"], data["image"].affine)

@@ -25,7 +25,6 @@ from monai.data import ImageReader, ITKReader
 from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 from pydicom.misc import is_dicom
-from pydicom.pixels import apply_rescale
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -193,7 +192,8 @@ class DicomSeriesReader(ImageReader):
                 raise ScanError(f"{ds.filename}: its pixel data could not be decoded ({type(err).__name__}: {err})")
             if pixels.shape != (volume.shape[1], volume.shape[0]):
                 raise ScanError(f"{ds.filename}: {pixels.shape} pixels, the series' slices have {volume.shape[1::-1]}")
-            volume[:, :, k] = apply_rescale(pixels, ds).T
+            slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+            volume[:, :, k] = (pixels * slope + intercept).T  # in float64, as GDCM rescales
         orientation = np.array([float(v) for v in first.ImageOrientationPatient])
         normal = np.cross(orientation[:3], orientation[3:])
         origin = np.array([float(v) for v in first.ImagePositionPatient])
@@ -220,7 +220,8 @@ class LoadScand(LoadImaged):
 
     ``data[key]`` is a volume file or a DICOM series folder. A series is read from the folder that holds its files
     (a patient folder with the series below it will do) and must come out with one slice per file. Any failure is a
-    ``ScanError`` naming the file. The image comes out channel first, without a separate meta dict.
+    ``ScanError`` naming the file. The image comes out channel first, its meta in the ``MetaTensor`` (and in a meta dict
+    too where ``image_only`` is turned off, as MONAI Label does).
     """
 
     def __init__(self, keys: str | Sequence[str] = "image", **kwargs: Any) -> None:
@@ -231,12 +232,17 @@ class LoadScand(LoadImaged):
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         d = dict(data)
-        for key in self.key_iterator(d):
-            if isinstance(d[key], (str, os.PathLike)):  # else already loaded (MONAI Label may hand over a tensor)
-                d[key] = self._load(Path(d[key]), reader)
+        for key, meta_key, postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            if not isinstance(d[key], (str, os.PathLike)):
+                continue  # already loaded (MONAI Label may hand over a tensor)
+            loaded = self._load(Path(d[key]), reader)
+            if self._loader.image_only:
+                d[key] = loaded
+            else:  # MONAI Label turns image_only off and reads the meta dict, as LoadImaged writes it
+                d[key], d[meta_key or f"{key}_{postfix}"] = loaded
         return d
 
-    def _load(self, path: Path, reader: Any) -> torch.Tensor:
+    def _load(self, path: Path, reader: Any) -> torch.Tensor | tuple[torch.Tensor, dict]:
         slices = None
         if path.is_dir() and reader is None and _is_uncompressed_series(path):
             reader = self.series_reader  # checks the series as dicom_series does, in the pass that reads the pixels
@@ -255,8 +261,9 @@ class LoadScand(LoadImaged):
             raise
         except Exception as err:  # ITK, nibabel and pydicom raise many types for truncated or damaged files
             raise ScanError(f"{path}: could not be read ({type(err).__name__}: {err})") from None
-        if slices is not None and image.shape[-1] != slices:
-            raise ScanError(f"{path}: the ITK reader read {image.shape[-1]} of the series' {slices} slices")
+        read = image[0] if isinstance(image, tuple) else image
+        if slices is not None and read.shape[-1] != slices:
+            raise ScanError(f"{path}: the ITK reader read {read.shape[-1]} of the series' {slices} slices")
         return image
 
 
