@@ -193,7 +193,7 @@ class DicomSeriesReader(ImageReader):
             if pixels.shape != (volume.shape[1], volume.shape[0]):
                 raise ScanError(f"{ds.filename}: {pixels.shape} pixels, the series' slices have {volume.shape[1::-1]}")
             slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-            volume[:, :, k] = (pixels * slope + intercept).T  # in float64, as GDCM rescales
+            volume[:, :, k] = (pixels * slope + intercept).T  # in float64: ITK's values to the bit (tests)
         orientation = np.array([float(v) for v in first.ImageOrientationPatient])
         normal = np.cross(orientation[:3], orientation[3:])
         origin = np.array([float(v) for v in first.ImagePositionPatient])
