@@ -1,16 +1,18 @@
 """The pydicom series reader (``DicomSeriesReader``) gives what MONAI's ITK reader gives: the same voxels in HU on the
 same RAS grid, on series written here with a known geometry (oblique, flipped, anisotropic, not square, files in no
-order, a rescale per slice), and ``LoadScand`` reads compressed series with ITK to the same volume."""
+order, a rescale per slice), and ``LoadScand`` reads compressed series with ITK to the same volume; ``CheckScand``
+refuses values that are not finite or not HU."""
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from monai.data import ITKReader
+import torch
+from monai.data import ITKReader, MetaTensor
 from monai.transforms import LoadImage
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
-from scripts.pipeline.read import DicomSeriesReader, LoadScand, ScanError
+from scripts.pipeline.read import CheckScand, DicomSeriesReader, LoadScand, ScanError
 
 ROWS, COLUMNS, SLICES = 20, 24, 5
 PIXEL_SPACING = (0.6, 0.8)  # DICOM's order: between rows, between columns
@@ -138,3 +140,15 @@ def test_load_scand_gives_the_meta_dict_when_image_only_is_turned_off(tmp_path):
         data = load({"image": str(source)})
         assert data["image"].shape == (1, COLUMNS, ROWS, SLICES)
         np.testing.assert_allclose(data["image_meta_dict"]["affine"], data["image"].affine)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_scand_counts_values_that_are_not_finite(bad):
+    """A volume handed over as a tensor (MONAI Label may) is checked too: one bad voxel is found and counted."""
+    volume = MetaTensor(torch.full((1, 8, 8, 4), -1000.0), affine=torch.eye(4))
+    CheckScand("image")({"image": volume})
+    volume[0, 3, 3, 3] = bad
+    with pytest.raises(ScanError, match="1 voxels are NaN or infinite"):
+        CheckScand("image")({"image": volume})
+    with pytest.raises(ScanError, match=r"values from 1000 to 1400 do not look like CT"):
+        CheckScand("image")({"image": MetaTensor(torch.linspace(1000, 1400, 256).reshape(1, 8, 8, 4))})

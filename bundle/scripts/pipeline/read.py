@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import torch
-from monai.data import ImageReader, ITKReader
+from monai.data import ImageReader, ITKReader, MetaTensor
 from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 from pydicom.misc import is_dicom
@@ -288,15 +288,14 @@ class CheckScand(MapTransform):
                 raise ScanError(f"{name}: expected a 3-D CT volume, got an image of shape {tuple(image.shape)}")
             if image.dtype == torch.bool or image.is_complex():
                 raise ScanError(f"{name}: expected CT values in HU, got data of type {image.dtype}")
-            values = torch.as_tensor(image)
-            finite = torch.isfinite(values)
-            if not finite.all():
-                raise ScanError(f"{name}: {int((~finite).sum())} voxels are NaN or infinite")
-            low = float(values.min())
+            values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            low, high = (float(v) for v in torch.aminmax(values))  # one pass; NaN or inf show in the extremes
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise ScanError(f"{name}: {int((~torch.isfinite(values)).sum())} voxels are NaN or infinite")
             if low > MAX_AIR_HU:
                 raise ScanError(
-                    f"{name}: values from {low:g} to {float(values.max()):g} do not look like CT in HU (air is about "
-                    "-1000 HU); rescale it to HU first"
+                    f"{name}: values from {low:g} to {high:g} do not look like CT in HU (air is about -1000 HU); "
+                    "rescale it to HU first"
                 )
             axes = np.asarray(image.affine, float)[:3, :3]
             cosines = np.abs(axes / np.linalg.norm(axes, axis=0)).max(axis=0)
