@@ -123,7 +123,7 @@ class ModelSpacingd(MapTransform, InvertibleTransform):
             src_affine = np.asarray(image.affine, np.float64)
             dst_affine = np.asarray(plan.peek_pending_affine(), np.float64)
             size = [int(v) for v in plan.peek_pending_shape()]
-            d[key] = self._resample(image, src_affine, dst_affine, size, self.mode, self.align_corners)
+            d[key] = self._resample(image, dst_affine, size, self.mode, self.align_corners)
             self.push_transform(
                 d[key],
                 orig_size=list(image.shape[1:]),
@@ -138,25 +138,24 @@ class ModelSpacingd(MapTransform, InvertibleTransform):
             info = record[TraceKeys.EXTRA_INFO]
             align_corners = info["align_corners"]  # Invertd's nearest_interp sets it to TraceKeys.NONE
             align_corners = self.align_corners if align_corners == TraceKeys.NONE else bool(align_corners)
-            current = np.asarray(d[key].affine, np.float64)
             d[key] = self._resample(
-                d[key], current, info["src_affine"], record[TraceKeys.ORIG_SIZE], info["mode"], align_corners
+                d[key], info["src_affine"], record[TraceKeys.ORIG_SIZE], info["mode"], align_corners
             )
         return d
 
     def _resample(
         self,
-        image: torch.Tensor,
-        src_affine: np.ndarray,
+        image: MetaTensor,
         dst_affine: np.ndarray,
         size: Sequence[int],
         mode: str,
         align_corners: bool,
     ) -> MetaTensor:
-        """``image`` on the grid of ``dst_affine`` and ``size``, keeping its meta and transform record."""
+        """``image`` moved from its own grid to the grid of ``dst_affine`` and ``size``, keeping its meta and transform
+        record."""
         dst_affine = np.asarray(dst_affine, np.float64)
-        xform = np.linalg.solve(src_affine, dst_affine)
-        values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        xform = np.linalg.solve(np.asarray(image.affine, np.float64), dst_affine)
+        values = image.as_tensor()
         if np.allclose(xform, np.eye(4), atol=1e-6) and list(size) == list(image.shape[1:]):
             pixels = values.float()  # already on that grid: as Spacing, no resampling
         else:
