@@ -7,7 +7,7 @@ from scripts.networks.gap_classifier import GAPClassifier
 from scripts.networks.precision import cpu_has_bf16
 from scripts.networks.runtime import BFloat16Classifier
 from scripts.pipeline.classify import logits_and_nam
-from scripts.pipeline.screen import crop_window, fill_candidates, rnam_scores, supports_incremental
+from scripts.pipeline.screen import IncrementalNAM, crop_window, fill_candidates, rnam_scores, supports_incremental
 from torch import nn
 
 
@@ -168,6 +168,35 @@ def test_incremental_equals_full_image_scores(gap_levels, shape, batch_norm):
     for batch_size in (None, 1, 4):  # one window for all, one per candidate, and a partial last batch
         incremental = rnam_scores(net, image, nam, scope, masks, 0.1, batch_size=batch_size)
         np.testing.assert_allclose(incremental, full, rtol=1e-9)
+
+
+@pytest.mark.parametrize("gap_levels", [1, 2, 3])
+def test_kept_forward_is_the_network_s_and_screens_without_a_forward(gap_levels):
+    """``IncrementalNAM`` is the network's forward (its logits and NAM are ``forward_with_nam``'s), and R-NAM
+    started from it scores as the full image's full forwards do, running nothing through the whole network."""
+    net = small_classifier(gap_levels, seed=gap_levels, batch_norm=True)
+    image = random_slice(80, seed=gap_levels).double()
+    masks = border_candidates(80, 80)
+    image[0, torch.as_tensor(masks.any(0))] += 0.5
+    scope = np.zeros((80, 80), bool)
+    scope[10:60, 15:70] = True
+    with torch.no_grad():
+        logits, nam = net.forward_with_nam(image[None])
+        kept = IncrementalNAM(net, image)
+        np.testing.assert_array_equal(kept.logits().numpy(), logits.numpy())
+        np.testing.assert_array_equal(kept.nam().numpy(), nam.numpy())
+    full = rnam_scores(net, image, nam[0, 0].numpy(), scope, masks, 0.1, crop=False)
+    batches = []
+    net.features[0].register_forward_hook(lambda module, args, out: batches.append(args[0].shape))
+    for batch_size in (None, 2):
+        np.testing.assert_allclose(
+            rnam_scores(net, image, None, scope, masks, 0.1, base=kept, batch_size=batch_size), full, rtol=1e-9
+        )
+    assert batches == []  # no forward: the masked copies' windows go through F.conv2d, not through conv1_1
+    other = IncrementalNAM(net, random_slice(80, seed=9).double())  # another slice's forward: other scores
+    assert np.abs(rnam_scores(net, image, None, scope, masks, 0.1, base=other) - full).max() > 1e-3 * full.max()
+    with pytest.raises(ValueError, match="kept forward"):
+        rnam_scores(net, image[:, :64, :64], None, scope[:64, :64], masks[:, :64, :64], 0.1, base=kept)
 
 
 def test_incremental_keeps_masked_copies_out_of_the_full_network():

@@ -114,6 +114,52 @@ def test_multi_gap_refines_scope_and_screens_with_the_classifier():
             WeaklySupervisedSegmenter(mode)
 
 
+def blob_slices(count: int) -> torch.Tensor:
+    """``count`` different windowed slices ``(count, 1, SIZE, SIZE)`` float64, each with bright blobs all over."""
+    g = torch.Generator().manual_seed(3)
+    x = 0.1 + 0.01 * torch.rand(count, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
+    for b in range(count):
+        for r, c in torch.randint(6, SIZE - 6, (12, 2), generator=g).tolist():
+            x[b, 0, r - 2 : r + 2, c - 2 : c + 3] = 0.75
+    return x
+
+
+def test_screens_from_the_forward_that_classified_the_slice():
+    """On the CPU the fine mode keeps the float32 forward of each slice called "nodule" and R-NAM starts from it: the
+    forward is the slice's own (the scores of the reference path, full forwards of the full image), only the
+    positive slices keep one, and R-NAM runs no forward of its own."""
+    torch.manual_seed(1)
+    net = GAPClassifier(gap_levels=2, width=1 / 16, head_channels=64).double().eval()
+    x = blob_slices(4)
+    with torch.no_grad():
+        logits, nams = net.forward_with_nam(x)
+    probability = torch.softmax(logits.float(), 1)[:, 1].numpy()  # the segmenter's probabilities are float32
+    threshold = float(np.sort(probability)[1])  # three slices called "nodule", one not
+    seg = WeaklySupervisedSegmenter("fine", threshold=threshold, spacing=(0.7, 0.7))
+    found = seg.classify(x, net)
+    np.testing.assert_allclose(found.probability, probability, rtol=1e-6)
+    np.testing.assert_allclose(found.nam, nams[:, 0].float().numpy(), rtol=1e-6, atol=1e-9)
+    assert [f is not None for f in found.forwards] == list(probability >= threshold)
+    lungs = np.ones((4, SIZE, SIZE), bool)
+    forwards = []
+    net.features[0].register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[0]))
+    results = seg.segment_batch(x, net, lung_mask=lungs)
+    assert forwards == [1, 1, 1, 1]  # each slice classified alone, and nothing more through conv1_1
+    reference = WeaklySupervisedSegmenter("fine", threshold=threshold, spacing=(0.7, 0.7), screening={"crop": False})
+    assert not any(f is not None for f in reference.classify(x, net).forwards)
+    expected = reference.segment_batch(x, net, lung_mask=lungs)
+    screened = [r for r in results if r.positive and len(r.candidates) > 1]
+    assert len(screened) >= 2
+    for result, other in zip(results, expected):
+        assert result.chosen == other.chosen and result.status == other.status
+        scores = [c.score for c in result.candidates]
+        # the reference compares with the float32 NAM of the classification, the kept forward in float64
+        np.testing.assert_allclose(scores, [c.score for c in other.candidates], rtol=1e-6)
+    assert all(c.score > 0 for r in screened for c in r.candidates)
+    coarse = WeaklySupervisedSegmenter("coarse", threshold=threshold)
+    assert not any(f is not None for f in coarse.classify(x, net).forwards)  # no R-NAM: nothing kept
+
+
 def test_negative_flat_and_bad_inputs():
     torch.manual_seed(0)
     net = GAPClassifier(width=1 / 16, head_channels=256).eval()

@@ -145,7 +145,7 @@ class ScanSegmenter(Inferer):
             clock = time.perf_counter()
             inputs = stack_context(images, with_lung[chunk], self.in_channels, spacing[2], self.context_mm)
             batch = torch.as_tensor(np.ascontiguousarray(inputs.transpose(2, 3, 0, 1)), device=device)
-            probs, nams, multi_nams, confirmed = self.segmenter.classify(batch, network)
+            probs, nams, multi_nams, confirmed, forwards = self.segmenter.classify(batch, network)
             seconds["classify"] += time.perf_counter() - clock
             n_confirmed += int(confirmed.sum())
             clock, screened = time.perf_counter(), 0.0  # R-NAM's forwards count as "screen", not "segment"
@@ -162,7 +162,9 @@ class ScanSegmenter(Inferer):
                     lung_mask=lung_windows[..., start + b],
                     multi_nam=None if multi_nams is None else multi_nams[b],
                     precision=self.segmenter.classified_in(bool(confirmed[b])),
+                    forward=forwards[b],
                 )
+                forwards[b] = None  # the kept layers go as soon as the slice is segmented
                 slices[int(index)] = result
                 screened += result.screen_seconds
                 if result.mask.any():

@@ -12,9 +12,10 @@ Two exact shortcuts, both on by default:
   gives the same NAM in C as the full image, at the cost of a smaller forward.
 - Incremental recomputation (``GAPClassifier`` only): a filled copy differs from the image only inside
   R_j, so a layer's activations differ only inside R_j's box grown by the layers' reach (1 px per 3x3
-  convolution, halved by each pooling). The unmasked image runs once with every layer's input cached;
-  the copies then recompute, layer by layer, only that window (one window for a batch: the union), reading
-  its surroundings from the cache. The NAM is linear in the head activations, so the NAM change is the
+  convolution, halved by each pooling). The unmasked image runs once with every layer's input kept
+  (``IncrementalNAM``; the segmenter keeps the one that classified the slice, and the crop is then not
+  needed); the copies then recompute, layer by layer, only that window (one window for a batch: the union),
+  reading its surroundings from the kept inputs. The NAM is linear in the head activations, so the NAM change is the
   upsampled change of the head NAMs, each non-zero only in its head's window.
 
 The bfloat16 classifier (``scripts.networks.runtime.BFloat16Classifier``) takes the incremental path too, with its
@@ -37,7 +38,7 @@ from torch import nn
 from ..networks.gap_classifier import GAPClassifier
 from .classify import logits_and_nam
 
-__all__ = ["fill_candidates", "crop_window", "supports_incremental", "rnam_scores"]
+__all__ = ["fill_candidates", "crop_window", "supports_incremental", "IncrementalNAM", "rnam_scores"]
 
 
 def fill_candidates(image: torch.Tensor, masks: np.ndarray, fill_value: float) -> torch.Tensor:
@@ -145,18 +146,30 @@ def _precision(index: int, autocast: _Autocast | None) -> contextlib.AbstractCon
 def _cache_inputs(
     layers: Sequence[nn.Module], x: torch.Tensor, keep: Sequence[int] = (), autocast: _Autocast | None = None
 ) -> tuple[list[torch.Tensor | None], torch.Tensor, dict[int, torch.Tensor]]:
-    """Run the unmasked ``x`` through ``layers``: each windowed layer's input zero-padded by its padding (so
-    slicing it reproduces the layer's border), the output, and the outputs of the layers indexed in ``keep``."""
+    """Run the unmasked ``x`` through ``layers``: each windowed layer's input (None for an elementwise one), the
+    output, and the outputs of the layers indexed in ``keep``. The inputs are the forward's own tensors, not copies:
+    no layer here changes its input in place (an in-place ReLU changes the convolution's output, which is cached
+    only as the next layer's input, after the ReLU)."""
     inputs: list[torch.Tensor | None] = []
     kept = {}
     for index, layer in enumerate(layers):
-        geometry = _geometry(layer)
-        inputs.append(None if geometry is None else F.pad(x, (geometry[2][1],) * 2 + (geometry[2][0],) * 2))
+        inputs.append(None if _geometry(layer) is None else x)
         with _precision(index, autocast):
             x = layer(x)
         if index in keep:
             kept[index] = x
     return inputs, x, kept
+
+
+def _padded_window(cached: torch.Tensor, padding: tuple[int, int], rows: slice, cols: slice, n: int) -> torch.Tensor:
+    """``n`` copies of the window ``rows, cols`` (coordinates of ``cached`` zero-padded by ``padding``) of
+    ``cached`` ``(1, C, h, w)``: what a zero-padding layer reads there."""
+    patch = cached.new_zeros((n, cached.shape[1], rows.stop - rows.start, cols.stop - cols.start))
+    r0, r1 = max(rows.start - padding[0], 0), min(rows.stop - padding[0], cached.shape[2])
+    c0, c1 = max(cols.start - padding[1], 0), min(cols.stop - padding[1], cached.shape[3])
+    top, left = r0 + padding[0] - rows.start, c0 + padding[1] - cols.start
+    patch[:, :, top : top + r1 - r0, left : left + c1 - c0] = cached[:, :, r0:r1, c0:c1]
+    return patch
 
 
 def _advance(layer: nn.Module, cached: torch.Tensor | None, changed: _Changed) -> _Changed | None:
@@ -167,14 +180,14 @@ def _advance(layer: nn.Module, cached: torch.Tensor | None, changed: _Changed) -
     spans = []
     for axis, start in ((0, changed.top), (1, changed.left)):
         stop = start + changed.values.shape[2 + axis]
-        size = cached.shape[2 + axis] - 2 * padding[axis]
+        size = cached.shape[2 + axis]
         spans.append(_reach(start, stop, size, kernel[axis], stride[axis], padding[axis]))
     (o0, o1, i0, i1), (q0, q1, j0, j1) = spans
     if o1 <= o0 or q1 <= q0:  # e.g. only the odd last row, which pooling drops, changed
         return None
     # the inputs the window's outputs read: the cache, with the changed window pasted over it (the window may
     # stick out of the read span on the far side when pooling drops an odd last row or column)
-    patch = cached[:, :, i0:i1, j0:j1].expand(len(changed.values), -1, -1, -1).clone()
+    patch = _padded_window(cached, padding, slice(i0, i1), slice(j0, j1), len(changed.values))
     top, left = changed.top + padding[0], changed.left + padding[1]
     r0, r1 = max(top, i0), min(top + changed.values.shape[2], i1)
     c0, c1 = max(left, j0), min(left + changed.values.shape[3], j1)
@@ -205,34 +218,46 @@ def _advance_all(
     return changed, kept
 
 
-class _IncrementalNAM:
-    """The NAM change of masked copies of one image, recomputing only the windows the masks change.
+class IncrementalNAM:
+    """One image's forward, every layer's input kept, from which the NAM change of masked copies of the image is
+    recomputed only in the windows the masks change.
 
     Args:
         network: a GAPClassifier for which ``supports_incremental`` holds.
-        image: ``(C, H, W)`` unmasked input; it runs through the network once, every layer's input cached.
+        image: ``(C, H, W)`` unmasked input; it runs through the network once.
         autocast: None (float32), or the backbone layers from ``autocast.start`` on and the heads' convolutions in
             ``autocast.dtype``; the NAM change is summed in float32 either way.
+
+    The forward is the network's own (the same layers in the same order), so ``logits()`` and ``nam()`` are what
+    ``forward_with_nam`` gives for the image: the segmenter classifies a slice this way when R-NAM will need it.
     """
 
     def __init__(self, network: GAPClassifier, image: torch.Tensor, autocast: _Autocast | None = None) -> None:
+        self.network = network
         self.size = tuple(image.shape[1:])
-        self.normalize = network.normalize_input  # elementwise: what forward does before ``features``
         self.taps = network.tap_indices
         self.layers = list(network.features[: max(self.taps) + 1])
         self.autocast = autocast
         self.head_autocast = None if autocast is None else autocast._replace(start=0)
-        self.inputs, _, taps = _cache_inputs(self.layers, self.normalize(image[None]), self.taps, autocast)
+        self.inputs, _, taps = _cache_inputs(self.layers, network.normalize_input(image[None]), self.taps, autocast)
         self.heads = []  # per head: (layers, cached inputs, unmasked activations, NAM weights), in head order
         for head, tap, weight in zip(network.heads, self.taps, torch.split(network.nam_weights(), network.head_sizes)):
             inputs, activations, _ = _cache_inputs(list(head), taps[tap], autocast=self.head_autocast)
             # bfloat16 activations are compared and summed in float32
             self.heads.append((list(head), inputs, activations.to(weight.dtype), weight))
 
+    def logits(self) -> torch.Tensor:
+        """The image's logits ``(1, 2)``."""
+        return self.network.logits_of([base for _, _, base, _ in self.heads])
+
+    def nam(self) -> torch.Tensor:
+        """The image's raw NAM ``(1, 1, H, W)``."""
+        return self.network.nam_of([base for _, _, base, _ in self.heads], list(self.size))
+
     def __call__(self, changed: _Changed) -> torch.Tensor:
         """``(N, H, W)`` float64 change of the NAM, ``NAM_{I \\ R_j} - NAM_I``, given the changed input window."""
         delta = torch.zeros((len(changed.values), *self.size), dtype=torch.float64, device=changed.values.device)
-        changed = changed._replace(values=self.normalize(changed.values))
+        changed = changed._replace(values=self.network.normalize_input(changed.values))
         _, at_taps = _advance_all(self.layers, self.inputs, changed, self.taps, self.autocast)
         for tap, (layers, inputs, base, weight) in zip(self.taps, self.heads):
             head = (
@@ -273,6 +298,7 @@ def rnam_scores(
     crop: bool = True,
     batch_size: int | None = None,
     incremental: bool = True,
+    base: IncrementalNAM | None = None,
 ) -> np.ndarray:
     """R-NAM score of each candidate.
 
@@ -291,6 +317,9 @@ def rnam_scores(
         batch_size: copies per forward (None: all in one batch).
         incremental: with ``crop``, recompute only what each candidate changes when ``supports_incremental``
             (False: full forwards of the crop).
+        base: the image's forward through ``network`` with its layers kept (``IncrementalNAM(network, image)``,
+            as the segmenter keeps it from classifying the slice): the scores are recomputed from it on the whole
+            image, with no forward here (``crop`` and ``incremental`` are for the paths that start with one).
 
     Returns:
         ``(N,)`` float64 scores (empty for no candidates).
@@ -302,8 +331,12 @@ def rnam_scores(
             f"need image (C, H, W), masks (N, H, W) and scope (H, W) of one size; got {tuple(image.shape)}, "
             f"{masks.shape}, {scope.shape}"
         )
+    if base is not None and base.size != tuple(image.shape[1:]):
+        raise ValueError(f"the kept forward is of a {base.size} image, the image is {tuple(image.shape[1:])}")
     if masks.shape[0] == 0 or not scope.any():
         return np.zeros(masks.shape[0])
+    if base is not None:
+        return _incremental_scores(base, image, scope, masks, fill_value, batch_size)
     rows, cols = slice(None), slice(None)
     stride, radius = getattr(network, "nam_stride", None), getattr(network, "nam_context_radius", None)
     if crop and stride is not None and radius is not None:
@@ -312,24 +345,14 @@ def rnam_scores(
         if window is not None:
             rows, cols = window
     sub_image, sub_masks = image[:, rows, cols], masks[:, rows, cols]
+    path = _incremental(network) if crop and incremental else None
+    if path is not None:
+        return _incremental_scores(
+            IncrementalNAM(path[0], sub_image, path[1]), sub_image, scope[rows, cols], sub_masks, fill_value, batch_size
+        )
     sub_scope = torch.as_tensor(scope[rows, cols], device=image.device)
     step = batch_size or masks.shape[0]
     scores = []
-    path = _incremental(network) if crop and incremental else None
-    if path is not None:
-        nam_change = _IncrementalNAM(path[0], sub_image, path[1])
-        for i in range(0, masks.shape[0], step):
-            chunk = sub_masks[i : i + step]
-            # one window for the batch: the candidates' union box (no candidate there: nothing changes)
-            rows_on, cols_on = np.nonzero(chunk.any(axis=(0, 2)))[0], np.nonzero(chunk.any(axis=(0, 1)))[0]
-            if rows_on.size == 0:
-                scores.append(np.zeros(len(chunk)))
-                continue
-            box = slice(rows_on[0], rows_on[-1] + 1), slice(cols_on[0], cols_on[-1] + 1)
-            filled = fill_candidates(sub_image[:, box[0], box[1]], chunk[:, box[0], box[1]], fill_value)
-            diff = nam_change(_Changed(int(rows_on[0]), int(cols_on[0]), filled)) * sub_scope[None]
-            scores.append((diff**2).sum(dim=(1, 2)).cpu().numpy())
-        return np.concatenate(scores)
     if nam is None:  # the crop's NAM equals the full image's inside the scope (the exact crop)
         reference = logits_and_nam(network, sub_image[None])[1][0, 0].double()
     else:
@@ -337,5 +360,31 @@ def rnam_scores(
     for i in range(0, masks.shape[0], step):
         _, rnam = logits_and_nam(network, fill_candidates(sub_image, sub_masks[i : i + step], fill_value))
         diff = (reference[None] - rnam[:, 0].double()) * sub_scope[None]
+        scores.append((diff**2).sum(dim=(1, 2)).cpu().numpy())
+    return np.concatenate(scores)
+
+
+def _incremental_scores(
+    nam_change: IncrementalNAM,
+    image: torch.Tensor,
+    scope: np.ndarray,
+    masks: np.ndarray,
+    fill_value: float,
+    batch_size: int | None,
+) -> np.ndarray:
+    """The scores of ``masks`` ``(N, H, W)`` on ``image`` ``(C, H, W)``, whose forward ``nam_change`` kept."""
+    sub_scope = torch.as_tensor(scope, device=image.device)
+    step = batch_size or masks.shape[0]
+    scores = []
+    for i in range(0, masks.shape[0], step):
+        chunk = masks[i : i + step]
+        # one window for the batch: the candidates' union box (no candidate there: nothing changes)
+        rows_on, cols_on = np.nonzero(chunk.any(axis=(0, 2)))[0], np.nonzero(chunk.any(axis=(0, 1)))[0]
+        if rows_on.size == 0:
+            scores.append(np.zeros(len(chunk)))
+            continue
+        box = slice(rows_on[0], rows_on[-1] + 1), slice(cols_on[0], cols_on[-1] + 1)
+        filled = fill_candidates(image[:, box[0], box[1]], chunk[:, box[0], box[1]], fill_value)
+        diff = nam_change(_Changed(int(rows_on[0]), int(cols_on[0]), filled)) * sub_scope[None]
         scores.append((diff**2).sum(dim=(1, 2)).cpu().numpy())
     return np.concatenate(scores)

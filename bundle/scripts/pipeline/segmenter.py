@@ -35,7 +35,7 @@ from .classify import logits_and_nam
 from .context import centre_channel
 from .icm import icm_segmentation
 from .scope import bounding_box, refine_scope, top_scopes
-from .screen import rnam_scores
+from .screen import IncrementalNAM, rnam_scores, supports_incremental
 from .settings import (
     GROUPS,
     HU_WINDOW,
@@ -80,12 +80,16 @@ class Classification(NamedTuple):
         multi_nam: ``(B, H, W)`` multi-GAP NAMs in the multi-GAP modes when a slice is called "nodule", else None.
         confirmed: ``(B,)`` bool, the slices classified again in float32 after a reduced precision (their
             probability and NAM are float32's).
+        forwards: ``B`` entries, each the float32 forward of a slice called "nodule" with its layers kept, where
+            R-NAM will screen from it on the CPU (``IncrementalNAM``: ``segment`` then runs no forward of the
+            unmasked slice), else None.
     """
 
     probability: np.ndarray
     nam: np.ndarray
     multi_nam: np.ndarray | None
     confirmed: np.ndarray
+    forwards: list[IncrementalNAM | None]
 
 
 @dataclass
@@ -298,7 +302,9 @@ class WeaklySupervisedSegmenter(Inferer):
 
         With ``amp`` on CUDA the batch is classified in mixed precision; the NAMs of the slices called "nodule"
         are then recomputed in float32, so that R-NAM compares maps of one precision. After a reduced CPU
-        ``precision`` the slices at ``confirm_from`` or above are classified again in float32.
+        ``precision`` the slices at ``confirm_from`` or above are classified again in float32. Where R-NAM screens
+        on the CPU from float32 forwards (``keeps_forwards``), the float32 forwards run slice by slice and keep the
+        layers of the slices called "nodule" (on a CPU one slice at a time is as fast as a batch).
         """
         self._check_inputs(inputs)
         reference = unwrap(network)
@@ -311,19 +317,26 @@ class WeaklySupervisedSegmenter(Inferer):
                     "and the multi-GAP models must be trained on the same slices (single or 2.5-D)"
                 )
         amp = self.amp and inputs.is_cuda
+        keep = self.keeps_forwards(reference, inputs)
         confirmed = np.zeros(inputs.shape[0], bool)
+        forwards: list[IncrementalNAM | None] = [None] * inputs.shape[0]
         with torch.no_grad():
-            with torch.autocast("cuda", enabled=amp):
-                logits, nams = logits_and_nam(network, inputs)
+            if network is reference and keep:
+                logits, nams, forwards = self._float32_forwards(reference, inputs, keep)
+            else:
+                with torch.autocast("cuda", enabled=amp):
+                    logits, nams = logits_and_nam(network, inputs)
             nams = nams.float()
             probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
             if network is not reference and self.confirm_from is not None:
                 confirmed = probs >= self.confirm_from
                 if confirmed.any():
                     chosen = torch.as_tensor(confirmed, device=inputs.device)
-                    float32_logits, float32_nams = logits_and_nam(reference, inputs[chosen])
+                    float32_logits, float32_nams, kept = self._float32_forwards(reference, inputs[chosen], keep)
                     probs[confirmed] = torch.softmax(float32_logits, dim=1)[:, 1].cpu().numpy()
                     nams[chosen] = float32_nams
+                    for index, forward in zip(np.flatnonzero(confirmed), kept):
+                        forwards[index] = forward
             positive = probs >= self.threshold
             if amp and positive.any():
                 chosen = torch.as_tensor(positive, device=inputs.device)
@@ -331,7 +344,35 @@ class WeaklySupervisedSegmenter(Inferer):
             multi_nams = None
             if self.mode in MULTI_GAP_MODES and positive.any():
                 multi_nams = logits_and_nam(self.multi_gap_network, inputs)[1][:, 0].float().cpu().numpy()
-        return Classification(probs, nams[:, 0].cpu().numpy(), multi_nams, confirmed)
+        return Classification(probs, nams[:, 0].cpu().numpy(), multi_nams, confirmed, forwards)
+
+    def keeps_forwards(self, network: Callable, inputs: torch.Tensor) -> bool:
+        """Whether ``classify`` keeps the float32 forwards of the slices called "nodule" for R-NAM: in the modes that
+        screen, on the CPU, where R-NAM screens incrementally with the float32 ``network`` (saving it one forward of
+        each segmented slice's crop)."""
+        return (
+            self.mode not in COARSE_MODES
+            and self.screening.crop
+            and not inputs.is_cuda
+            and self.screening_network(network) is network
+            and supports_incremental(network)
+        )
+
+    def _float32_forwards(
+        self, network: Callable, inputs: torch.Tensor, keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[IncrementalNAM | None]]:
+        """Logits ``(B, 2)`` and NAMs ``(B, 1, H, W)`` of ``inputs`` through the float32 ``network``, in one batch,
+        or with ``keep`` slice by slice, keeping the forward of each slice at the threshold or above."""
+        if not keep:
+            return (*logits_and_nam(network, inputs), [None] * inputs.shape[0])
+        logits, nams, kept = [], [], []
+        for image in inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs:
+            forward = IncrementalNAM(network, image)
+            logits.append(forward.logits())
+            nams.append(forward.nam())
+            positive = float(torch.softmax(logits[-1].float(), dim=1)[0, 1]) >= self.threshold
+            kept.append(forward if positive else None)
+        return torch.cat(logits), torch.cat(nams), kept
 
     def segment_batch(
         self,
@@ -341,7 +382,7 @@ class WeaklySupervisedSegmenter(Inferer):
         spacing: Sequence[float] | None = None,
     ) -> list[SliceResult]:
         """Classify a batch ``(B, C, H, W)`` of windowed slices (``classify``) and segment those called "nodule"."""
-        probs, nams, multi_nams, confirmed = self.classify(inputs, unwrap(network))
+        probs, nams, multi_nams, confirmed, forwards = self.classify(inputs, unwrap(network))
         results = []
         for b in range(inputs.shape[0]):
             lungs = None if lung_mask is None else np.asarray(torch.as_tensor(lung_mask[b]).cpu()).astype(bool)
@@ -356,8 +397,10 @@ class WeaklySupervisedSegmenter(Inferer):
                     lung_mask=lungs,
                     multi_nam=None if multi_nams is None else multi_nams[b],
                     precision=self.classified_in(bool(confirmed[b])),
+                    forward=forwards[b],
                 )
             )
+            forwards[b] = None  # the kept layers go as soon as the slice is segmented
         return results
 
     def segment(
@@ -370,9 +413,11 @@ class WeaklySupervisedSegmenter(Inferer):
         lung_mask: np.ndarray | None = None,
         multi_nam: np.ndarray | None = None,
         precision: str | None = None,
+        forward: IncrementalNAM | None = None,
     ) -> SliceResult:
         """Segment one slice ``image`` ``(C, H, W)`` given the classifier's probability and raw NAM, which came from
-        the classifier in ``precision`` (None: the segmenter's, as ``classify`` ran it without confirmation)."""
+        the classifier in ``precision`` (None: the segmenter's, as ``classify`` ran it without confirmation), and, if
+        ``classify`` kept it, the slice's float32 forward (R-NAM starts from it)."""
         spacing = (float(spacing[0]), float(spacing[1]))
         shape = tuple(image.shape[1:])
         empty = np.zeros(shape, np.uint8)
@@ -430,6 +475,7 @@ class WeaklySupervisedSegmenter(Inferer):
                 float(np.clip(fill, 0.0, 1.0)),
                 crop=self.screening.crop,
                 batch_size=self.screening.batch_size,
+                base=forward if screener is network else None,
             )
             result.screen_seconds += time.perf_counter() - clock
             for candidate, score in zip(found, scores):
