@@ -158,6 +158,10 @@ def test_screens_from_the_forward_that_classified_the_slice():
     assert all(c.score > 0 for r in screened for c in r.candidates)
     coarse = WeaklySupervisedSegmenter("coarse", threshold=threshold)
     assert not any(f is not None for f in coarse.classify(x, net).forwards)  # no R-NAM: nothing kept
+    # every mode classifies alike, to the bit (in float32, where a batch's forward rounds otherwise than a slice's)
+    net32, x32 = net.float(), x.float()
+    for key in ("probability", "nam"):
+        np.testing.assert_array_equal(getattr(coarse.classify(x32, net32), key), getattr(seg.classify(x32, net32), key))
 
 
 def test_negative_flat_and_bad_inputs():

@@ -302,9 +302,9 @@ class WeaklySupervisedSegmenter(Inferer):
 
         With ``amp`` on CUDA the batch is classified in mixed precision; the NAMs of the slices called "nodule"
         are then recomputed in float32, so that R-NAM compares maps of one precision. After a reduced CPU
-        ``precision`` the slices at ``confirm_from`` or above are classified again in float32. Where R-NAM screens
-        on the CPU from float32 forwards (``keeps_forwards``), the float32 forwards run slice by slice and keep the
-        layers of the slices called "nodule" (on a CPU one slice at a time is as fast as a batch).
+        ``precision`` the slices at ``confirm_from`` or above are classified again in float32. On the CPU the float32
+        forwards run slice by slice (as fast as a batch there) and, where R-NAM screens from them
+        (``keeps_forwards``), keep the layers of the slices called "nodule".
         """
         self._check_inputs(inputs)
         reference = unwrap(network)
@@ -321,7 +321,7 @@ class WeaklySupervisedSegmenter(Inferer):
         confirmed = np.zeros(inputs.shape[0], bool)
         forwards: list[IncrementalNAM | None] = [None] * inputs.shape[0]
         with torch.no_grad():
-            if network is reference and keep:
+            if network is reference and not inputs.is_cuda:
                 logits, nams, forwards = self._float32_forwards(reference, inputs, keep)
             else:
                 with torch.autocast("cuda", enabled=amp):
@@ -361,16 +361,16 @@ class WeaklySupervisedSegmenter(Inferer):
     def _float32_forwards(
         self, network: Callable, inputs: torch.Tensor, keep: bool
     ) -> tuple[torch.Tensor, torch.Tensor, list[IncrementalNAM | None]]:
-        """Logits ``(B, 2)`` and NAMs ``(B, 1, H, W)`` of ``inputs`` through the float32 ``network``, in one batch,
-        or with ``keep`` slice by slice, keeping the forward of each slice at the threshold or above."""
-        if not keep:
-            return (*logits_and_nam(network, inputs), [None] * inputs.shape[0])
+        """Logits ``(B, 2)`` and NAMs ``(B, 1, H, W)`` of ``inputs`` through the float32 ``network`` on the CPU, slice
+        by slice (as fast as a batch there, and every mode gets the same numbers), with ``keep`` through
+        ``IncrementalNAM`` (the same forward), keeping it for each slice at the threshold or above."""
         logits, nams, kept = [], [], []
         for image in inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs:
-            forward = IncrementalNAM(network, image)
-            logits.append(forward.logits())
-            nams.append(forward.nam())
-            positive = float(torch.softmax(logits[-1].float(), dim=1)[0, 1]) >= self.threshold
+            forward = IncrementalNAM(network, image) if keep else None
+            logit, nam = (forward.logits(), forward.nam()) if keep else logits_and_nam(network, image[None])
+            logits.append(logit)
+            nams.append(nam)
+            positive = float(torch.softmax(logit.float(), dim=1)[0, 1]) >= self.threshold
             kept.append(forward if positive else None)
         return torch.cat(logits), torch.cat(nams), kept
 
