@@ -13,7 +13,9 @@ from scripts.pipeline.candidates import (
     dense_phases,
     extract_candidates,
     parenchyma_value,
+    side_tissue,
     split_attached,
+    split_vessels,
     trim_partial_volume,
 )
 from scripts.pipeline.icm import icm_segmentation
@@ -150,6 +152,54 @@ def test_ground_glass_beside_a_vessel_is_kept_apart_from_it():
     part_solid = paint(paint(chest(1)[0], disk((80, 55), 19), -650.0), disk((80, 55), 14), 30.0)
     scope = disk((80, 55), 28)
     assert len(candidates(part_solid, scope)[0]) == len(candidates(part_solid, scope, side_tissue_px=0.0)[0])
+
+
+def whole_slice_candidates(labels, means, region, lungs, hu, rules: dict) -> list[np.ndarray]:
+    """The candidates' masks as the building blocks give them on the whole slice, each component's mask the size of
+    the slice, in raster order of their first pixel (what ``extract_candidates`` does on each component's box)."""
+    parenchyma = parenchyma_value(labels, means, lungs, rules["min_value"])
+    phases = dense_phases(means, rules["min_value"], rules["rule"], parenchyma, rules["margin_hu"])
+    components, n = ndimage.label(np.isin(labels, phases) & region, np.ones((3, 3), bool))
+    masks = []
+    for k in range(1, n + 1):
+        core = trim_partial_volume(components == k, hu, parenchyma, rules["trim_iterations"])
+        masks += [core, *side_tissue(components == k, core, hu, parenchyma, rules["side_px"])]
+    neck, vessel = rules["split_mm"] / np.array(SPACING), rules["split_vessel_mm"] / np.array(SPACING)
+    pieces = [p for m in masks if m.any() for p in split_vessels(m, vessel, neck, rules["drop_thin"])]
+    found = []
+    for piece in pieces:
+        parts, count = ndimage.label(piece, np.ones((3, 3), bool))
+        found += [
+            parts == j for j in range(1, count + 1) if (parts == j).sum() * np.prod(SPACING) >= rules["min_area_mm2"]
+        ]
+    return sorted(found, key=lambda m: np.flatnonzero(m)[0])
+
+
+@pytest.mark.parametrize("corner", [(0, 0), (60, 45), (75, 40)])
+def test_each_component_on_its_box_gives_the_whole_slice_s_candidates(corner):
+    """``extract_candidates`` works on each component's box grown by what its steps reach: the same candidates as
+    the building blocks on the whole slice, with the default rules (trim, side tissue, vessel and neck splits), for
+    components inside the slice and cut by its edges (the slice cropped at ``corner``)."""
+    hu, parenchyma = chest(6)
+    vessel, ground_glass = disk((80, 52), 7), disk((80, 64), 5) & ~disk((80, 52), 7)
+    rows, cols = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    attached = (rows == 100) & (cols > 140) & (cols < 165)
+    hu = paint(paint(hu, vessel | disk((100, 140), 6) | attached, 30.0), ground_glass, -650.0)
+    hu = paint(hu, disk((60, 130), 4), -500.0)
+    crop = (slice(corner[0], None), slice(corner[1], None))
+    hu, lungs = hu[crop], parenchyma[crop]
+    labels, means = icm_segmentation(hu, lungs, **asdict(ICMSettings()))
+    rules = {**CandidateSettings().extract_arguments(ICMSettings()), "refit": None}
+    region = lungs.copy()
+    found = extract_candidates(labels, means, region, lungs, SPACING, hu=hu, **rules)
+    expected = whole_slice_candidates(labels, means, region, lungs, hu, rules)
+    assert len(found) == len(expected) >= 6
+    assert corner == (0, 0) or any(c.bbox[0] == 0 or c.bbox[1] == 0 for c in found)  # one cut by the slice's edge
+    for candidate, mask in zip(found, expected):
+        np.testing.assert_array_equal(candidate.mask, mask)
+        r, c = np.nonzero(mask)
+        assert candidate.bbox == (r.min(), c.min(), r.max() + 1, c.max() + 1)
+        assert candidate.area_mm2 == pytest.approx(mask.sum() * np.prod(SPACING))
 
 
 def test_trim_and_split_helpers():

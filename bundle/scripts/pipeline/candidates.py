@@ -273,32 +273,44 @@ def extract_candidates(
         return []
     dense = np.isin(labels, dense_phases(means, min_value, rule, parenchyma, margin_hu)) & region
     pixel_mm2 = float(spacing[0]) * float(spacing[1])
+    values = None if hu is None else np.asarray(hu, np.float64)
+    trim = trim and np.isfinite(parenchyma)
+    radius = float(split_mm) / np.asarray(spacing, dtype=float)
+    vessel = float(split_vessel_mm) / np.asarray(spacing, dtype=float)
+    # each component is worked on in its box grown by what the steps reach beyond it (the side tissue's edge, 1 px;
+    # the splits' pad), so that scipy's operators cost the box, not the slice: the same pixels as on the whole slice
+    reach = max([side_px if trim else 0.0, *(radius if split_mm > 0 else ()), *(vessel if split_vessel_mm > 0 else ())])
+    margin = int(np.ceil(reach)) + 1
     components = connected_components(dense, connectivity=2)
-    masks = [components == k for k in range(1, int(components.max()) + 1)]
-    if trim and np.isfinite(parenchyma):
-        values = np.asarray(hu, np.float64)
-        trimmed = []
-        for m in masks:
-            core = trim_partial_volume(m, values, parenchyma, trim_iterations)
-            trimmed += [core] + (side_tissue(m, core, values, parenchyma, side_px) if side_px > 0 else [])
-        masks = trimmed
-    if split_mm > 0:
-        radius = float(split_mm) / np.asarray(spacing, dtype=float)
-        vessel = float(split_vessel_mm) / np.asarray(spacing, dtype=float)
-        pieces = [
-            split_vessels(m, vessel, radius, drop_thin) if split_vessel_mm > 0 else split_attached(m, radius, drop_thin)
-            for m in masks
-            if m.any()
-        ]
-        masks = [piece for split in pieces for piece in split]
-    found = []
-    for mask in masks:
-        for prop in regionprops(connected_components(mask, connectivity=2)):
-            area = prop.area * pixel_mm2
-            if area >= min_area_mm2:
-                r0, c0, r1, c1 = prop.bbox
-                piece = np.zeros(labels.shape, bool)
-                piece[r0:r1, c0:c1] = prop.image
-                found.append(Candidate(mask=piece, area_mm2=float(area), bbox=(r0, c0, r1, c1)))
-    found.sort(key=lambda c: np.flatnonzero(c.mask.ravel())[0])
-    return found
+    found = []  # (raster index of the first pixel, candidate)
+    for k, box in enumerate(ndimage.find_objects(components), start=1):
+        window = tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, labels.shape))
+        top, left = window[0].start, window[1].start
+        masks = [components[window] == k]
+        if trim:
+            core = trim_partial_volume(masks[0], values[window], parenchyma, trim_iterations)
+            sides = side_tissue(masks[0], core, values[window], parenchyma, side_px) if side_px > 0 else []
+            masks = [core, *sides]
+        if split_mm > 0:
+            masks = [
+                piece
+                for m in masks
+                if m.any()
+                for piece in (
+                    split_vessels(m, vessel, radius, drop_thin)
+                    if split_vessel_mm > 0
+                    else split_attached(m, radius, drop_thin)
+                )
+            ]
+        for mask in masks:
+            for prop in regionprops(connected_components(mask, connectivity=2)):
+                area = prop.area * pixel_mm2
+                if area >= min_area_mm2:
+                    r0, c0, r1, c1 = prop.bbox
+                    piece = np.zeros(labels.shape, bool)
+                    piece[top + r0 : top + r1, left + c0 : left + c1] = prop.image
+                    first = (top + r0) * labels.shape[1] + left + c0 + int(np.argmax(prop.image[0]))
+                    bbox = (top + r0, left + c0, top + r1, left + c1)
+                    found.append((first, Candidate(mask=piece, area_mm2=float(area), bbox=bbox)))
+    found.sort(key=lambda item: item[0])
+    return [candidate for _, candidate in found]
