@@ -1,12 +1,22 @@
 """ICM multi-phase segmentation and candidate extraction."""
 
+import importlib.util
+import sys
+
 import numpy as np
 import pytest
 from scripts.pipeline.candidates import dense_phases, extract_candidates, parenchyma_value
 from scripts.pipeline.icm import icm_segmentation
 from scripts.pipeline.lungs import segment_lungs
 
+from conftest import REPO
+
 MEANS = np.array([-850.0, -500.0, -100.0, 40.0])
+
+spec = importlib.util.spec_from_file_location("bench_icm", REPO / "bench" / "bench_icm.py")
+bench_icm = importlib.util.module_from_spec(spec)
+sys.modules["bench_icm"] = bench_icm
+spec.loader.exec_module(bench_icm)
 
 
 def phantom(noise: float = 60.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -25,6 +35,20 @@ def test_recovers_known_phases():
     assert set(np.unique(labels)) == {1, 2, 3, 4}
     assert (labels - 1 == truth).mean() > 0.99
     np.testing.assert_allclose(means, MEANS, atol=10)
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+def test_equals_the_sequential_per_pixel_updates(beta):
+    """The vectorised sweeps (a colour class at a time, neighbour counts from shifted views) are ICM's per-pixel
+    updates in raster order within each class (``bench/bench_icm.py``'s loop), to the label, under a mask whose box
+    starts on odd rows and columns."""
+    image, _ = phantom(noise=110.0, seed=5)
+    image = image[:45, 30:77]
+    rows, cols = np.mgrid[:45, :47]
+    mask = ((rows - 25) / 20) ** 2 + ((cols - 25) / 22) ** 2 <= 1  # box from row 5, column 3
+    labels, _ = icm_segmentation(image, mask, beta=beta)
+    np.testing.assert_array_equal(labels, bench_icm.icm_loop(image, mask, beta=beta))
+    assert len(np.unique(labels[mask])) == 4
 
 
 def test_beta_removes_speckle():

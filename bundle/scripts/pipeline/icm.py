@@ -49,6 +49,18 @@ def _estimate(values: np.ndarray, labels: np.ndarray, means: np.ndarray, varianc
     return means, variances
 
 
+def _first_minimum(energies: np.ndarray) -> np.ndarray:
+    """``np.argmin(energies, axis=0)`` as int8 (the first phase of the lowest energy), by one comparison per phase:
+    numpy's argmin along the first axis walks the array across its memory layout."""
+    best = np.zeros(energies.shape[1:], np.int8)
+    lowest = energies[0]
+    for k in range(1, energies.shape[0]):
+        lower = energies[k] < lowest
+        best[lower] = k
+        lowest = np.where(lower, energies[k], lowest)
+    return best
+
+
 def icm_segmentation(
     image: np.ndarray,
     mask: np.ndarray | None = None,
@@ -102,32 +114,35 @@ def icm_segmentation(
     means, variances = _estimate(values, lab, np.zeros(phases), np.full(phases, min_var), min_var)
 
     h, w = img.shape
-    padded = np.full((h + 2, w + 2), -1, np.int8)  # -1 outside the mask: never equal to a phase
-    core = padded[1:-1, 1:-1]
-    core[inside] = lab
+    labels = np.full((h, w), -1, np.int8)  # -1 outside the mask: never equal to a phase
+    labels[inside] = lab
+    # phase k's pixels, with a rim of zeros: a pixel's count of neighbours in phase k is a sum of 8 shifted views
+    member = np.zeros((phases, h + 2, w + 2), np.int8)
+    member[:, 1:-1, 1:-1] = labels[None] == np.arange(phases)[:, None, None]
     for _ in range(max_sweeps):
         data = (img[None] - means[:, None, None]) ** 2 / (2 * variances[:, None, None])
         data += 0.5 * np.log(variances)[:, None, None]
         changed = 0
         for r0, c0 in COLOURS:
-            centre = padded[1 + r0 : 1 + h : 2, 1 + c0 : 1 + w : 2]
-            neighbours = np.stack(
-                [padded[1 + r0 + dr : 1 + h + dr : 2, 1 + c0 + dc : 1 + w + dc : 2] for dr, dc in NEIGHBOUR_OFFSETS]
-            )
+            centre, sub_inside = labels[r0::2, c0::2], inside[r0::2, c0::2]
+            same = np.zeros((phases, *centre.shape), np.int8)
+            for dr, dc in NEIGHBOUR_OFFSETS:
+                same += member[:, 1 + r0 + dr : 1 + h + dr : 2, 1 + c0 + dc : 1 + w + dc : 2]
             # minimising beta * #different == minimising -beta * #same (the neighbour count is fixed)
-            same = np.stack([(neighbours == k).sum(0, dtype=np.int8) for k in range(phases)])
-            best = np.argmin(data[:, r0::2, c0::2] - beta * same, axis=0)
-            sub_inside = inside[r0::2, c0::2]
-            changed += int(np.count_nonzero(best[sub_inside] != centre[sub_inside]))
-            centre[sub_inside] = best[sub_inside]
+            best = _first_minimum(data[:, r0::2, c0::2] - beta * same)
+            moved = sub_inside & (best != centre)
+            if moved.any():
+                changed += int(np.count_nonzero(moved))
+                centre[moved] = best[moved]
+                member[:, 1 + r0 : 1 + h : 2, 1 + c0 : 1 + w : 2] = centre[None] == np.arange(phases)[:, None, None]
         if changed == 0:
             break
-        means, variances = _estimate(values, core[inside], means, variances, min_var)
+        means, variances = _estimate(values, labels[inside], means, variances, min_var)
 
-    counts = np.bincount(core[inside], minlength=phases)
+    counts = np.bincount(labels[inside], minlength=phases)
     means = np.where(counts > 0, means, np.nan)
     order = np.argsort(np.where(np.isnan(means), np.inf, means), kind="stable")
     rank = np.empty(phases, np.int32)
     rank[order] = np.arange(1, phases + 1, dtype=np.int32)
-    labels_out[box][inside] = rank[core[inside]]
+    labels_out[box][inside] = rank[labels[inside]]
     return labels_out, means[order]
