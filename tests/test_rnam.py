@@ -6,8 +6,16 @@ import torch
 from scripts.networks.gap_classifier import GAPClassifier
 from scripts.networks.precision import cpu_has_bf16
 from scripts.networks.runtime import BFloat16Classifier
+from scripts.pipeline import screen
 from scripts.pipeline.classify import logits_and_nam
-from scripts.pipeline.screen import IncrementalNAM, crop_window, fill_candidates, rnam_scores, supports_incremental
+from scripts.pipeline.screen import (
+    IncrementalNAM,
+    _groups,
+    crop_window,
+    fill_candidates,
+    rnam_scores,
+    supports_incremental,
+)
 from torch import nn
 
 
@@ -197,6 +205,47 @@ def test_kept_forward_is_the_network_s_and_screens_without_a_forward(gap_levels)
     assert np.abs(rnam_scores(net, image, None, scope, masks, 0.1, base=other) - full).max() > 1e-3 * full.max()
     with pytest.raises(ValueError, match="kept forward"):
         rnam_scores(net, image[:, :64, :64], None, scope[:64, :64], masks[:, :64, :64], 0.1, base=kept)
+
+
+@pytest.mark.parametrize("gap_levels", [1, 3])
+def test_window_cost_counts_the_layers_recomputed(gap_levels):
+    """``window_cost`` of the whole image is the multiply-adds of the forward's windowed layers up to the heads (each
+    output pixel: in-channels x out-channels x kernel for a convolution, channels x kernel for a pooling), counted
+    here from the outputs the layers give; a smaller window costs less."""
+    net = small_classifier(gap_levels)
+    image = random_slice(64).double()
+    kept = IncrementalNAM(net, image)
+    counted = []
+
+    def count(module, args, out):
+        per_pixel = module.weight.numel() if isinstance(module, nn.Conv2d) else out.shape[1] * module.kernel_size**2
+        counted.append(out.shape[2] * out.shape[3] * per_pixel)
+
+    layers = [*net.features[: max(net.tap_indices) + 1], *(layer for head in net.heads for layer in head)]
+    for layer in layers:
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
+            layer.register_forward_hook(count)
+    with torch.no_grad():
+        net.forward_with_nam(image[None])
+    assert kept.window_cost((0, 64), (0, 64)) == sum(counted)
+    assert 0 < kept.window_cost((30, 31), (30, 31)) < kept.window_cost((20, 40), (20, 40)) < sum(counted)
+
+
+def test_candidates_near_each_other_share_a_window(monkeypatch):
+    """Left to the segmenter (``batch_size`` None), candidates next to each other are recomputed in one window and one
+    far from them in its own (with a group's overhead of 5 % of a whole forward here); a candidate
+    without pixels is in none and scores 0."""
+    net = small_classifier(1).float()
+    image = random_slice(128)
+    kept = IncrementalNAM(net, image)
+    monkeypatch.setattr(screen, "GROUP_OVERHEAD_MACS", 0.05 * kept.window_cost((0, 128), (0, 128)))
+    masks = np.zeros((4, 128, 128), bool)
+    masks[0, 10:14, 10:14], masks[1, 10:14, 16:20], masks[3, 110:114, 110:114] = True, True, True
+    assert [g.tolist() for g in _groups(kept, masks, None)] == [[0, 1], [3]]
+    assert [g.tolist() for g in _groups(kept, masks, 2)] == [[0, 1], [3]]
+    assert [g.tolist() for g in _groups(kept, masks, 1)] == [[0], [1], [3]]
+    scores = rnam_scores(net, image, None, np.ones((128, 128), bool), masks, 0.1, base=kept)
+    assert scores[2] == 0 and (scores[[0, 1, 3]] > 0).all()
 
 
 def test_incremental_keeps_masked_copies_out_of_the_full_network():

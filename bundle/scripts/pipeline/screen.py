@@ -218,6 +218,24 @@ def _advance_all(
     return changed, kept
 
 
+def _window_after(
+    layer: nn.Module, cached: torch.Tensor | None, spans: list[tuple[int, int]]
+) -> tuple[list[tuple[int, int]] | None, float]:
+    """The output window ``[(o0, o1), (q0, q1)]`` of ``layer`` that a change in ``spans`` reaches, and the
+    multiply-adds of recomputing it for one copy (None, 0 when the change does not reach the output)."""
+    if cached is None:  # elementwise: the window stays; its cost is small beside a convolution's
+        return spans, 0.0
+    kernel, stride, padding = _geometry(layer)
+    out = [
+        _reach(start, stop, cached.shape[2 + axis], kernel[axis], stride[axis], padding[axis])[:2]
+        for axis, (start, stop) in enumerate(spans)
+    ]
+    if any(stop <= start for start, stop in out):
+        return None, 0.0
+    per_pixel = layer.weight.numel() if isinstance(layer, nn.Conv2d) else cached.shape[1] * kernel[0] * kernel[1]
+    return out, float((out[0][1] - out[0][0]) * (out[1][1] - out[1][0]) * per_pixel)
+
+
 class IncrementalNAM:
     """One image's forward, every layer's input kept, from which the NAM change of masked copies of the image is
     recomputed only in the windows the masks change.
@@ -253,6 +271,26 @@ class IncrementalNAM:
     def nam(self) -> torch.Tensor:
         """The image's raw NAM ``(1, 1, H, W)``."""
         return self.network.nam_of([base for _, _, base, _ in self.heads], list(self.size))
+
+    def window_cost(self, rows: tuple[int, int], cols: tuple[int, int]) -> float:
+        """Multiply-adds of recomputing one masked copy whose change lies in input rows ``[rows)`` and columns
+        ``[cols)``: the windows ``__call__`` recomputes, layer by layer."""
+        spans, total, at_taps = [rows, cols], 0.0, {}
+        for index, (layer, cached) in enumerate(zip(self.layers, self.inputs)):
+            spans, macs = _window_after(layer, cached, spans)
+            if spans is None:
+                break
+            total += macs
+            if index in self.taps:
+                at_taps[index] = spans
+        for tap, (layers, inputs, _, _) in zip(self.taps, self.heads):
+            spans = at_taps.get(tap)
+            for layer, cached in zip(layers, inputs):
+                if spans is None:
+                    break
+                spans, macs = _window_after(layer, cached, spans)
+                total += macs
+        return total
 
     def __call__(self, changed: _Changed) -> torch.Tensor:
         """``(N, H, W)`` float64 change of the NAM, ``NAM_{I \\ R_j} - NAM_I``, given the changed input window."""
@@ -373,18 +411,44 @@ def _incremental_scores(
     batch_size: int | None,
 ) -> np.ndarray:
     """The scores of ``masks`` ``(N, H, W)`` on ``image`` ``(C, H, W)``, whose forward ``nam_change`` kept."""
-    sub_scope = torch.as_tensor(scope, device=image.device)
-    step = batch_size or masks.shape[0]
-    scores = []
-    for i in range(0, masks.shape[0], step):
-        chunk = masks[i : i + step]
-        # one window for the batch: the candidates' union box (no candidate there: nothing changes)
+    scope_t = torch.as_tensor(scope, device=image.device)
+    scores = np.zeros(masks.shape[0])  # a candidate without pixels changes nothing
+    for group in _groups(nam_change, masks, batch_size):
+        chunk = masks[group]
+        # one window for the group: the candidates' union box
         rows_on, cols_on = np.nonzero(chunk.any(axis=(0, 2)))[0], np.nonzero(chunk.any(axis=(0, 1)))[0]
-        if rows_on.size == 0:
-            scores.append(np.zeros(len(chunk)))
-            continue
         box = slice(rows_on[0], rows_on[-1] + 1), slice(cols_on[0], cols_on[-1] + 1)
         filled = fill_candidates(image[:, box[0], box[1]], chunk[:, box[0], box[1]], fill_value)
-        diff = nam_change(_Changed(int(rows_on[0]), int(cols_on[0]), filled)) * sub_scope[None]
-        scores.append((diff**2).sum(dim=(1, 2)).cpu().numpy())
-    return np.concatenate(scores)
+        diff = nam_change(_Changed(int(rows_on[0]), int(cols_on[0]), filled)) * scope_t[None]
+        scores[group] = (diff**2).sum(dim=(1, 2)).cpu().numpy()
+    return scores
+
+
+# what recomputing a group of copies in one window costs besides its multiply-adds (a pass of Python over the layers),
+# in multiply-adds; *inferred* from real slices at widths 0.125 and 1 (docs/benchmarks.md)
+GROUP_OVERHEAD_MACS = 2e8
+
+
+def _groups(nam_change: IncrementalNAM, masks: np.ndarray, batch_size: int | None) -> list[np.ndarray]:
+    """The candidates recomputed together, each group in one window (its union box), candidates without pixels left
+    out: ``batch_size`` at a time in turn, or (None) each candidate in turn joins the last group when the group's
+    copies and its own cost less in the grown window than apart (``IncrementalNAM.window_cost``, plus
+    ``GROUP_OVERHEAD_MACS`` a group): candidates close together share a window, those far apart do not pay for the
+    space between them."""
+    present = np.flatnonzero(masks.any(axis=(1, 2)))
+    if batch_size:
+        return [present[i : i + batch_size] for i in range(0, present.size, batch_size)]
+    groups: list[tuple[list[int], list[int], float]] = []  # members, union box (r0, r1, c0, c1), its window's cost
+    for j in present:
+        rows_on, cols_on = np.flatnonzero(masks[j].any(axis=1)), np.flatnonzero(masks[j].any(axis=0))
+        box = [int(rows_on[0]), int(rows_on[-1]) + 1, int(cols_on[0]), int(cols_on[-1]) + 1]
+        own = nam_change.window_cost(tuple(box[:2]), tuple(box[2:]))
+        if groups:
+            members, union, cost = groups[-1]
+            merged = [min(union[0], box[0]), max(union[1], box[1]), min(union[2], box[2]), max(union[3], box[3])]
+            merged_cost = nam_change.window_cost(tuple(merged[:2]), tuple(merged[2:]))
+            if (len(members) + 1) * merged_cost <= len(members) * cost + own + GROUP_OVERHEAD_MACS:
+                groups[-1] = (members + [j], merged, merged_cost)
+                continue
+        groups.append(([j], box, own))
+    return [np.asarray(members) for members, _, _ in groups]
