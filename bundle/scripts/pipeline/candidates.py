@@ -274,12 +274,13 @@ def extract_candidates(
     dense = np.isin(labels, dense_phases(means, min_value, rule, parenchyma, margin_hu)) & region
     pixel_mm2 = float(spacing[0]) * float(spacing[1])
     values = None if hu is None else np.asarray(hu, np.float64)
-    trim = trim and np.isfinite(parenchyma)
+    trimming = trim and np.isfinite(parenchyma)  # no parenchyma level: nothing to cut at
     radius = float(split_mm) / np.asarray(spacing, dtype=float)
     vessel = float(split_vessel_mm) / np.asarray(spacing, dtype=float)
     # each component is worked on in its box grown by what the steps reach beyond it (the side tissue's edge, 1 px;
     # the splits' pad), so that scipy's operators cost the box, not the slice: the same pixels as on the whole slice
-    reach = max([side_px if trim else 0.0, *(radius if split_mm > 0 else ()), *(vessel if split_vessel_mm > 0 else ())])
+    splits = [*(radius if split_mm > 0 else ()), *(vessel if split_vessel_mm > 0 else ())]
+    reach = max([side_px if trimming else 0.0, *splits])
     margin = int(np.ceil(reach)) + 1
     components = connected_components(dense, connectivity=2)
     found = []  # (raster index of the first pixel, candidate)
@@ -287,7 +288,7 @@ def extract_candidates(
         window = tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, labels.shape))
         top, left = window[0].start, window[1].start
         masks = [components[window] == k]
-        if trim:
+        if trimming:
             core = trim_partial_volume(masks[0], values[window], parenchyma, trim_iterations)
             sides = side_tissue(masks[0], core, values[window], parenchyma, side_px) if side_px > 0 else []
             masks = [core, *sides]
