@@ -352,7 +352,8 @@ def rnam_scores(
         fill_value: value (in network input units) written into a candidate.
         crop: use the exact shortcuts (see the module docstring); False: full forwards of the full image,
             the reference path.
-        batch_size: copies per forward (None: all in one batch).
+        batch_size: copies per forward, or per window on the incremental path (None: all in one batch, or on the
+            incremental path nearby candidates together and distant ones apart, ``_groups``).
         incremental: with ``crop``, recompute only what each candidate changes when ``supports_incremental``
             (False: full forwards of the crop).
         base: the image's forward through ``network`` with its layers kept (``IncrementalNAM(network, image)``,

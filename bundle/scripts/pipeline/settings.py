@@ -127,7 +127,8 @@ class ScreeningSettings:
     Args:
         crop: compute R-NAMs on the exact stride-aligned crop around the scope and, for a ``GAPClassifier``, recompute
             only the window each candidate changes (the same scores; False: the full image, the reference).
-        batch_size: masked copies per forward (None: all at once); it changes the speed, not the scores.
+        batch_size: masked copies per forward or window (None: all at once, or on the incremental path nearby
+            candidates together, ``screen._groups``); it changes the speed, not the scores (beyond float rounding).
         reduced_precision: with the segmenter's ``precision`` bfloat16, R-NAM screens in bfloat16 too (on the
             incremental path; R-NAM 2x faster); off, or in int8 or float32: float32. R-NAM's pick stayed float32's on
             98.9 % / 97.6 % of the positive slices of the quick start's model / a width-1 model screening in
