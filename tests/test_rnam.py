@@ -241,9 +241,9 @@ def test_candidates_near_each_other_share_a_window(monkeypatch):
     monkeypatch.setattr(screen, "GROUP_OVERHEAD_MACS", 0.05 * kept.window_cost((0, 128), (0, 128)))
     masks = np.zeros((4, 128, 128), bool)
     masks[0, 10:14, 10:14], masks[1, 10:14, 16:20], masks[3, 110:114, 110:114] = True, True, True
-    assert [g.tolist() for g in _groups(kept, masks, None)] == [[0, 1], [3]]
-    assert [g.tolist() for g in _groups(kept, masks, 2)] == [[0, 1], [3]]
-    assert [g.tolist() for g in _groups(kept, masks, 1)] == [[0], [1], [3]]
+    assert [g.tolist() for g, _ in _groups(kept, masks, None)] == [[0, 1], [3]]
+    assert [g.tolist() for g, _ in _groups(kept, masks, 2)] == [[0, 1], [3]]
+    assert [g.tolist() for g, _ in _groups(kept, masks, 1)] == [[0], [1], [3]]
     scores = rnam_scores(net, image, None, np.ones((128, 128), bool), masks, 0.1, base=kept)
     assert scores[2] == 0 and (scores[[0, 1, 3]] > 0).all()
 

@@ -117,8 +117,9 @@ def icm_segmentation(
     labels = np.full((h, w), -1, np.int8)  # -1 outside the mask: never equal to a phase
     labels[inside] = lab
     # phase k's pixels, with a rim of zeros: a pixel's count of neighbours in phase k is a sum of 8 shifted views
+    phase_ids = np.arange(phases, dtype=np.int8)[:, None, None]
     member = np.zeros((phases, h + 2, w + 2), np.int8)
-    member[:, 1:-1, 1:-1] = labels[None] == np.arange(phases)[:, None, None]
+    member[:, 1:-1, 1:-1] = labels[None] == phase_ids
     for _ in range(max_sweeps):
         data = (img[None] - means[:, None, None]) ** 2 / (2 * variances[:, None, None])
         data += 0.5 * np.log(variances)[:, None, None]
@@ -134,7 +135,7 @@ def icm_segmentation(
             if moved.any():
                 changed += int(np.count_nonzero(moved))
                 centre[moved] = best[moved]
-                member[:, 1 + r0 : 1 + h : 2, 1 + c0 : 1 + w : 2] = centre[None] == np.arange(phases)[:, None, None]
+                member[:, 1 + r0 : 1 + h : 2, 1 + c0 : 1 + w : 2] = centre[None] == phase_ids
         if changed == 0:
             break
         means, variances = _estimate(values, labels[inside], means, variances, min_var)

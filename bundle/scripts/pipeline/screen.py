@@ -14,9 +14,9 @@ Two exact shortcuts, both on by default:
   R_j, so a layer's activations differ only inside R_j's box grown by the layers' reach (1 px per 3x3
   convolution, halved by each pooling). The unmasked image runs once with every layer's input kept
   (``IncrementalNAM``; the segmenter keeps the one that classified the slice, and the crop is then not
-  needed); the copies then recompute, layer by layer, only that window (one window for a batch: the union),
-  reading its surroundings from the kept inputs. The NAM is linear in the head activations, so the NAM change is the
-  upsampled change of the head NAMs, each non-zero only in its head's window.
+  needed); the copies then recompute, layer by layer, only that window (one window for a group of nearby
+  candidates: their union), reading its surroundings from the kept inputs. The NAM is linear in the head
+  activations, so the NAM change is the upsampled change of the head NAMs, each non-zero only in its head's window.
 
 The bfloat16 classifier (``scripts.networks.runtime.BFloat16Classifier``) takes the incremental path too, with its
 own split: the layers before its ``float32_prefix`` in float32, the rest and the heads' convolutions in bfloat16
@@ -26,6 +26,7 @@ autocast, the NAM change summed in float32.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -172,19 +173,31 @@ def _padded_window(cached: torch.Tensor, padding: tuple[int, int], rows: slice, 
     return patch
 
 
+def _spans(
+    geometry: tuple[tuple[int, int], ...], cached: torch.Tensor, spans: Sequence[tuple[int, int]]
+) -> list[tuple[int, int, int, int]] | None:
+    """Per axis, ``_reach`` of a windowed layer of ``geometry`` (kernel, stride, padding) whose input ``cached``
+    changes in ``spans`` (``[start, stop)`` per axis); None when the change reaches no output (e.g. only the odd last
+    row, which pooling drops, changed)."""
+    kernel, stride, padding = geometry
+    out = [
+        _reach(start, stop, cached.shape[2 + axis], kernel[axis], stride[axis], padding[axis])
+        for axis, (start, stop) in enumerate(spans)
+    ]
+    return None if any(o1 <= o0 for o0, o1, _, _ in out) else out
+
+
 def _advance(layer: nn.Module, cached: torch.Tensor | None, changed: _Changed) -> _Changed | None:
     """Apply ``layer`` to the masked copies inside the window only (None: the change does not reach its output)."""
     if cached is None:  # elementwise: the window stays
         return _Changed(changed.top, changed.left, layer(changed.values))
-    kernel, stride, padding = _geometry(layer)
-    spans = []
-    for axis, start in ((0, changed.top), (1, changed.left)):
-        stop = start + changed.values.shape[2 + axis]
-        size = cached.shape[2 + axis]
-        spans.append(_reach(start, stop, size, kernel[axis], stride[axis], padding[axis]))
-    (o0, o1, i0, i1), (q0, q1, j0, j1) = spans
-    if o1 <= o0 or q1 <= q0:  # e.g. only the odd last row, which pooling drops, changed
+    geometry = _geometry(layer)
+    padding = geometry[2]
+    height, width = changed.values.shape[2:]
+    spans = _spans(geometry, cached, [(changed.top, changed.top + height), (changed.left, changed.left + width)])
+    if spans is None:
         return None
+    (o0, o1, i0, i1), (q0, q1, j0, j1) = spans
     # the inputs the window's outputs read: the cache, with the changed window pasted over it (the window may
     # stick out of the read span on the far side when pooling drops an odd last row or column)
     patch = _padded_window(cached, padding, slice(i0, i1), slice(j0, j1), len(changed.values))
@@ -225,13 +238,12 @@ def _window_after(
     multiply-adds of recomputing it for one copy (None, 0 when the change does not reach the output)."""
     if cached is None:  # elementwise: the window stays; its cost is small beside a convolution's
         return spans, 0.0
-    kernel, stride, padding = _geometry(layer)
-    out = [
-        _reach(start, stop, cached.shape[2 + axis], kernel[axis], stride[axis], padding[axis])[:2]
-        for axis, (start, stop) in enumerate(spans)
-    ]
-    if any(stop <= start for start, stop in out):
+    geometry = _geometry(layer)
+    reached = _spans(geometry, cached, spans)
+    if reached is None:
         return None, 0.0
+    out = [(o0, o1) for o0, o1, _, _ in reached]
+    kernel = geometry[0]
     per_pixel = layer.weight.numel() if isinstance(layer, nn.Conv2d) else cached.shape[1] * kernel[0] * kernel[1]
     return out, float((out[0][1] - out[0][0]) * (out[1][1] - out[1][0]) * per_pixel)
 
@@ -414,13 +426,9 @@ def _incremental_scores(
     """The scores of ``masks`` ``(N, H, W)`` on ``image`` ``(C, H, W)``, whose forward ``nam_change`` kept."""
     scope_t = torch.as_tensor(scope, device=image.device)
     scores = np.zeros(masks.shape[0])  # a candidate without pixels changes nothing
-    for group in _groups(nam_change, masks, batch_size):
-        chunk = masks[group]
-        # one window for the group: the candidates' union box
-        rows_on, cols_on = np.nonzero(chunk.any(axis=(0, 2)))[0], np.nonzero(chunk.any(axis=(0, 1)))[0]
-        box = slice(rows_on[0], rows_on[-1] + 1), slice(cols_on[0], cols_on[-1] + 1)
-        filled = fill_candidates(image[:, box[0], box[1]], chunk[:, box[0], box[1]], fill_value)
-        diff = nam_change(_Changed(int(rows_on[0]), int(cols_on[0]), filled)) * scope_t[None]
+    for group, (r0, r1, c0, c1) in _groups(nam_change, masks, batch_size):
+        filled = fill_candidates(image[:, r0:r1, c0:c1], masks[group, r0:r1, c0:c1], fill_value)
+        diff = nam_change(_Changed(r0, c0, filled)) * scope_t[None]
         scores[group] = (diff**2).sum(dim=(1, 2)).cpu().numpy()
     return scores
 
@@ -429,27 +437,43 @@ def _incremental_scores(
 # in multiply-adds; *inferred* from real slices at widths 0.125 and 1 (docs/benchmarks.md)
 GROUP_OVERHEAD_MACS = 2e8
 
+Box = tuple[int, int, int, int]  # rows [r0, r1) and columns [c0, c1)
 
-def _groups(nam_change: IncrementalNAM, masks: np.ndarray, batch_size: int | None) -> list[np.ndarray]:
-    """The candidates recomputed together, each group in one window (its union box), candidates without pixels left
-    out: ``batch_size`` at a time in turn, or (None) each candidate in turn joins the last group when the group's
-    copies and its own cost less in the grown window than apart (``IncrementalNAM.window_cost``, plus
-    ``GROUP_OVERHEAD_MACS`` a group): candidates close together share a window, those far apart do not pay for the
-    space between them."""
-    present = np.flatnonzero(masks.any(axis=(1, 2)))
+
+def _union(a: Box, b: Box) -> Box:
+    return min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3])
+
+
+def _groups(nam_change: IncrementalNAM, masks: np.ndarray, batch_size: int | None) -> list[tuple[np.ndarray, Box]]:
+    """The candidates recomputed together and the window each group is recomputed in (the union of its candidates'
+    boxes), candidates without pixels left out: ``batch_size`` at a time in turn, or (None) each candidate in turn
+    joins the last group when the group's copies and its own cost less in the grown window than apart
+    (``IncrementalNAM.window_cost``, plus ``GROUP_OVERHEAD_MACS`` a group): candidates close together share a window,
+    those far apart do not pay for the space between them."""
+    rows_on, cols_on = masks.any(axis=2), masks.any(axis=1)  # (N, H), (N, W)
+    present = np.flatnonzero(rows_on.any(axis=1))
+    boxes = {
+        j: (
+            int(rows_on[j].argmax()),
+            rows_on.shape[1] - int(rows_on[j, ::-1].argmax()),
+            int(cols_on[j].argmax()),
+            cols_on.shape[1] - int(cols_on[j, ::-1].argmax()),
+        )
+        for j in present
+    }
     if batch_size:
-        return [present[i : i + batch_size] for i in range(0, present.size, batch_size)]
-    groups: list[tuple[list[int], list[int], float]] = []  # members, union box (r0, r1, c0, c1), its window's cost
+        chunks = [present[i : i + batch_size] for i in range(0, present.size, batch_size)]
+        return [(chunk, functools.reduce(_union, (boxes[j] for j in chunk))) for chunk in chunks]
+    groups: list[tuple[list[int], Box, float]] = []  # members, their union box, its window's cost
     for j in present:
-        rows_on, cols_on = np.flatnonzero(masks[j].any(axis=1)), np.flatnonzero(masks[j].any(axis=0))
-        box = [int(rows_on[0]), int(rows_on[-1]) + 1, int(cols_on[0]), int(cols_on[-1]) + 1]
-        own = nam_change.window_cost(tuple(box[:2]), tuple(box[2:]))
+        box = boxes[j]
+        own = nam_change.window_cost(box[:2], box[2:])
         if groups:
             members, union, cost = groups[-1]
-            merged = [min(union[0], box[0]), max(union[1], box[1]), min(union[2], box[2]), max(union[3], box[3])]
-            merged_cost = nam_change.window_cost(tuple(merged[:2]), tuple(merged[2:]))
+            merged = _union(union, box)
+            merged_cost = nam_change.window_cost(merged[:2], merged[2:])
             if (len(members) + 1) * merged_cost <= len(members) * cost + own + GROUP_OVERHEAD_MACS:
                 groups[-1] = (members + [j], merged, merged_cost)
                 continue
         groups.append(([j], box, own))
-    return [np.asarray(members) for members, _, _ in groups]
+    return [(np.asarray(members), union) for members, union, _ in groups]
