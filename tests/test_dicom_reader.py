@@ -3,6 +3,8 @@ same RAS grid, on series written here with a known geometry (oblique, flipped, a
 order, a rescale per slice), and ``LoadScand`` reads compressed series with ITK to the same volume; ``CheckScand``
 refuses values that are not finite or not HU."""
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -113,6 +115,77 @@ def test_load_scand_reads_a_compressed_series_with_itk_to_the_same_volume(tmp_pa
     np.testing.assert_array_equal(LoadScand("image")({"image": str(tmp_path / "rle")})["image"].numpy(), rle.numpy())
     with pytest.raises(ScanError, match="the pydicom reader was asked"):
         LoadScand("image")({"image": str(tmp_path / "plain")})
+
+
+def test_load_scand_is_built_without_the_gpu_codec_notice():
+    # MONAI's fallback readers include its GPU DICOM codec's, which warns on every run where the codec is absent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoadScand("image")
+    assert not [w for w in caught if "NvImgCodec" in str(w.message)]
+
+
+def _edit(path, **tags):
+    """Rewrite one DICOM file with ``tags`` set (None: the tag removed)."""
+    ds = pydicom.dcmread(path)
+    for key, value in tags.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path)
+
+
+def _damage(folder, problem):
+    """Damage the series written in ``folder`` (files 000.dcm...; file k is not slice k: write_series shuffles)."""
+    files = sorted(folder.iterdir())
+    if problem == "empty":
+        for path in files:
+            path.unlink()
+        (folder / "notes.txt").write_text("no images here")
+    elif problem == "unreadable":
+        files[1].write_bytes(b"not a DICOM file")
+    elif problem == "two folders":
+        (folder / "more").mkdir()
+        files[0].rename(folder / "more" / files[0].name)
+    elif problem == "one image":
+        for path in files[1:]:
+            path.unlink()
+    elif problem == "no position":
+        _edit(files[3], ImagePositionPatient=None)
+    elif problem == "no orientation":
+        for path in files:
+            _edit(path, ImageOrientationPatient=None)
+    elif problem == "orientation":
+        _edit(files[2], ImageOrientationPatient=["0", "1", "0", "1", "0", "0"])
+    elif problem == "same position":
+        _edit(files[2], ImagePositionPatient=pydicom.dcmread(files[4]).ImagePositionPatient)
+    elif problem == "sheared":  # each slice moved along the rows in proportion to its height: a gantry tilt
+        for path in files:
+            x, y, z = (float(v) for v in pydicom.dcmread(path).ImagePositionPatient)
+            _edit(path, ImagePositionPatient=[f"{v:.4f}" for v in (x + 0.5 * (z + 310.0), y, z)])
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("empty", r"ct: no DICOM files in this folder"),
+        ("unreadable", r"001\.dcm: not a readable DICOM file"),
+        ("two folders", r"ct: the series is spread over 2 folders"),
+        ("one image", r"ct: a single DICOM image, not a scan"),
+        ("no position", r"ct: 003\.dcm has no ImagePositionPatient"),
+        ("no orientation", r"ct: 000\.dcm and 4 more have no ImageOrientationPatient"),
+        ("orientation", r"ct: the slices differ in orientation"),
+        ("same position", r"ct: two slices at the same position"),
+        ("sheared", r"ct: the slices are sheared by 26\.6 degrees \(gantry tilt\)"),
+    ],
+)
+def test_a_damaged_series_is_refused_naming_the_folder_and_the_problem(tmp_path, problem, message):
+    row, column = _orientation(0.0, False)
+    write_series(tmp_path / "ct", _stored(), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
+    _damage(tmp_path / "ct", problem)
+    with pytest.raises(ScanError, match=message):
+        LoadScand("image")({"image": str(tmp_path / "ct")})
 
 
 def test_undecodable_pixel_data_is_refused_naming_the_file(tmp_path):

@@ -148,6 +148,7 @@ def test_cli_on_a_folder_of_scans(bundle_root, scans, tmp_path):
     log = run.stdout + run.stderr
     assert run.returncode != 0, "a run with failed scans must end with an error"
     assert "6 of 8 scan(s) failed" in log, log[-4000:]
+    assert "NvImgCodec" not in log, "a notice about a GPU codec the run does not use"
     for name, reason in BAD.items():
         assert f"{name}: FAILED:" in log and reason in log, name
         assert not (out / name).exists(), f"{name}: a failed scan left outputs"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def dicom_series(folder: str | os.PathLike, pixels: bool = False) -> tuple[Path,
     for key in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns"):
         missing = [files[i].name for i, ds in enumerate(headers) if key not in ds]
         if missing:
-            raise ScanError(f"{folder}: {missing[0]} (and {len(missing) - 1} more) have no {key}")
+            which = f"{missing[0]} has" if len(missing) == 1 else f"{missing[0]} and {len(missing) - 1} more have"
+            raise ScanError(f"{folder}: {which} no {key}")
     if len({(int(ds.Rows), int(ds.Columns)) for ds in headers}) > 1:
         raise ScanError(f"{folder}: the slices differ in size")
     orientation = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
@@ -225,9 +227,13 @@ class LoadScand(LoadImaged):
     """
 
     def __init__(self, keys: str | Sequence[str] = "image", **kwargs: Any) -> None:
-        super().__init__(
-            keys, reader=ITKReader(affine_lps_to_ras=True), ensure_channel_first=True, image_only=True, **kwargs
-        )
+        # MONAI builds every reader it knows as a fallback, and its GPU DICOM codec's reader warns when that codec is
+        # not installed: a notice on every run that concerns no user here (DICOM is read by the two readers above)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            super().__init__(
+                keys, reader=ITKReader(affine_lps_to_ras=True), ensure_channel_first=True, image_only=True, **kwargs
+            )
         self.series_reader = DicomSeriesReader()
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
