@@ -14,6 +14,7 @@ from scripts.data.dataset import prepare_dataset
 from scripts.data.prepare import scans
 from scripts.data.synthetic import SyntheticSource
 from scripts.integration.config_runs import SLICE_INFERENCE, config_files
+from scripts.networks import quantize
 from scripts.networks.checkpoint import read_checkpoint
 from scripts.pipeline.context import centre_channel, context_offsets, stack_context
 from scripts.pipeline.crop import crop_window
@@ -21,7 +22,7 @@ from scripts.pipeline.lungs import segment_lungs
 from scripts.pipeline.orient import axial_affine
 from scripts.pipeline.scan_inferer import ScanSegmenter
 from scripts.pipeline.segmenter import WeaklySupervisedSegmenter
-from trained_classifier import nodule_probability, trained_classifier
+from trained_classifier import nodule_probability, prepared_slice, trained_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -74,6 +75,18 @@ def datasets(tmp_path_factory):
 def _items(folder: Path) -> list[dict]:
     datalist = json.loads((folder / "datalist.json").read_text())
     return [dict(item, split=split) for split, items in datalist.items() for item in items]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_int8_calibration_reads_training_slices_as_the_network_takes_them(datasets, channels):
+    # ``quantize --dataset_dir``: slices spread over the training split, channels first, in the HU window
+    folder = datasets[1] / f"c{channels}"
+    items = json.loads((folder / "datalist.json").read_text())["training"]
+    slices = quantize.training_slices(folder, (-1000, 400), count=5)
+    assert slices.shape == (5, channels, SIZE, SIZE) and slices.dtype == np.float32
+    for got, item in ((slices[0], items[0]), (slices[-1], items[-1])):
+        hu = prepared_slice(folder / item["image"]).reshape(channels, SIZE, SIZE)
+        np.testing.assert_allclose(got, np.clip((hu + 1000) / 1400, 0, 1), atol=1e-6)
 
 
 def test_2_5_d_images_hold_the_slice_and_its_neighbours(datasets):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 from scripts.pipeline.candidates import dense_phases, extract_candidates, parenchyma_value
-from scripts.pipeline.icm import icm_segmentation
+from scripts.pipeline.icm import _first_minimum, icm_segmentation
 from scripts.pipeline.lungs import segment_lungs
 
 from conftest import REPO
@@ -49,6 +49,14 @@ def test_equals_the_sequential_per_pixel_updates(beta):
     labels, _ = icm_segmentation(image, mask, beta=beta)
     np.testing.assert_array_equal(labels, bench_icm.icm_loop(image, mask, beta=beta))
     assert len(np.unique(labels[mask])) == 4
+
+
+def test_first_minimum_breaks_ties_as_argmin():
+    # small integer energies tie often; a tie must go to the lowest phase, as np.argmin and the per-pixel loop do
+    energies = np.random.default_rng(0).integers(0, 3, size=(4, 40, 50)).astype(float)
+    best = _first_minimum(energies)
+    assert best.dtype == np.int8
+    np.testing.assert_array_equal(best, np.argmin(energies, axis=0))
 
 
 def test_beta_removes_speckle():

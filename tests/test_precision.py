@@ -353,6 +353,18 @@ def test_without_the_instructions_float32_with_a_message(synthetic, monkeypatch,
     assert segmenter.in_precision(model) is model  # the config's path falls back alike
 
 
+def test_settings_that_cannot_run_are_refused():
+    """An unknown precision, a reduced one for a network that is not the classifier, and int8 without the checkpoint
+    beside which its model lies are errors on any CPU (they do not fall back)."""
+    network = GAPClassifier(width=1 / 16, head_channels=32)
+    with pytest.raises(ValueError, match="precision must be one of .*'float16'"):
+        runtime.inference_network(network, "float16")
+    with pytest.raises(ValueError, match="precision bfloat16 needs a GAPClassifier, got Conv2d"):
+        runtime.inference_network(torch.nn.Conv2d(1, 1, 3), "bfloat16")
+    with pytest.raises(ValueError, match="precision int8 needs the checkpoint"):
+        runtime.inference_network(network, "int8")
+
+
 def test_int8_model_of_other_weights_is_refused(synthetic, tmp_path):
     """A checkpoint changed after quantisation, one never quantised, or a model file that is not the recorded one, is
     refused with the files named and the command that makes the model again."""

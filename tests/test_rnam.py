@@ -147,13 +147,15 @@ def small_classifier(gap_levels: int, seed: int = 0, batch_norm: bool = False) -
 
 def border_candidates(h: int, w: int) -> np.ndarray:
     """Candidates of different sizes at the corners, on the edges and inside an ``(h, w)`` image."""
-    masks = np.zeros((6, h, w), bool)
+    masks = np.zeros((7, h, w), bool)
     masks[0, :3, :4] = True  # top-left corner
     masks[1, h - 2 :, w - 5 :] = True  # bottom-right corner: the odd last row/column that pooling drops
     masks[2, 30:41, :2] = True  # left edge
     masks[3, h // 2, w // 2] = True  # one pixel
     masks[4, 20:32, 40:55] = True  # large
     masks[5, :1, w - 9 : w - 3] = True  # top edge
+    # one pixel in the bottom-right corner: with an odd height its change reaches a single row of the first pooling
+    masks[6, h - 1, w - 1] = True
     return masks
 
 

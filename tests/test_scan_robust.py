@@ -238,6 +238,21 @@ def test_a_failed_rewrite_keeps_the_earlier_outputs_whole(bundle_root, folder, t
     assert sorted(p.name for p in out.iterdir()) == ["SYN-0001", "summary.json"]
 
 
+def test_a_scan_without_lungs_is_refused_naming_it(bundle_root, tmp_path, capsys):
+    # a body of soft tissue in air (a phantom, or a scan of another region): nothing to classify
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    body = (rows - SIZE / 2) ** 2 + (cols - SIZE / 2) ** 2 < (0.4 * SIZE) ** 2
+    hu = np.where(body, 40.0, -1000.0)[..., None] + np.random.default_rng(0).normal(0, 10, (SIZE, SIZE, 12))
+    nib.save(nib.Nifti1Image(hu.astype(np.float32), np.diag([1.5, 1.5, 2.5, 1.0])), tmp_path / "phantom.nii.gz")
+    out = tmp_path / "out"
+    parser = _parser(bundle_root, input=str(tmp_path / "phantom.nii.gz"), output_dir=str(out))
+    with pytest.raises(ScanError, match=r"1 of 1 scan\(s\) failed: phantom"):
+        parser.get_parsed_content("evaluator").run()
+    log = capsys.readouterr()
+    assert "phantom: FAILED: " in log.out + log.err and "no lungs found (is it a chest CT?)" in log.out + log.err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+
+
 class Interrupted(ScanWriter):
     """A ScanWriter interrupted (Ctrl-C) while writing the overview, after the mask and the CSV files."""
 

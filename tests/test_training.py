@@ -26,7 +26,7 @@ from scripts.networks.gap_classifier import GAPClassifier
 from scripts.training.engine import last_checkpoint
 from scripts.training.handlers import threshold_at_specificity
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from trained_classifier import nodule_probability, prepared_slice
+from trained_classifier import nodule_logit, nodule_probability, prepared_slice, trained_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -116,6 +116,40 @@ def test_training_lowers_loss_and_writes_outputs(trained, dataset):
     heads = [e.value for e in accumulator.Scalars("lr/group1")]
     np.testing.assert_allclose(lrs, [1e-2 * 0.99**i for i in range(EPOCHS)], rtol=1e-5)
     np.testing.assert_allclose(heads, [1e-1 * 0.99**i for i in range(EPOCHS)], rtol=1e-5)
+
+
+def test_frozen_layers_run_once_and_stay_as_they_were(trained, dataset, tmp_path):
+    # freeze_through: the dataset caches each slice's activations after the frozen layers (BackboneFeaturesd, in
+    # bfloat16 where the CPU has it) and only the layers after them train; the saved model is the whole classifier
+    start = trained[0] / "models" / "model.pt"
+    workflow = _workflow(
+        CONFIGS / "train.json", tmp_path, dataset, max_epochs=1, initial_weights=str(start), freeze_through="conv4_3"
+    )
+    workflow.initialize()
+    validated = []  # the logit differences validation computed from the cached activations
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    evaluator.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: validated.extend(float(o["pred"][1] - o["pred"][0]) for o in e.state.output),
+    )
+    workflow.run()
+    workflow.finalize()
+
+    before = torch.load(start, weights_only=True)["model"]
+    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert saved["config"]["freeze_through"] == "conv4_3"
+    network = GAPClassifier(width=TINY["width"], head_channels=TINY["head_channels"])
+    frozen = {f"features.{n}" for n, _ in network.features[: network.prefix_length("conv4_3")].named_parameters()}
+    assert len(frozen) == 2 * 10  # conv1_1 to conv4_3, weights and biases
+    assert all(torch.equal(saved["model"][n], before[n]) for n in frozen)
+    changed = {n for n, v in saved["model"].items() if n not in frozen and not torch.equal(v, before[n])}
+    assert {"features.24.weight", "fc.weight"} <= changed  # conv5_1 and the classifier trained
+    # what validation scored from the cached activations is the saved classifier's own answer on the whole slice
+    items = json.loads((dataset / "datalist.json").read_text())["validation"]
+    model = trained_classifier(tmp_path / "models" / "model.pt")
+    whole = [nodule_logit(model, prepared_slice(dataset / i["image"])) for i in items]
+    # bfloat16 activations move them by 4e-4 here, activations cached one layer short by 0.05
+    np.testing.assert_allclose(validated, whole, atol=5e-3)
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,23 @@ def trained_classifier(path) -> GAPClassifier:
     return network.eval()
 
 
-def nodule_probability(network: torch.nn.Module, hu) -> float:
-    """``network``'s nodule probability for one slice in HU, ``(rows, cols)`` or ``(channels, rows, cols)``, mapped
-    to [0, 1] in the lung window (-1000 to 400 HU) as the training slices were."""
+def _logits(network: torch.nn.Module, hu) -> torch.Tensor:
+    """``network``'s logits ``(other, nodule)`` for one slice in HU, ``(rows, cols)`` or ``(channels, rows, cols)``,
+    mapped to [0, 1] in the lung window (-1000 to 400 HU) as the training slices were: ``(1, 2)``."""
     x = torch.as_tensor(np.clip((np.asarray(hu, np.float64) + 1000.0) / 1400.0, 0.0, 1.0), dtype=torch.float32)
     with torch.no_grad():
-        return float(torch.softmax(network(x.reshape(1, -1, *x.shape[-2:])), dim=1)[0, 1])
+        return network(x.reshape(1, -1, *x.shape[-2:]))
+
+
+def nodule_probability(network: torch.nn.Module, hu) -> float:
+    """``network``'s nodule probability for one slice in HU (``_logits``)."""
+    return float(torch.softmax(_logits(network, hu), dim=1)[0, 1])
+
+
+def nodule_logit(network: torch.nn.Module, hu) -> float:
+    """``network``'s logit difference, nodule less other, for one slice in HU (``_logits``)."""
+    logits = _logits(network, hu)[0]
+    return float(logits[1] - logits[0])
 
 
 def prepared_slice(path) -> np.ndarray:
