@@ -1,9 +1,12 @@
 """The pydicom series reader (``DicomSeriesReader``) gives what MONAI's ITK reader gives: the same voxels in HU on the
 same RAS grid, on series written here with a known geometry (oblique, flipped, anisotropic, not square, files in no
 order, a rescale per slice), and ``LoadScand`` reads compressed series with ITK to the same volume; ``CheckScand``
-refuses values that are not finite or not HU."""
+refuses values that are not finite or not HU; damaged series are refused naming the problem; a collection's CT series
+are found below its patients' folders; a DICOM SEG is written without notices about the source's data."""
 
+import json
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +17,8 @@ from monai.data import ITKReader, MetaTensor
 from monai.transforms import LoadImage
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
-from scripts.pipeline.read import CheckScand, DicomSeriesReader, LoadScand, ScanError
+from scripts.pipeline.read import CheckScand, DicomSeriesReader, LoadScand, ScanError, scan_datalist
+from scripts.pipeline.write import write_dicom_seg
 
 ROWS, COLUMNS, SLICES = 20, 24, 5
 PIXEL_SPACING = (0.6, 0.8)  # DICOM's order: between rows, between columns
@@ -186,6 +190,84 @@ def test_a_damaged_series_is_refused_naming_the_folder_and_the_problem(tmp_path,
     _damage(tmp_path / "ct", problem)
     with pytest.raises(ScanError, match=message):
         LoadScand("image")({"image": str(tmp_path / "ct")})
+
+
+def test_a_patients_ct_series_is_found_below_its_folder(tmp_path):
+    """A collection as TCIA's downloads hold it (patient / study / series): each patient's CT series is its scan,
+    named after the patient, its chest X-rays left out; a patient with two CT series gets a scan for each; a folder
+    without a CT series, or with one spread over two folders, stays one scan whose reading says why."""
+    row, column = _orientation(0.0, False)
+    hu = {}
+
+    def series(folder, seed, modality="CT"):
+        hu[folder] = write_series(tmp_path / folder, _stored(seed), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
+        for path in (tmp_path / folder).iterdir():
+            if modality != "CT":
+                _edit(path, Modality=modality)
+
+    series("data/P1/1-ct-study/2-axial", 1)
+    series("data/P1/3-xray-study/4-frontal", 2, "DX")
+    series("data/P2/study/a", 3)
+    series("data/P2/study/b", 4)
+    series("data/P3/study/seg", 5, "SEG")
+    series("data/P4/study/x", 6)
+    for path in sorted((tmp_path / "data/P4/study/x").iterdir())[:2]:  # the same series in two folders
+        (tmp_path / "data/P4/study/y").mkdir(exist_ok=True)
+        path.rename(tmp_path / "data/P4/study/y" / path.name)
+
+    items = scan_datalist(tmp_path / "data")
+    assert [(i["name"], Path(i["image"]).relative_to(tmp_path / "data").as_posix()) for i in items] == [
+        ("P1", "P1/1-ct-study/2-axial"),
+        ("P2_study_a", "P2/study/a"),
+        ("P2_study_b", "P2/study/b"),
+        ("P3", "P3"),
+        ("P4", "P4"),
+    ]
+    assert all(i["source"] == i["image"] for i in items)
+    read = {i["name"]: i for i in items}
+    np.testing.assert_array_equal(LoadScand("image")(read["P1"])["image"][0].numpy(), hu["data/P1/1-ct-study/2-axial"])
+    with pytest.raises(ScanError, match=r"P3: modality SEG, not CT"):
+        LoadScand("image")(read["P3"])
+    with pytest.raises(ScanError, match=r"P4: the series is spread over 2 folders"):
+        LoadScand("image")(read["P4"])
+    listed = tmp_path / "list.json"  # a patient's folder listed is that patient's scan
+    listed.write_text(json.dumps([str(tmp_path / "data/P1")]))
+    assert scan_datalist(listed) == [
+        {
+            "image": str(tmp_path / "data/P1/1-ct-study/2-axial"),
+            "source": str(tmp_path / "data/P1/1-ct-study/2-axial"),
+            "name": "P1",
+        }
+    ]
+
+
+# the patient's and study's attributes a SEG copies (type 2: present, may be empty), which write_series leaves out
+STUDY_ATTRIBUTES = (
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def test_dicom_seg_of_a_one_part_patient_name_is_written_without_a_notice(tmp_path):
+    # TCIA's series carry names such as "Lung_Dx-A0002", which pydicom doubts on every copy into the SEG
+    row, column = _orientation(0.0, False)
+    write_series(tmp_path / "ct", _stored(), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
+    for path in (tmp_path / "ct").iterdir():
+        _edit(path, PatientName="Lung_Dx-A0002", **dict.fromkeys(STUDY_ATTRIBUTES, ""))
+    image = LoadScand("image")({"image": str(tmp_path / "ct")})["image"]
+    mask = np.zeros(image.shape[1:], np.uint8)
+    mask[5:9, 6:10, 2] = 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_dicom_seg(tmp_path / "seg.dcm", mask, np.asarray(image.affine), tmp_path / "ct", "test")
+    assert not [w for w in caught if "person name" in str(w.message)]
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert str(seg.PatientName) == "Lung_Dx-A0002" and int(seg.NumberOfFrames) == 1
 
 
 def test_undecodable_pixel_data_is_refused_naming_the_file(tmp_path):

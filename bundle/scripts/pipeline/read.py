@@ -62,8 +62,12 @@ def scan_name(path: str | os.PathLike) -> str:
     return path.name
 
 
+def _is_dicom_file(path: Path) -> bool:
+    return path.is_file() and (path.suffix.lower() == ".dcm" or is_dicom(str(path)))
+
+
 def _dicom_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))))
+    return sorted(p for p in folder.rglob("*") if _is_dicom_file(p))
 
 
 def dicom_series(folder: str | os.PathLike, pixels: bool = False) -> tuple[Path, list[pydicom.Dataset]]:
@@ -315,20 +319,63 @@ class CheckScand(MapTransform):
 
 
 def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(
-        p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))) for p in path.rglob("*")
-    )
+    return path.is_dir() and any(_is_dicom_file(p) for p in path.rglob("*"))
 
 
 def _is_volume(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES) and not path.name.startswith(".tmp-")
 
 
-def _scans_in(folder: Path) -> list[Path]:
-    """A folder is one DICOM series when DICOM files lie directly in it, else a folder of scans."""
-    if any(p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(str(p))) for p in folder.iterdir()):
-        return [folder]
-    return sorted(p for p in folder.iterdir() if _is_volume(p) or _is_dicom_folder(p))
+def _holds_dicom(folder: Path) -> bool:
+    """Whether DICOM files lie directly in ``folder``."""
+    return any(_is_dicom_file(p) for p in folder.iterdir())
+
+
+def _ct_series_folders(folder: Path) -> list[Path]:
+    """The folders at or below ``folder`` that hold a CT series directly, told apart by the first file of each;
+    [] when a CT series is spread over several folders or a first file cannot be read (reading ``folder`` as one
+    scan then says what is wrong)."""
+    series: dict[str, list[Path]] = {}
+    for root, _, files in os.walk(folder):
+        first = next((Path(root) / f for f in sorted(files) if _is_dicom_file(Path(root) / f)), None)
+        if first is None:
+            continue
+        try:
+            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality", "SeriesInstanceUID"])
+        except Exception:  # pydicom raises many types for damaged files
+            return []
+        if str(ds.get("Modality", "")) == "CT":
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(Path(root))
+    if any(len(folders) > 1 for folders in series.values()):
+        return []
+    return sorted(folders[0] for folders in series.values())
+
+
+def _scans_below(folder: Path) -> list[tuple[Path, str]]:
+    """The scans, ``(path, name)``, of a folder with DICOM files below it (a patient's or a study's, as TCIA's
+    downloads hold them): each CT series folder, named after ``folder`` (and after the series' folder below it where
+    it holds several); the other series (a patient's chest X-rays, a SEG) left out. ``folder`` itself when it holds no
+    CT series or a series spread over folders: reading it says why."""
+    series = _ct_series_folders(folder)
+    if len(series) == 1:
+        return [(series[0], scan_name(folder))]
+    if not series:
+        return [(folder, scan_name(folder))]
+    return [(path, "_".join((folder.name, *path.relative_to(folder).parts))) for path in series]
+
+
+def _scans_in(folder: Path) -> list[tuple[Path, str]]:
+    """The scans of a folder: the folder when DICOM files lie directly in it (one series), else each volume in it and
+    the CT series below each of its folders (``_scans_below``)."""
+    if _holds_dicom(folder):
+        return [(folder, scan_name(folder))]
+    scans: list[tuple[Path, str]] = []
+    for entry in sorted(folder.iterdir()):
+        if _is_volume(entry):
+            scans.append((entry, scan_name(entry)))
+        elif _is_dicom_folder(entry):
+            scans.extend(_scans_below(entry))
+    return scans
 
 
 def scan_datalist(
@@ -338,9 +385,10 @@ def scan_datalist(
     file (``image`` becomes the loaded volume; ``source`` keeps the path for the writers).
 
     Args:
-        source: a volume file; a DICOM series folder; a folder whose entries are volumes and DICOM series folders;
-            or a JSON datalist (a list of paths or of ``{"image": path}``, or ``{"scans": [...]}``; relative paths are
-            taken from the datalist's folder).
+        source: a volume file; a DICOM series folder; a folder whose entries are volumes and folders with DICOM
+            files below them (a series, or a patient's or study's folder, whose CT series are its scans:
+            ``_scans_below``); or a JSON datalist (a list of such paths or of ``{"image": path}``, or
+            ``{"scans": [...]}``; relative paths are taken from the datalist's folder).
         output_dir: where outputs go; with ``skip_done``, scans whose nodule table is there already are left out.
         skip_done: leave out finished scans (a re-run only does the rest).
 
@@ -358,15 +406,16 @@ def scan_datalist(
         listed = listed.get("scans", []) if isinstance(listed, dict) else listed
         paths = [Path(entry["image"] if isinstance(entry, dict) else entry) for entry in listed]
         paths = [p if p.is_absolute() else source.parent / p for p in paths]
+        # a listed folder is one scan: its series, or the CT series below it
+        scans = [s for p in paths for s in (_scans_below(p) if p.is_dir() else [(p, scan_name(p))])]
     elif source.is_dir():
-        paths = _scans_in(source)
+        scans = _scans_in(source)
     else:
-        paths = [source]
-    if not paths:
+        scans = [(source, scan_name(source))]
+    if not scans:
         raise ScanError(f"{source}: holds no scan (DICOM series folders or {', '.join(VOLUME_SUFFIXES)} files)")
     items, seen = [], {}
-    for path in paths:
-        name = scan_name(path)
+    for path, name in scans:
         if name in seen:
             raise ScanError(f"two scans are named {name!r} ({seen[name]} and {path}); their outputs would collide")
         seen[name] = path
