@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,21 +82,25 @@ def write_dicom_seg(
             family=codes.cid7162.ArtificialIntelligence,
         ),
     )
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=hd.UID(),
-        series_number=9001,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="MONAI bundle weakly_supervised_lung_nodule_segmentation",
-        manufacturer_model_name="GAP-CNN NAM + ICM + R-NAM",
-        software_versions=version,
-        device_serial_number="none",
-        omit_empty_frames=bool(frames.any()),
-    )
+    # the patient's attributes are copied from the series as they are: pydicom's doubt about a one-part patient name
+    # (TCIA's "Lung_Dx-A0002") concerns the user's data, not this output, and would be printed for every such scan
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=hd.UID(),
+            series_number=9001,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="MONAI bundle weakly_supervised_lung_nodule_segmentation",
+            manufacturer_model_name="GAP-CNN NAM + ICM + R-NAM",
+            software_versions=version,
+            device_serial_number="none",
+            omit_empty_frames=bool(frames.any()),
+        )
     write_atomically(path, lambda tmp: seg.save_as(tmp))
 
 
