@@ -5,6 +5,8 @@ refuses values that are not finite or not HU; damaged series are refused naming 
 are found below its patients' folders; a DICOM SEG is written without notices about the source's data."""
 
 import json
+import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -192,10 +194,11 @@ def test_a_damaged_series_is_refused_naming_the_folder_and_the_problem(tmp_path,
         LoadScand("image")({"image": str(tmp_path / "ct")})
 
 
-def test_a_patients_ct_series_is_found_below_its_folder(tmp_path):
+def test_a_patients_ct_series_is_found_below_its_folder(tmp_path, caplog):
     """A collection as TCIA's downloads hold it (patient / study / series): each patient's CT series is its scan,
     named after the patient, its chest X-rays left out; a patient with two CT series gets a scan for each; a folder
-    without a CT series, or with one spread over two folders, stays one scan whose reading says why."""
+    with no CT series is left out with a warning (refused when given alone); a CT series spread over two folders, or
+    beginning with another series' file, stays one scan whose reading says why."""
     row, column = _orientation(0.0, False)
     hu = {}
 
@@ -214,31 +217,38 @@ def test_a_patients_ct_series_is_found_below_its_folder(tmp_path):
     for path in sorted((tmp_path / "data/P4/study/x").iterdir())[:2]:  # the same series in two folders
         (tmp_path / "data/P4/study/y").mkdir(exist_ok=True)
         path.rename(tmp_path / "data/P4/study/y" / path.name)
+    series("data/P5/study/ct", 7)  # a CT series whose first file is a dose report of another series
+    dose = tmp_path / "data/P5/study/ct/0-dose.dcm"
+    shutil.copy(tmp_path / "data/P5/study/ct/000.dcm", dose)
+    _edit(dose, Modality="SR", SeriesInstanceUID=generate_uid())
 
-    items = scan_datalist(tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="scripts.pipeline.read"):
+        items = scan_datalist(tmp_path / "data")
     assert [(i["name"], Path(i["image"]).relative_to(tmp_path / "data").as_posix()) for i in items] == [
         ("P1", "P1/1-ct-study/2-axial"),
         ("P2_study_a", "P2/study/a"),
         ("P2_study_b", "P2/study/b"),
-        ("P3", "P3"),
         ("P4", "P4"),
+        ("P5", "P5/study/ct"),
     ]
+    assert f"{tmp_path / 'data/P3'}: no CT series below it (modality SEG): left out" in caplog.text
     assert all(i["source"] == i["image"] for i in items)
     read = {i["name"]: i for i in items}
     np.testing.assert_array_equal(LoadScand("image")(read["P1"])["image"][0].numpy(), hu["data/P1/1-ct-study/2-axial"])
-    with pytest.raises(ScanError, match=r"P3: modality SEG, not CT"):
-        LoadScand("image")(read["P3"])
     with pytest.raises(ScanError, match=r"P4: the series is spread over 2 folders"):
         LoadScand("image")(read["P4"])
-    listed = tmp_path / "list.json"  # a patient's folder listed is that patient's scan
-    listed.write_text(json.dumps([str(tmp_path / "data/P1")]))
+    with pytest.raises(ScanError, match=r"ct: holds 2 DICOM series"):
+        LoadScand("image")(read["P5"])
+    listed = tmp_path / "list.json"  # a patient's folder listed is that patient's scan, even without a CT series
+    listed.write_text(json.dumps([str(tmp_path / "data/P1"), str(tmp_path / "data/P3")]))
+    series_folder = str(tmp_path / "data/P1/1-ct-study/2-axial")
+    p3 = str(tmp_path / "data/P3")
     assert scan_datalist(listed) == [
-        {
-            "image": str(tmp_path / "data/P1/1-ct-study/2-axial"),
-            "source": str(tmp_path / "data/P1/1-ct-study/2-axial"),
-            "name": "P1",
-        }
+        {"image": series_folder, "source": series_folder, "name": "P1"},
+        {"image": p3, "source": p3, "name": "P3"},
     ]
+    with pytest.raises(ScanError, match=r"P3: modality SEG, not CT"):
+        LoadScand("image")({"image": p3})
 
 
 # the patient's and study's attributes a SEG copies (type 2: present, may be empty), which write_series leaves out

@@ -12,6 +12,7 @@ slices of a series with a gap evenly, without a word. ``CheckScand`` then refuse
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -37,6 +38,11 @@ __all__ = [
     "CheckScand",
     "scan_datalist",
 ]
+
+logger = logging.getLogger(__name__)
+
+# What finding the scans in a folder reads of a DICOM file
+_SERIES_TAGS = ["Modality", "SeriesInstanceUID"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Even spacing: consecutive slice positions may differ from the median step by this fraction of it.
@@ -331,42 +337,48 @@ def _holds_dicom(folder: Path) -> bool:
     return any(_is_dicom_file(p) for p in folder.iterdir())
 
 
-def _ct_series_folders(folder: Path) -> list[Path]:
-    """The folders at or below ``folder`` that hold a CT series directly, told apart by the first file of each;
-    [] when a CT series is spread over several folders or a first file cannot be read (reading ``folder`` as one
-    scan then says what is wrong)."""
-    series: dict[str, list[Path]] = {}
-    for root, _, files in os.walk(folder):
-        first = next((Path(root) / f for f in sorted(files) if _is_dicom_file(Path(root) / f)), None)
-        if first is None:
-            continue
-        try:
-            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality", "SeriesInstanceUID"])
-        except Exception:  # pydicom raises many types for damaged files
-            return []
-        if str(ds.get("Modality", "")) == "CT":
-            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(Path(root))
-    if any(len(folders) > 1 for folders in series.values()):
-        return []
-    return sorted(folders[0] for folders in series.values())
+def _series_below(folder: Path) -> dict[Path, tuple[str, str]] | None:
+    """``{folder: (Modality, SeriesInstanceUID)}`` of the folders at or below ``folder`` that hold DICOM files
+    directly, from the first file of each, or from all of them where the first is not CT (a CT series may begin with
+    a dose report: a folder with any CT file counts as CT); None when one of those files cannot be read."""
+    series = {}
+    for root, _, names in os.walk(folder):
+        headers = []
+        for path in filter(_is_dicom_file, (Path(root) / name for name in sorted(names))):
+            try:
+                headers.append(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SERIES_TAGS))
+            except Exception:  # pydicom raises many types for damaged files
+                return None
+            if str(headers[0].get("Modality", "")) == "CT":
+                break
+        if headers:
+            ds = next((ds for ds in headers if str(ds.get("Modality", "")) == "CT"), headers[0])
+            series[Path(root)] = (str(ds.get("Modality", "")), str(ds.get("SeriesInstanceUID", "")))
+    return series
 
 
-def _scans_below(folder: Path) -> list[tuple[Path, str]]:
+def _scans_below(folder: Path, leave_out_other_modalities: bool = False) -> list[tuple[Path, str]]:
     """The scans, ``(path, name)``, of a folder with DICOM files below it (a patient's or a study's, as TCIA's
     downloads hold them): each CT series folder, named after ``folder`` (and after the series' folder below it where
-    it holds several); the other series (a patient's chest X-rays, a SEG) left out. ``folder`` itself when it holds no
-    CT series or a series spread over folders: reading it says why."""
-    series = _ct_series_folders(folder)
-    if len(series) == 1:
-        return [(series[0], scan_name(folder))]
-    if not series:
+    it holds several); the other series (a patient's chest X-rays, a SEG) left out. With no CT series below it,
+    ``folder`` is left out with a warning if ``leave_out_other_modalities``, else it stays one scan, as it does with a
+    damaged file or a series spread over folders: reading it says why."""
+    series = _series_below(folder)
+    ct = {path: uid for path, (modality, uid) in (series or {}).items() if modality == "CT"}
+    if series and not ct and leave_out_other_modalities:
+        modalities = "/".join(sorted({modality or "unknown" for modality, _ in series.values()}))
+        logger.warning("%s: no CT series below it (modality %s): left out", folder, modalities)
+        return []
+    if not ct or len(set(ct.values())) < len(ct):
         return [(folder, scan_name(folder))]
-    return [(path, "_".join((folder.name, *path.relative_to(folder).parts))) for path in series]
+    if len(ct) == 1:
+        return [(next(iter(ct)), scan_name(folder))]
+    return [(path, "_".join((folder.name, *path.relative_to(folder).parts))) for path in sorted(ct)]
 
 
 def _scans_in(folder: Path) -> list[tuple[Path, str]]:
     """The scans of a folder: the folder when DICOM files lie directly in it (one series), else each volume in it and
-    the CT series below each of its folders (``_scans_below``)."""
+    the CT series below each of its folders (``_scans_below``; a folder of other modalities only is left out)."""
     if _holds_dicom(folder):
         return [(folder, scan_name(folder))]
     scans: list[tuple[Path, str]] = []
@@ -374,7 +386,7 @@ def _scans_in(folder: Path) -> list[tuple[Path, str]]:
         if _is_volume(entry):
             scans.append((entry, scan_name(entry)))
         elif _is_dicom_folder(entry):
-            scans.extend(_scans_below(entry))
+            scans.extend(_scans_below(entry, leave_out_other_modalities=True))
     return scans
 
 
