@@ -6,7 +6,8 @@ decodes every compressed DICOM transfer syntax). Both give the same voxels on th
 MONAI's spatial transforms expect. Before the pixels are read, a DICOM folder is checked to hold one CT series with
 evenly spaced, parallel slices, since the ITK reader would otherwise read the first of two series, or space the
 slices of a series with a gap evenly, without a word. ``CheckScand`` then refuses what is not a 3-D CT volume in HU.
-``scan_datalist`` turns a scan, a folder of scans or a datalist file into the items the inference config runs on.
+``scan_datalist`` turns a scan, a folder of scans or a datalist file into the items the inference config runs on;
+in a folder of scans a patient's folder (TCIA's patient / study / series) stands for the CT series below it.
 """
 
 from __future__ import annotations
@@ -418,7 +419,7 @@ def scan_datalist(
         listed = listed.get("scans", []) if isinstance(listed, dict) else listed
         paths = [Path(entry["image"] if isinstance(entry, dict) else entry) for entry in listed]
         paths = [p if p.is_absolute() else source.parent / p for p in paths]
-        # a listed folder is one scan: its series, or the CT series below it
+        # a listed folder stands for its series, or for the CT series below it
         scans = [s for p in paths for s in (_scans_below(p) if p.is_dir() else [(p, scan_name(p))])]
     elif source.is_dir():
         scans = _scans_in(source)
