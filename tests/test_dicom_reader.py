@@ -204,8 +204,8 @@ def test_a_patients_ct_series_is_found_below_its_folder(tmp_path, caplog):
 
     def series(folder, seed, modality="CT"):
         hu[folder] = write_series(tmp_path / folder, _stored(seed), row, column, [1.0] * SLICES, [-1024.0] * SLICES)
-        for path in (tmp_path / folder).iterdir():
-            if modality != "CT":
+        if modality != "CT":
+            for path in (tmp_path / folder).iterdir():
                 _edit(path, Modality=modality)
 
     series("data/P1/1-ct-study/2-axial", 1)

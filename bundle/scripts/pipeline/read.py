@@ -325,10 +325,6 @@ class CheckScand(MapTransform):
         return d
 
 
-def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(_is_dicom_file(p) for p in path.rglob("*"))
-
-
 def _is_volume(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES) and not path.name.startswith(".tmp-")
 
@@ -358,17 +354,18 @@ def _series_below(folder: Path) -> dict[Path, tuple[str, str]] | None:
     return series
 
 
-def _scans_below(folder: Path, leave_out_other_modalities: bool = False) -> list[tuple[Path, str]]:
+def _scans_below(folder: Path, in_folder_of_scans: bool = False) -> list[tuple[Path, str]]:
     """The scans, ``(path, name)``, of a folder with DICOM files below it (a patient's or a study's, as TCIA's
     downloads hold them): each CT series folder, named after ``folder`` (and after the series' folder below it where
     it holds several); the other series (a patient's chest X-rays, a SEG) left out. With no CT series below it,
-    ``folder`` is left out with a warning if ``leave_out_other_modalities``, else it stays one scan, as it does with a
-    damaged file or a series spread over folders: reading it says why."""
+    ``folder`` stays one scan, as it does with a damaged file or a series spread over folders: reading it says why;
+    ``in_folder_of_scans`` it is left out instead, with a warning (other modalities only) or without (no DICOM)."""
     series = _series_below(folder)
     ct = {path: uid for path, (modality, uid) in (series or {}).items() if modality == "CT"}
-    if series and not ct and leave_out_other_modalities:
-        modalities = "/".join(sorted({modality or "unknown" for modality, _ in series.values()}))
-        logger.warning("%s: no CT series below it (modality %s): left out", folder, modalities)
+    if in_folder_of_scans and series is not None and not ct:
+        if series:
+            modalities = "/".join(sorted({modality or "unknown" for modality, _ in series.values()}))
+            logger.warning("%s: no CT series below it (modality %s): left out", folder, modalities)
         return []
     if not ct or len(set(ct.values())) < len(ct):
         return [(folder, scan_name(folder))]
@@ -386,8 +383,8 @@ def _scans_in(folder: Path) -> list[tuple[Path, str]]:
     for entry in sorted(folder.iterdir()):
         if _is_volume(entry):
             scans.append((entry, scan_name(entry)))
-        elif _is_dicom_folder(entry):
-            scans.extend(_scans_below(entry, leave_out_other_modalities=True))
+        elif entry.is_dir():
+            scans.extend(_scans_below(entry, in_folder_of_scans=True))
     return scans
 
 
